@@ -1,0 +1,1 @@
+"""kiln embed package."""
