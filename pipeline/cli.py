@@ -1,0 +1,84 @@
+"""The `kiln` command. Heavy modules are imported inside each command, so `kiln --help` is instant."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _prepare(args, extra):
+    from pipeline.prepare import main
+
+    return main(args, extra)
+
+
+def _synth(args, extra):
+    from pipeline.synth import main_synth
+
+    return main_synth(args)
+
+
+def _serve(args, extra):
+    from pipeline.synth import main_serve
+
+    return main_serve(args)
+
+
+def _demo(args, extra):
+    from pipeline.demo import main
+
+    return main(args, extra)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kiln",
+        description="Prepare Imagen-style text-to-image training data with Apache Beam, and train on it.",
+    )
+    parser.add_argument("--version", action="version", version=f"kiln {_version()}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    from pipeline.options import add_prepare_args
+    from pipeline.synth import add_serve_args, add_synth_args
+
+    p = sub.add_parser(
+        "prepare",
+        help="metadata parquet -> filtered, accounted webdataset + Parquet shards (a Beam job)",
+        description="Run the Beam job. Unknown flags go to Beam, e.g. --runner DirectRunner "
+        "--direct_running_mode multi_processing --direct_num_workers 2, or Dataflow's flags.",
+    )
+    add_prepare_args(p)
+    p.set_defaults(func=_prepare, beam_args=True)
+
+    s = sub.add_parser("synth", help="write a synthetic web: LAION-format metadata, images, planted failures, ground truth")
+    add_synth_args(s)
+    s.set_defaults(func=_synth)
+
+    v = sub.add_parser("serve", help="serve a synthetic web on 127.0.0.1 until interrupted")
+    add_serve_args(v)
+    v.set_defaults(func=_serve)
+
+    d = sub.add_parser("demo", help="synthesise a small web, serve it, run `kiln prepare` on it and print the funnel")
+    d.add_argument("--workdir", default="build/demo", help="where the web and the dataset go [build/demo]")
+    d.add_argument("--rows", type=int, default=500)
+    d.add_argument("--seed", type=int, default=0)
+    d.set_defaults(func=_demo, beam_args=True)
+    return parser
+
+
+def _version() -> str:
+    from pipeline import __version__
+
+    return __version__
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and not getattr(args, "beam_args", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return int(args.func(args, extra) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,261 @@
+"""Decode, resize and encode one image: pure functions over bytes and arrays.
+
+Decoding trusts nothing: the format must be one we allow, the declared pixel count is checked
+against `max_pixels` from the header, before any pixel is decoded (Pillow's own bomb check only
+warns below 2x its limit, so the warning is an error here), truncated data is an error, and every
+mode ends as 8-bit RGB (alpha matted on white, as img2dataset does).
+
+Resizing reuses img2dataset's resize modes and its interpolation names (`ResizeMode`,
+`inter_str_to_cv2`), but not its `Resizer` object, which redirects the process's stdout/stderr
+file descriptors while it runs and so cannot be called from several threads. Unlike img2dataset,
+kiln never upscales by default: a super-resolution stage must not learn from fake pixels (DESIGN.md).
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from pipeline.records import STAGE_DECODE, STAGE_RESIZE, Reject
+
+# Formats kiln decodes. Everything else (TIFF, PSD, ICO, SVG-as-text, ...) is refused: each extra
+# decoder is attack surface and none of them is a web photo format worth keeping.
+ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP")
+# 2x Pillow's default MAX_IMAGE_PIXELS (89,478,485): where Pillow itself starts raising.
+DEFAULT_MAX_PIXELS = 178_956_970
+ENCODE_FORMATS = {"jpg": ".jpg", "png": ".png", "webp": ".webp"}
+
+
+@dataclass
+class DecodedImage:
+    rgb: np.ndarray  # H x W x 3, uint8, possibly reduced by JPEG draft decoding (see decode_image)
+    source_format: str  # "jpeg", "png", ...
+    original_width: int  # as the file declares it, after EXIF orientation
+    original_height: int
+
+
+def _looks_like_text(data: bytes) -> str:
+    head = data[:256].lstrip().lower()
+    if head.startswith((b"<!doctype html", b"<html", b"<head", b"<body")):
+        return "HTML"
+    if head.startswith((b"<?xml", b"<svg")):
+        return "XML/SVG"
+    if head.startswith((b"{", b"[")):
+        return "JSON"
+    return ""
+
+
+def _identify(data: bytes) -> str | None:
+    """Name the format of bytes Pillow recognises but kiln does not allow (header only, no pixels)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(io.BytesIO(data)) as im:
+                return im.format
+    except Exception:  # noqa: BLE001 - any failure simply means "not an image we can name"
+        return None
+
+
+def _draft_size(width: int, height: int, target: int | None) -> tuple[int, int] | None:
+    """Smallest size whose shorter side still covers `target`, for JPEG DCT-domain downscaling."""
+    if not target or min(width, height) <= target:
+        return None
+    scale = target / min(width, height)
+    return (max(target, int(np.ceil(width * scale))), max(target, int(np.ceil(height * scale))))
+
+
+def decode_image(
+    data: bytes,
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    min_image_size: int = 0,
+    max_aspect_ratio: float = float("inf"),
+    draft_target: int | None = None,
+) -> DecodedImage:
+    """Decode image bytes to RGB or raise `Reject` (stage "decode") with a specific reason.
+
+    `draft_target`: when the source is a JPEG whose shorter side exceeds it, let libjpeg decode at
+    1/2, 1/4 or 1/8 scale (never below the target). The stored image is resized to the target
+    afterwards anyway, and this is where most of the decode time goes for large photos.
+    """
+    if not data:
+        raise Reject(STAGE_DECODE, "not_an_image", "zero bytes")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            im = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
+        except Image.DecompressionBombError as err:
+            raise Reject(STAGE_DECODE, "decompression_bomb", str(err)) from None
+        except Image.DecompressionBombWarning as err:
+            raise Reject(STAGE_DECODE, "decompression_bomb", str(err)) from None
+        except Image.UnidentifiedImageError:
+            text = _looks_like_text(data)
+            if text:
+                raise Reject(STAGE_DECODE, "not_an_image", f"{text} content, {len(data)} bytes") from None
+            fmt = _identify(data)
+            if fmt:
+                raise Reject(STAGE_DECODE, "unsupported_format", f"{fmt} not in {ALLOWED_FORMATS}") from None
+            raise Reject(STAGE_DECODE, "not_an_image", f"unrecognised data, {len(data)} bytes, starts {data[:8]!r}") from None
+        except Exception as err:  # noqa: BLE001 - hostile headers raise all sorts of things
+            raise Reject(STAGE_DECODE, "decode_error", f"{type(err).__name__}: {err}") from None
+
+        with im:
+            width, height = im.size
+            fmt = (im.format or "").lower()
+            # Bombs are refused on the header's numbers, before a single pixel is decoded.
+            if width * height > max_pixels:
+                raise Reject(STAGE_DECODE, "decompression_bomb", f"declares {width}x{height} = {width * height} px > {max_pixels}")
+            # EXIF orientation swaps the displayed width and height (tags 5-8).
+            try:
+                orientation = im.getexif().get(0x0112, 1) if fmt in ("jpeg", "webp", "png") else 1
+            except Exception:  # noqa: BLE001 - a broken EXIF block is not worth losing the image over
+                orientation = 1
+            if orientation in (5, 6, 7, 8):
+                width, height = height, width
+            if min(width, height) < min_image_size:
+                raise Reject(STAGE_DECODE, "too_small", f"{width}x{height} < {min_image_size} px")
+            if max(width, height) / max(1, min(width, height)) > max_aspect_ratio:
+                raise Reject(STAGE_DECODE, "aspect_ratio", f"{width}x{height}, ratio {max(width, height) / min(width, height):.2f} > {max_aspect_ratio}")
+            try:
+                if fmt == "jpeg":
+                    draft = _draft_size(im.size[0], im.size[1], draft_target)
+                    if draft is not None:
+                        im.draft("RGB", draft)
+                im.load()
+                if orientation != 1:
+                    im = ImageOps.exif_transpose(im)
+                rgb = _to_rgb(im)
+            except Image.DecompressionBombWarning as err:
+                raise Reject(STAGE_DECODE, "decompression_bomb", str(err)) from None
+            except (OSError, SyntaxError, ValueError, EOFError) as err:
+                msg = str(err)
+                if "truncated" in msg.lower() or isinstance(err, EOFError) or "Truncated" in msg:
+                    raise Reject(STAGE_DECODE, "truncated", msg) from None
+                raise Reject(STAGE_DECODE, "decode_error", f"{type(err).__name__}: {msg}") from None
+    return DecodedImage(np.asarray(rgb), fmt, width, height)
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    if im.mode == "RGB":
+        return im
+    has_alpha = im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info)
+    if has_alpha:
+        rgba = im.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16-bit greyscale: scale to 8 bits rather than clip.
+        arr = np.asarray(im, dtype=np.uint32) >> 8
+        return Image.fromarray(arr.astype(np.uint8)).convert("RGB")
+    return im.convert("RGB")
+
+
+@lru_cache(maxsize=1)
+def _img2dataset_resize():
+    """img2dataset's resize modes and interpolation table (imported lazily: the package is heavy)."""
+    from pipeline.compat import set_quiet_env
+
+    set_quiet_env()
+    from img2dataset.resizer import ResizeMode, inter_str_to_cv2
+
+    return ResizeMode, inter_str_to_cv2
+
+
+RESIZE_MODES = ("center_crop", "keep_ratio", "keep_ratio_largest", "border", "no")
+
+
+@dataclass(frozen=True)
+class ResizeConfig:
+    image_size: int = 1024  # the cascade's last stage is 1024 px
+    resize_mode: str = "center_crop"
+    downscale_interpolation: str = "area"  # img2dataset's defaults
+    upscale_interpolation: str = "lanczos"
+    allow_upscale: bool = False  # DESIGN.md: never store fake high-resolution pixels
+    encode_format: str = "jpg"
+    encode_quality: int = 95
+
+    def __post_init__(self):
+        if self.resize_mode not in RESIZE_MODES:
+            raise ValueError(f"resize_mode {self.resize_mode!r} not in {RESIZE_MODES}")
+        if self.encode_format not in ENCODE_FORMATS:
+            raise ValueError(f"encode_format {self.encode_format!r} not in {tuple(ENCODE_FORMATS)}")
+        if self.image_size < 1:
+            raise ValueError(f"image_size must be positive, got {self.image_size}")
+
+
+def resize_image(rgb: np.ndarray, cfg: ResizeConfig) -> np.ndarray:
+    """Resize an RGB array per img2dataset's mode semantics; never upscales unless allowed.
+
+    center_crop crops the central square first and resizes that (same picture as img2dataset's
+    resize-then-crop, at a fraction of the pixels pushed through the filter).
+    """
+    import cv2
+
+    ResizeMode, inter_str_to_cv2 = _img2dataset_resize()
+    mode = ResizeMode[cfg.resize_mode]
+    h, w = rgb.shape[:2]
+
+    def scaled(img, new_w, new_h):
+        if (new_w, new_h) == (img.shape[1], img.shape[0]):
+            return img
+        down = new_w * new_h < img.shape[0] * img.shape[1]
+        interp = inter_str_to_cv2(cfg.downscale_interpolation if down else cfg.upscale_interpolation)
+        return cv2.resize(img, (new_w, new_h), interpolation=interp)
+
+    if mode == ResizeMode.no:
+        return rgb
+    if mode == ResizeMode.center_crop:
+        side = min(h, w)
+        y0, x0 = (h - side) // 2, (w - side) // 2
+        square = rgb[y0 : y0 + side, x0 : x0 + side]
+        target = cfg.image_size if cfg.allow_upscale else min(side, cfg.image_size)
+        return scaled(square, target, target)
+    if mode == ResizeMode.keep_ratio:
+        short = min(h, w)
+        target = cfg.image_size if cfg.allow_upscale else min(short, cfg.image_size)
+        k = target / short
+        return scaled(rgb, max(1, round(w * k)), max(1, round(h * k)))
+    # keep_ratio_largest and border: the longer side goes to image_size.
+    long = max(h, w)
+    target = cfg.image_size if cfg.allow_upscale else min(long, cfg.image_size)
+    k = target / long
+    out = scaled(rgb, max(1, round(w * k)), max(1, round(h * k)))
+    if mode == ResizeMode.border:
+        oh, ow = out.shape[:2]
+        top, left = (target - oh) // 2, (target - ow) // 2
+        out = cv2.copyMakeBorder(out, top, target - oh - top, left, target - ow - left, cv2.BORDER_CONSTANT, value=(255, 255, 255))
+    return out
+
+
+def encode_image(rgb: np.ndarray, cfg: ResizeConfig) -> bytes:
+    """Encode RGB as cfg.encode_format (JPEG quality 95 by default, as img2dataset)."""
+    import cv2
+
+    bgr = np.ascontiguousarray(rgb[:, :, ::-1])
+    if cfg.encode_format == "jpg":
+        params = [int(cv2.IMWRITE_JPEG_QUALITY), cfg.encode_quality]
+    elif cfg.encode_format == "webp":
+        params = [int(cv2.IMWRITE_WEBP_QUALITY), cfg.encode_quality]
+    else:
+        params = [int(cv2.IMWRITE_PNG_COMPRESSION), min(9, max(0, cfg.encode_quality))]
+    ok, buf = cv2.imencode(ENCODE_FORMATS[cfg.encode_format], bgr, params)
+    if not ok:
+        raise Reject(STAGE_RESIZE, "resize_error", f"cv2.imencode failed for {rgb.shape}")
+    return buf.tobytes()
+
+
+def resize_and_encode(rgb: np.ndarray, cfg: ResizeConfig) -> tuple[bytes, int, int]:
+    """The Resize stage's pure function: returns (encoded bytes, stored width, stored height)."""
+    try:
+        out = resize_image(rgb, cfg)
+        data = encode_image(out, cfg)
+    except Reject:
+        raise
+    except Exception as err:  # noqa: BLE001 - cv2 errors on odd shapes become a reject, not a crash
+        raise Reject(STAGE_RESIZE, "resize_error", f"{type(err).__name__}: {err}") from None
+    return data, int(out.shape[1]), int(out.shape[0])

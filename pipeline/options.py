@@ -1,0 +1,52 @@
+"""`kiln prepare`'s flags, in a module light enough for `kiln --help` to import at once."""
+
+from __future__ import annotations
+
+import argparse
+
+from pipeline.image import DEFAULT_MAX_PIXELS, ENCODE_FORMATS, RESIZE_MODES
+
+# Flags that change what lands in the output. A partial output is only resumed with the same
+# values (and the same input files); anything else needs --overwrite.
+RESULT_FLAGS = (
+    "samples_per_shard", "image_size", "resize_mode", "downscale_interpolation", "upscale_interpolation",
+    "allow_upscale", "encode_format", "encode_quality", "min_image_size", "max_aspect_ratio",
+    "max_image_pixels", "min_caption_chars", "max_caption_chars", "download_timeout", "retries",
+    "max_redirects", "max_bytes", "user_agent_token", "disallowed_directives", "allow_hosts", "jpeg_draft",
+)
+
+
+def add_prepare_args(p: argparse.ArgumentParser) -> None:
+    io_ = p.add_argument_group("input / output")
+    io_.add_argument("--input", required=True, help="metadata parquet file or glob (local, gs://, s3:// via Beam filesystems)")
+    io_.add_argument("--output", required=True, help="dataset directory to write")
+    io_.add_argument("--samples-per-shard", type=int, default=10_000, help="target kept+rejected candidates per shard (shards are uid ranges) [10000]")
+    io_.add_argument("--overwrite", action="store_true", help="delete an existing output first instead of skipping / resuming it")
+    pre = p.add_argument_group("prefilter (metadata only, before any download)")
+    pre.add_argument("--min-caption-chars", type=int, default=3)
+    pre.add_argument("--max-caption-chars", type=int, default=1000)
+    pre.add_argument("--min-image-size", type=int, default=64, help="shorter side in px, declared and decoded [64]")
+    pre.add_argument("--max-aspect-ratio", type=float, default=3.0, help="long/short side, declared and decoded [3.0]")
+    dl = p.add_argument_group("download")
+    dl.add_argument("--download-timeout", type=float, default=20.0, help="total deadline per URL in seconds: redirects, retries, body [20]")
+    dl.add_argument("--connect-timeout", type=float, default=5.0)
+    dl.add_argument("--retries", type=int, default=2, help="extra attempts on 429/5xx/connection errors, honouring Retry-After [2]")
+    dl.add_argument("--max-redirects", type=int, default=5)
+    dl.add_argument("--max-bytes", type=int, default=32 * 2**20, help="byte cap per image [32 MiB]")
+    dl.add_argument("--per-host-concurrency", type=int, default=16, help="simultaneous requests per host:port per worker [16]")
+    dl.add_argument("--download-threads", type=int, default=64, help="requests in flight per worker process [64]")
+    dl.add_argument("--user-agent-token", default="kiln", help="our bot token, for UA-scoped X-Robots-Tag directives [kiln]")
+    dl.add_argument("--disallowed-directives", default="noai,noimageai,noindex,noimageindex", help="X-Robots-Tag directives that opt an image out")
+    dl.add_argument("--allow-hosts", default="", help="comma-separated exact host:port pairs allowed despite a non-public address (tests, demo)")
+    im = p.add_argument_group("decode / resize")
+    im.add_argument("--image-size", type=int, default=1024, help="stored size in px (never upscaled) [1024]")
+    im.add_argument("--resize-mode", default="center_crop", choices=RESIZE_MODES)
+    im.add_argument("--downscale-interpolation", default="area")
+    im.add_argument("--upscale-interpolation", default="lanczos")
+    im.add_argument("--allow-upscale", action="store_true", help="upscale small images to --image-size (off: DESIGN.md)")
+    im.add_argument("--encode-format", default="jpg", choices=tuple(ENCODE_FORMATS))
+    im.add_argument("--encode-quality", type=int, default=95)
+    im.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="decompression-bomb limit from the header [178956970]")
+    im.add_argument("--no-jpeg-draft", dest="jpeg_draft", action="store_false", help="decode JPEGs at full size before resizing")
+    im.add_argument("--decode-threads", type=int, default=2, help="decode/resize threads per worker process [2]")
+    p.add_argument("--quiet", action="store_true", help="no progress / funnel printout")

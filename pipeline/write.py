@@ -1,0 +1,238 @@
+"""Write stage: group each shard's samples and rejects, and write its three files atomically.
+
+A shard is a fixed range of the uid space (`shard_of`), so which shard a row lands in depends only
+on its uid and the number of shards, never on worker timing: shards are reproducible, and a re-run
+can skip the ranges that are already complete before downloading anything.
+
+Per shard, in this order, each under a temporary name and renamed into place:
+  shards/NNNNNN.tar        webdataset: KEY.jpg, KEY.json, KEY.txt, sorted by uid, fixed mtime
+  rejects/NNNNNN.parquet   every row of this uid range that was rejected, with stage and reason
+  meta/NNNNNN.parquet      one row per kept sample; its footer carries the shard's accounting and
+                           the tar's size and sha256, so it is written last and marks the shard done
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import tarfile
+import uuid
+
+import apache_beam as beam
+import pyarrow as pa
+import pyarrow.parquet as pq
+from apache_beam.io.filesystem import CompressionTypes
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.metrics import Metrics
+
+from pipeline.records import STAGE_PREFILTER, STAGES
+from pipeline.stage import TRANSIENT_PREFIX
+
+TAR_MTIME = 946684800  # 2000-01-01T00:00:00Z: fixed, so identical samples give identical tars
+META_KEY = b"kiln.shard"  # parquet footer key holding the shard's accounting (JSON)
+
+# Columns kiln adds to every kept sample's metadata row, after the input's own columns.
+KILN_META_FIELDS = [
+    pa.field("uid", pa.string(), nullable=False),
+    pa.field("stored_width", pa.int32()),
+    pa.field("stored_height", pa.int32()),
+    pa.field("original_width", pa.int32()),
+    pa.field("original_height", pa.int32()),
+    pa.field("source_format", pa.string()),
+    pa.field("image_bytes", pa.int64()),
+    pa.field("image_sha256", pa.string()),
+    pa.field("final_url", pa.string()),
+    pa.field("http_status", pa.int32()),
+    pa.field("content_type", pa.string()),
+]
+
+
+def shard_of(uid: str, num_shards: int) -> int:
+    """The shard holding `uid`: uid space cut into `num_shards` equal ranges (uids are uniform)."""
+    return (int(uid[:16], 16) * num_shards) >> 64
+
+
+def shard_name(shard: int) -> str:
+    return f"{shard:06d}"
+
+
+def meta_schema(input_schema: pa.Schema) -> pa.Schema:
+    kiln_names = {f.name for f in KILN_META_FIELDS}
+    clash = [n for n in input_schema.names if n in kiln_names]
+    if clash:
+        raise ValueError(f"input columns {clash} clash with columns kiln adds; rename them in the input")
+    return pa.schema(list(input_schema) + KILN_META_FIELDS)
+
+
+def rejects_schema(input_schema: pa.Schema) -> pa.Schema:
+    sid = input_schema.field("SAMPLE_ID").type if "SAMPLE_ID" in input_schema.names else pa.int64()
+    return pa.schema(
+        [
+            pa.field("uid", pa.string(), nullable=False),
+            pa.field("SAMPLE_ID", sid),
+            pa.field("url", pa.string()),
+            pa.field("stage", pa.string(), nullable=False),
+            pa.field("reason", pa.string(), nullable=False),
+            pa.field("detail", pa.string()),
+            pa.field("shard", pa.int32()),
+        ]
+    )
+
+
+def _json_default(value):
+    if hasattr(value, "item"):  # numpy scalars
+        return value.item()
+    if isinstance(value, bytes):
+        return value.hex()
+    return str(value)
+
+
+def sample_json(record: dict) -> bytes:
+    """KEY.json: every metadata field of the sample, keys sorted so the bytes are reproducible."""
+    clean = {k: v for k, v in record.items() if not k.startswith(TRANSIENT_PREFIX)}
+    return json.dumps(clean, sort_keys=True, ensure_ascii=False, default=_json_default).encode("utf-8")
+
+
+class _HashingWriter:
+    def __init__(self, f):
+        self.f, self.sha, self.size = f, hashlib.sha256(), 0
+
+    def write(self, data):
+        self.sha.update(data)
+        self.size += len(data)
+        return self.f.write(data)
+
+
+def _atomic_write(path: str, write_fn) -> None:
+    """Write through `write_fn(fileobj)` to a unique temp name, then rename over `path`."""
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:12]}"
+    f = FileSystems.create(tmp, compression_type=CompressionTypes.UNCOMPRESSED)
+    try:
+        write_fn(f)
+    except BaseException:
+        f.close()
+        FileSystems.delete([tmp])
+        raise
+    f.close()
+    if FileSystems.exists(path):
+        FileSystems.delete([path])
+    FileSystems.rename([tmp], [path])
+
+
+def write_tar(f, samples: list[dict], image_ext: str, caption_column: str) -> tuple[int, str]:
+    """Stream a webdataset tar of `samples` (already sorted) into `f`; return (bytes, sha256)."""
+    hw = _HashingWriter(f)
+    with tarfile.open(fileobj=hw, mode="w|", format=tarfile.GNU_FORMAT) as tar:
+        for s in samples:
+            members = {
+                image_ext: s["_image"],
+                "json": sample_json(s),
+                "txt": str(s.get(caption_column) or "").encode("utf-8"),
+            }
+            for ext in sorted(members):
+                data = members[ext]
+                info = tarfile.TarInfo(f"{s['uid']}.{ext}")
+                info.size, info.mtime, info.mode = len(data), TAR_MTIME, 0o444
+                info.uid = info.gid = 0
+                info.uname = info.gname = ""
+                tar.addfile(info, io.BytesIO(data))
+    return hw.size, hw.sha.hexdigest()
+
+
+def _parquet_bytes(table: pa.Table) -> bytes:
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd")
+    return buf.getvalue()
+
+
+def _stage_rank(stage: str) -> int:
+    return STAGES.index(stage) if stage in STAGES else len(STAGES)
+
+
+class _WriteShardFn(beam.DoFn):
+    def __init__(self, output_dir, meta_schema, rejects_schema, image_ext, caption_column, config_fingerprint):
+        self.output_dir = output_dir.rstrip("/")
+        self.meta_schema = meta_schema
+        self.rejects_schema = rejects_schema
+        self.image_ext = image_ext
+        self.caption_column = caption_column
+        self.config_fingerprint = config_fingerprint
+
+    def setup(self):
+        self.n_samples = Metrics.counter("kiln", "write/samples")
+        self.n_shards = Metrics.counter("kiln", "write/shards")
+
+    def process(self, shard_items, num_shards):
+        shard, items = shard_items
+        samples, rejects, expected = [], [], 0
+        for kind, value in items:
+            if kind == "sample":
+                samples.append(value)
+            elif kind == "reject":
+                rejects.append(value)
+            else:
+                expected += value
+        samples.sort(key=lambda s: s["uid"])
+        rejects.sort(key=lambda r: (_stage_rank(r["stage"]), r["uid"], r["reason"], str(r["SAMPLE_ID"])))
+        # Every candidate routed to this shard after the prefilter must come back as a sample or a
+        # reject; anything else means a stage lost rows, and the run must not pretend otherwise.
+        later_rejects = sum(1 for r in rejects if r["stage"] != STAGE_PREFILTER)
+        if len(samples) + later_rejects != expected:
+            raise RuntimeError(
+                f"accounting broken in shard {shard_name(shard)}: {expected} candidates went in, "
+                f"{len(samples)} samples + {later_rejects} rejects came out"
+            )
+        name = shard_name(shard)
+        base = self.output_dir
+
+        tar_info = {}
+
+        def tar_fn(f):
+            tar_info["bytes"], tar_info["sha256"] = write_tar(f, samples, self.image_ext, self.caption_column)
+
+        _atomic_write(f"{base}/shards/{name}.tar", tar_fn)
+
+        rej_rows = [{**r, "shard": shard} for r in rejects]
+        rej_bytes = _parquet_bytes(pa.Table.from_pylist(rej_rows, schema=self.rejects_schema))
+        _atomic_write(f"{base}/rejects/{name}.parquet", lambda f: f.write(rej_bytes))
+
+        by_reason: dict = {}
+        for r in rejects:
+            by_reason.setdefault(r["stage"], {}).setdefault(r["reason"], 0)
+            by_reason[r["stage"]][r["reason"]] += 1
+        footer = {
+            "shard": shard,
+            "num_shards": num_shards,
+            "config_fingerprint": self.config_fingerprint,
+            "samples": len(samples),
+            "candidates": expected,
+            "rejects": len(rejects),
+            "rejects_by_reason": by_reason,
+            "tar": {"path": f"shards/{name}.tar", "bytes": tar_info["bytes"], "sha256": tar_info["sha256"]},
+            "rejects_file": {"path": f"rejects/{name}.parquet", "bytes": len(rej_bytes), "sha256": hashlib.sha256(rej_bytes).hexdigest()},
+        }
+        meta_rows = [{k: s.get(k) for k in self.meta_schema.names} for s in samples]
+        table = pa.Table.from_pylist(meta_rows, schema=self.meta_schema)
+        table = table.replace_schema_metadata({META_KEY: json.dumps(footer, sort_keys=True).encode()})
+        meta_bytes = _parquet_bytes(table)
+        _atomic_write(f"{base}/meta/{name}.parquet", lambda f: f.write(meta_bytes))
+        self.n_samples.inc(len(samples))
+        self.n_shards.inc()
+        yield footer
+
+
+class WriteShards(beam.PTransform):
+    """(shard, ("sample"|"reject"|"expect", value)) -> one footer dict per shard written."""
+
+    def __init__(self, output_dir, meta_schema, rejects_schema, num_shards, image_ext="jpg", caption_column="TEXT", config_fingerprint=""):
+        super().__init__()
+        self.args = (output_dir, meta_schema, rejects_schema, image_ext, caption_column, config_fingerprint)
+        self.num_shards = num_shards
+
+    def expand(self, keyed_items):
+        return (
+            keyed_items
+            | "GroupByShard" >> beam.GroupByKey()
+            | "WriteFiles" >> beam.ParDo(_WriteShardFn(*self.args), num_shards=beam.pvalue.AsSingleton(self.num_shards))
+        )
