@@ -117,12 +117,14 @@ def check_accounting(output_dir: str, input_rows: int, footers: dict[int, dict],
             c_in, c_out, c_rej = (counters.get(f"{stage}/{k}") for k in ("in", "out", "rejected"))
             if c_in is None:
                 continue
-            dup = counters.get("prefilter/duplicates", 0) if stage == STAGES[0] else 0
-            check(
-                f"{stage}: in == out + rejected (this run's counters)",
-                c_in == (c_out or 0) + (c_rej or 0),
-                f"in {c_in}, out {c_out}, rejected {c_rej}" + (f" (+{dup} duplicates dropped after the row checks)" if dup else ""),
-            )
+            c_out, c_rej = c_out or 0, c_rej or 0
+            check(f"{stage}: in == out + rejected (this run's counters)", c_in == c_out + c_rej, f"in {c_in}, out {c_out}, rejected {c_rej}")
+        stage_out = {s: counters.get(f"{s}/out") for s in STAGES}
+        for a, b in zip(STAGES, STAGES[1:]):
+            if stage_out[a] is not None and counters.get(f"{b}/in") is not None:
+                check(f"{a} out == {b} in (this run's counters)", stage_out[a] == counters[f"{b}/in"], f"{stage_out[a]} vs {counters[f'{b}/in']}")
+        if counters.get("write/samples") is not None and stage_out[STAGES[-1]] is not None:
+            check("last stage out == samples written", stage_out[STAGES[-1]] == counters["write/samples"], f"{stage_out[STAGES[-1]]} vs {counters['write/samples']}")
     failures = [c for c in checks if not c["ok"]]
     result = {"ok": not failures, "input_rows": input_rows, "kept": kept, "rejected": rejected, "checks": checks}
     if failures:

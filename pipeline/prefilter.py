@@ -110,7 +110,7 @@ class _PrefilterFn(beam.DoFn):
 
     def setup(self):
         self.n_in = Metrics.counter("kiln", f"{STAGE_PREFILTER}/in")
-        self.n_out = Metrics.counter("kiln", f"{STAGE_PREFILTER}/out")
+        self.n_passed = Metrics.counter("kiln", f"{STAGE_PREFILTER}/passed_row_checks")
         self.n_rej = Metrics.counter("kiln", f"{STAGE_PREFILTER}/rejected")
 
     def process(self, row):
@@ -122,21 +122,24 @@ class _PrefilterFn(beam.DoFn):
             Metrics.counter("kiln", f"reject/{rej.stage}/{rej.reason}").inc()
             yield beam.pvalue.TaggedOutput("rejects", reject_row(row, rej.stage, rej.reason, rej.detail, self.cfg.url_column))
             return
-        self.n_out.inc()
+        self.n_passed.inc()
         yield row
 
 
 class _DedupFn(beam.DoFn):
     def setup(self):
-        self.n_dup = Metrics.counter("kiln", f"{STAGE_PREFILTER}/duplicates")
+        # The prefilter's "out" is counted here, after dedup, so in == out + rejected holds.
+        self.n_out = Metrics.counter("kiln", f"{STAGE_PREFILTER}/out")
+        self.n_rej = Metrics.counter("kiln", f"{STAGE_PREFILTER}/rejected")
 
     def process(self, uid_rows, url_column: str):
         _, rows = uid_rows
         kept, dropped = choose_duplicate(list(rows))
+        self.n_out.inc()
         yield kept
         for row in dropped:
-            # Counted as a prefilter reject: the row passed the row checks but repeats a kept one.
-            self.n_dup.inc()
+            # A prefilter reject: the row passed the row checks but repeats a kept one.
+            self.n_rej.inc()
             Metrics.counter("kiln", f"reject/{STAGE_PREFILTER}/duplicate").inc()
             yield beam.pvalue.TaggedOutput(
                 "rejects", reject_row(row, STAGE_PREFILTER, "duplicate", f"same url+caption as SAMPLE_ID {kept.get('SAMPLE_ID')}", url_column)

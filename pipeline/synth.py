@@ -1,0 +1,977 @@
+"""The synthetic web: LAION-400M-style metadata whose URLs point at a local HTTP server, with planted
+failures whose expected pipeline outcome is written down, so the pipeline can be tested end to end
+without the internet.
+
+`synthesize` writes a directory:
+
+    metadata.parquet     LAION-400M's columns and dtypes (`LAION_SCHEMA`); the pipeline's input
+    ground_truth.parquet per row: planted `kind`, expected (stage, reason), what the image shows
+    images/              every file a server may send; a name is the last path segment of its URL
+    routes.json          request target ("/name.ext" or "/name.ext?hop=N") -> behaviour (see `_Handler`)
+    web.json             base_url, ports (main and auxiliary listeners), seed, rows, failure_rate, kinds
+
+`serve` (class `SynthServer`) serves such a directory on 127.0.0.1 only, plus auxiliary listeners on
+another 127.0.0.1 port, on 127.0.0.2 and on [::1] that serve any file in images/ as a plain image:
+the planted redirects point there, so a missing private-address guard shows up as a kept row.
+
+Images are drawn, not downloaded: a background colour and zero to three shapes whose colours and
+positions the caption states truthfully, so a trained model's samples can be checked against it.
+Everything is a function of the seed (and base_url, which is part of every URL).
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import io
+import json
+import math
+import random
+import select
+import shutil
+import socket
+import socketserver
+import struct
+import sys
+import threading
+import time
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image, ImageDraw
+
+from pipeline.records import STAGE_DECODE, STAGE_DOWNLOAD, STAGE_PREFILTER, compute_uid
+
+LAION_SCHEMA = pa.schema(
+    [
+        ("SAMPLE_ID", pa.int64()),
+        ("URL", pa.string()),
+        ("TEXT", pa.string()),
+        ("HEIGHT", pa.int64()),
+        ("WIDTH", pa.int64()),
+        ("LICENSE", pa.string()),
+        ("NSFW", pa.string()),
+        ("similarity", pa.float64()),
+    ]
+)
+
+GROUND_TRUTH_SCHEMA = pa.schema(
+    [
+        ("SAMPLE_ID", pa.int64()),
+        ("uid", pa.string()),  # records.compute_uid(URL, TEXT): the key rejects and shards use
+        ("URL", pa.string()),
+        ("TEXT", pa.string()),
+        ("kind", pa.string()),
+        ("expected_stage", pa.string()),  # null: the row is expected to be kept
+        ("expected_reason", pa.string()),
+        ("background", pa.string()),
+        ("shapes", pa.string()),  # JSON list of {"shape", "colour", "position", "bbox": [x0, y0, x1, y1]}
+        ("true_width", pa.int64()),  # pixel size of the image the URL leads to; null where none
+        ("true_height", pa.int64()),
+        ("format", pa.string()),  # "jpeg" / "png" / "webp"; null where no image is reachable
+        ("image_file", pa.string()),  # the file under images/ holding those pixels
+    ]
+)
+
+# Colour words with fixed, well-separated RGB values; captions use only these colour words.
+COLOURS = {
+    "red": (220, 30, 35),
+    "green": (40, 160, 60),
+    "blue": (35, 75, 215),
+    "yellow": (245, 215, 40),
+    "orange": (245, 135, 25),
+    "purple": (125, 45, 165),
+    "white": (250, 250, 250),
+    "black": (15, 15, 15),
+    "grey": (128, 128, 128),
+}
+SHAPES = ("circle", "square", "triangle", "star")
+FORMATS = ("jpeg", "png", "webp")
+FORMAT_WEIGHTS = {"jpeg": 60, "png": 25, "webp": 15}
+CONTENT_TYPES = {"jpeg": "image/jpeg", "png": "image/png", "webp": "image/webp"}
+EXTENSIONS = {"jpeg": "jpg", "png": "png", "webp": "webp"}
+_EXTENSION_TYPES = {EXTENSIONS[f]: CONTENT_TYPES[f] for f in FORMATS}
+
+MAX_LONG_SIDE = 1600
+ASPECT_RANGE = (0.6, 1.8)  # width / height of ordinary images
+BOMB_SIDE = 20_000  # 400 MP: above the pipeline's 178,956,970-pixel limit (2 x Pillow's default)
+EXTREME_SIZE = (1600, 200)  # aspect 8: beyond the pipeline's 3.0
+LIAR_DECLARED = (512, 512)  # what the metadata claims for too_small / decompression_bomb
+LONG_CAPTION_CHARS = 5000  # pipeline's limit is 1000
+DRIP = {"length": 200 * 1024, "chunk": 64, "interval": 0.2}  # ~320 B/s: 10 minutes for the body
+RETRY_AFTER = "1"
+
+_P, _D, _X = STAGE_PREFILTER, STAGE_DOWNLOAD, STAGE_DECODE
+# kind -> (expected_stage, expected_reason); (None, None) = kept. Failure rows cycle through the
+# kinds in this order, so with fewer failure rows than kinds only the first ones appear.
+EXPECTED: dict[str, tuple[str | None, str | None]] = {
+    "ok": (None, None),
+    "http_404": (_D, "http_404"),
+    "http_410": (_D, "http_410"),
+    "http_500": (_D, "http_500"),
+    "retry_429": (None, None),
+    "retry_503": (None, None),
+    "slow_drip": (_D, "timeout"),
+    "stall": (_D, "timeout"),
+    "truncated_jpeg": (_X, "truncated"),
+    "html_as_jpeg": (_X, "not_an_image"),
+    "zero_bytes": (_D, "empty_body"),
+    "too_small": (_X, "too_small"),
+    "too_small_declared": (_P, "declared_too_small"),
+    "extreme_aspect": (_X, "aspect_ratio"),
+    "decompression_bomb": (_X, "decompression_bomb"),
+    "redirect_chain": (None, None),
+    "redirect_loop": (_D, "too_many_redirects"),
+    "redirect_other_port": (_D, "private_address"),
+    "redirect_127_0_0_2": (_D, "private_address"),
+    "redirect_ipv6_loopback": (_D, "private_address"),
+    "robots_noai": (_D, "robots_noai"),
+    "robots_noimageai": (_D, "robots_noimageai"),
+    "robots_otherbot": (None, None),
+    "duplicate": (_P, "duplicate"),
+    "url_null": (_P, "url_missing"),
+    "url_empty": (_P, "url_missing"),
+    "url_file": (_P, "url_scheme"),
+    "url_ftp": (_P, "url_scheme"),
+    "url_data": (_P, "url_scheme"),
+    "caption_empty": (_P, "caption_empty"),
+    "caption_whitespace": (_P, "caption_empty"),
+    "caption_long": (_P, "caption_too_long"),
+    # Beyond the original table: the rest of records.py's vocabulary that a metadata row can trigger.
+    "caption_null": (_P, "caption_missing"),
+    "caption_short": (_P, "caption_too_short"),
+    "url_invalid": (_P, "url_invalid"),
+    "declared_aspect": (_P, "declared_aspect_ratio"),
+    "robots_noindex": (_D, "robots_noindex"),
+    "robots_noimageindex": (_D, "robots_noimageindex"),
+}
+FAILURE_KINDS = tuple(k for k in EXPECTED if k != "ok")
+
+_ROBOTS = {
+    "robots_noai": "noai",
+    "robots_noimageai": "noimageai",
+    "robots_otherbot": "otherbot: noai",
+    "robots_noindex": "noindex",
+    "robots_noimageindex": "noimageindex",
+}
+_FIXED_URLS = {"url_null": None, "url_empty": "", "url_file": "file:///etc/passwd", "url_ftp": "ftp://127.0.0.1/x.jpg"}
+_CAPTION_OVERRIDES = {"caption_null": None, "caption_empty": "", "caption_whitespace": "   \t ", "caption_short": "ab"}
+_NO_IMAGE = {"http_404", "http_410", "http_500", "slow_drip", "stall", "html_as_jpeg", "zero_bytes", "redirect_loop"}
+_NO_IMAGE |= {"url_null", "url_empty", "url_file", "url_ftp", "url_data", "url_invalid"}
+
+_TEMPLATES = (
+    "{}",
+    "{}",
+    "a photo of {}",
+    "an illustration of {}",
+    "{}, digital art",
+    "a simple drawing of {}",
+    "{}, flat vector art",
+    "clip art of {}",
+    "a minimalist poster showing {}",
+    "{} - stock image",
+)
+_LICENSES = (
+    "https://creativecommons.org/licenses/by/4.0/",
+    "https://creativecommons.org/licenses/by-sa/4.0/",
+    "https://creativecommons.org/licenses/by-nc/2.0/",
+    "https://creativecommons.org/publicdomain/zero/1.0/",
+)
+_HTML_PAGE = b"<!DOCTYPE html>\n<html><head><title>Photo</title></head><body><p>This image has moved.</p></body></html>\n"
+
+
+@dataclass(frozen=True)
+class SynthWeb:
+    """A synthesized directory, as described by its web.json."""
+
+    root: Path
+    base_url: str
+    port: int
+    aux_port: int  # 127.0.0.1, another port
+    alt_loopback_port: int  # 127.0.0.2
+    ipv6_port: int  # ::1
+    seed: int
+    rows: int
+    failure_rate: float
+    kinds: dict
+
+    @property
+    def metadata_path(self) -> Path:
+        return self.root / "metadata.parquet"
+
+    @property
+    def ground_truth_path(self) -> Path:
+        return self.root / "ground_truth.parquet"
+
+    @property
+    def images_dir(self) -> Path:
+        return self.root / "images"
+
+    @property
+    def allow_hosts(self) -> str:
+        """The pipeline's --allow-hosts value: the main listener only, never the auxiliary ones."""
+        return f"127.0.0.1:{self.port}"
+
+    @classmethod
+    def load(cls, root: str | Path) -> SynthWeb:
+        root = Path(root)
+        meta = json.loads((root / "web.json").read_text())
+        fields = ("base_url", "port", "aux_port", "alt_loopback_port", "ipv6_port", "seed", "rows", "failure_rate", "kinds")
+        return cls(root=root, **{k: meta[k] for k in fields})
+
+
+# --------------------------------------------------------------------------------------------
+# Generation
+
+
+def _article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
+def _free_ports() -> tuple[int, int, int, int]:
+    """(main, aux, 127.0.0.2, ::1) ports free right now.
+
+    All sockets stay open until every port is read so the two 127.0.0.1 ports differ. Where
+    127.0.0.2 or ::1 cannot be bound, a 127.0.0.1 port stands in: the Location still names that
+    address, nothing will listen there, and the guard must reject it all the same.
+    """
+    socks = []
+
+    def grab(family, host):
+        s = socket.socket(family, socket.SOCK_STREAM)
+        socks.append(s)
+        try:
+            s.bind((host, 0))
+        except OSError:
+            return None
+        return s.getsockname()[1]
+
+    try:
+        main, aux = grab(socket.AF_INET, "127.0.0.1"), grab(socket.AF_INET, "127.0.0.1")
+        alt = grab(socket.AF_INET, "127.0.0.2") or grab(socket.AF_INET, "127.0.0.1")
+        v6 = (grab(socket.AF_INET6, "::1") if socket.has_ipv6 else None) or grab(socket.AF_INET, "127.0.0.1")
+        return main, aux, alt, v6
+    finally:
+        for s in socks:
+            s.close()
+
+
+@dataclass(frozen=True)
+class _Picture:
+    """What to draw and how to encode it; rendering needs no RNG, so it can run in threads."""
+
+    width: int
+    height: int
+    background: str
+    shapes: tuple  # of dicts with shape, colour, position, bbox
+    fmt: str
+    quality: int
+
+    def render(self) -> Image.Image:
+        img = Image.new("RGB", (self.width, self.height), COLOURS[self.background])
+        draw = ImageDraw.Draw(img)
+        # A gentle vertical shading (at most 12% darker): keeps files from being perfectly flat
+        # without making the background colour ambiguous.
+        r, g, b = COLOURS[self.background]
+        band = max(1, self.height // 64)
+        for y in range(0, self.height, band):
+            f = 1.0 - 0.12 * y / self.height
+            draw.rectangle((0, y, self.width, y + band), fill=(int(r * f), int(g * f), int(b * f)))
+        for s in self.shapes:
+            _draw_shape(draw, s["shape"], s["bbox"], COLOURS[s["colour"]])
+        return img
+
+    def encode(self) -> bytes:
+        buf = io.BytesIO()
+        img = self.render()
+        if self.fmt == "jpeg":
+            img.save(buf, "JPEG", quality=self.quality)
+        elif self.fmt == "png":
+            img.save(buf, "PNG")
+        else:
+            img.save(buf, "WEBP", quality=self.quality, method=2)  # method 2: ~3x faster than the default
+        return buf.getvalue()
+
+
+def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, bbox, fill) -> None:
+    x0, y0, x1, y1 = bbox
+    if shape == "circle":
+        draw.ellipse(bbox, fill=fill)
+    elif shape == "square":
+        draw.rectangle(bbox, fill=fill)
+    elif shape == "triangle":
+        draw.polygon([((x0 + x1) / 2, y0), (x1, y1), (x0, y1)], fill=fill)
+    else:  # five-pointed star
+        cx, cy, r = (x0 + x1) / 2, (y0 + y1) / 2, (x1 - x0) / 2
+        pts = []
+        for i in range(10):
+            rad = r if i % 2 == 0 else r * 0.45
+            a = -math.pi / 2 + i * math.pi / 5
+            pts.append((cx + rad * math.cos(a), cy + rad * math.sin(a)))
+        draw.polygon(pts, fill=fill)
+
+
+def _bomb_idat(side: int) -> bytes:
+    """zlib stream of a side x side 1-bit image of zeros (~48 KB for 20000^2; 400 MP when decoded)."""
+    row = b"\0" * (1 + (side + 7) // 8)  # filter byte + packed bits
+    comp = zlib.compressobj(9)
+    block = row * 500
+    parts = [comp.compress(block) for _ in range(side // 500)]
+    parts.append(comp.compress(row * (side % 500)))
+    parts.append(comp.flush())
+    return b"".join(parts)
+
+
+def _png_chunk(tag: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
+
+
+def _bomb_png(idat: bytes, side: int, colour: str) -> bytes:
+    """A valid palette PNG, every pixel the given colour, whose header declares side x side."""
+    ihdr = struct.pack(">IIBBBBB", side, side, 1, 3, 0, 0, 0)  # bit depth 1, palette
+    plte = bytes(COLOURS[colour]) + bytes(COLOURS[colour])
+    return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"PLTE", plte) + _png_chunk(b"IDAT", idat) + _png_chunk(b"IEND", b"")
+
+
+class _Planner:
+    """Draws every random choice, in row order, from one seeded RNG."""
+
+    def __init__(self, rng, base_url, ports, min_size, size_range, formats):
+        self.rng = rng
+        self.base_url = base_url
+        self.aux_port, self.alt_port, self.v6_port = ports
+        self.min_size = min_size
+        self.size_range = size_range
+        self.formats = formats
+        self.tokens: set[str] = set()
+        self.keys: set[tuple] = set()  # (URL, TEXT) pairs: only planted duplicates may repeat one
+        self.routes: dict[str, dict] = {}
+        self.files: dict[str, object] = {}  # name under images/ -> _Picture or bytes
+        # 5/8 and 1/2 of the limit: 40x40 and 40x32 at the default 64.
+        self.tiny = max(4, min_size * 5 // 8)
+
+    # -- random pieces ------------------------------------------------------------------------
+
+    def token(self) -> str:
+        while True:
+            t = f"{self.rng.getrandbits(48):012x}"
+            if t not in self.tokens:
+                self.tokens.add(t)
+                return t
+
+    def size(self) -> tuple[int, int]:
+        rng = self.rng
+        aspect = math.exp(rng.uniform(math.log(ASPECT_RANGE[0]), math.log(ASPECT_RANGE[1])))  # width / height
+        if self.size_range:
+            long = rng.randint(*self.size_range)
+            short = max(self.min_size, round(long / max(aspect, 1 / aspect)))
+        else:
+            # LAION-like: mostly 256-900 px on the short side, ~17% at 1024 px or more.
+            short = rng.randint(1024, 1200) if rng.random() < 0.17 else rng.randint(max(256, self.min_size), 900)
+            long = min(MAX_LONG_SIDE, round(short * max(aspect, 1 / aspect)))
+        return (long, short) if aspect >= 1 else (short, long)
+
+    def fmt(self) -> str:
+        return self.rng.choices(self.formats, weights=[FORMAT_WEIGHTS[f] for f in self.formats])[0]
+
+    def quality(self, fmt: str) -> int:
+        return self.rng.randint(80, 95) if fmt == "jpeg" else self.rng.randint(75, 90)
+
+    def scene(self, w: int, h: int, n_shapes: int | None = None) -> tuple[str, list[dict], str]:
+        """(background, shapes, description) with relations true to the drawing."""
+        rng = self.rng
+        if n_shapes is None:
+            n_shapes = rng.choices((1, 2, 3), weights=(35, 40, 25))[0]
+        colours = rng.sample(list(COLOURS), n_shapes + 1)
+        bg, shape_colours = colours[0], colours[1:]
+        shape_kinds = [rng.choice(SHAPES) for _ in range(n_shapes)]
+        short = min(w, h)
+        if n_shapes == 0:
+            return bg, [], f"a plain {bg} background"
+        if n_shapes == 1:
+            pos = rng.choice(("center", "left", "right", "top", "bottom"))
+            frac = {
+                "center": (0.25, 0.25, 0.75, 0.75),
+                "left": (0, 0, 0.45, 1),
+                "right": (0.55, 0, 1, 1),
+                "top": (0, 0, 1, 0.45),
+                "bottom": (0, 0.55, 1, 1),
+            }[pos]
+            regions, fill = [(pos, frac)], (0.6, 0.9)
+        elif n_shapes == 2:
+            if rng.random() < 0.5:
+                regions = [("left", (0, 0, 0.47, 1)), ("right", (0.53, 0, 1, 1))]
+            else:
+                regions = [("top", (0, 0, 1, 0.47)), ("bottom", (0, 0.53, 1, 1))]
+            fill = (0.6, 0.9)
+        else:
+            # Three in a row along the longer side; thirds with gaps so no two shapes touch.
+            thirds = ((0, 0.31), (0.345, 0.655), (0.69, 1))
+            if w >= h:
+                regions = [(p, (a, 0, b, 1)) for p, (a, b) in zip(("left", "center", "right"), thirds)]
+            else:
+                regions = [(p, (0, a, 1, b)) for p, (a, b) in zip(("top", "center", "bottom"), thirds)]
+            fill = (0.68, 0.92)  # 0.68 x 0.31 keeps every shape above 1/5 of the shorter side
+        shapes = []
+        for (pos, (fx0, fy0, fx1, fy1)), kind, colour in zip(regions, shape_kinds, shape_colours):
+            rx0, ry0, rx1, ry1 = fx0 * w, fy0 * h, fx1 * w, fy1 * h
+            s = int(rng.uniform(*fill) * min(rx1 - rx0, ry1 - ry0))
+            x0 = int(rx0 + rng.uniform(0, rx1 - rx0 - s))
+            y0 = int(ry0 + rng.uniform(0, ry1 - ry0 - s))
+            shapes.append({"shape": kind, "colour": colour, "position": pos, "bbox": [x0, y0, x0 + s, y0 + s]})
+
+        def phrase(s, size_word=""):
+            first = size_word or s["colour"]
+            return f"{_article(first)} {size_word + ' ' if size_word else ''}{s['colour']} {s['shape']}"
+
+        if n_shapes == 1:
+            s = shapes[0]
+            ratio = (s["bbox"][2] - s["bbox"][0]) / short
+            size_word = "small" if ratio < 0.33 else "large" if ratio > 0.55 else ""
+            where = {"center": "in the center", "left": "on the left", "right": "on the right", "top": "at the top", "bottom": "at the bottom"}
+            desc = f"{phrase(s, size_word)} {where[s['position']]}"
+        elif n_shapes == 2:
+            a, b = shapes if rng.random() < 0.5 else shapes[::-1]
+            rel = {"left": "on the left of", "right": "on the right of", "top": "above", "bottom": "below"}[a["position"]]
+            desc = f"{phrase(a)} {rel} {phrase(b)}"
+        else:
+            order = "from left to right" if w >= h else "from top to bottom"
+            desc = f"{phrase(shapes[0])}, {phrase(shapes[1])} and {phrase(shapes[2])} {order}"
+        return bg, shapes, f"{desc} on {_article(bg)} {bg} background"
+
+    def caption(self, desc: str) -> str:
+        text = self.rng.choice(_TEMPLATES).format(desc)
+        return text[0].upper() + text[1:] if self.rng.random() < 0.4 else text
+
+    # -- rows -----------------------------------------------------------------------------------
+
+    def row(self, kind: str, sample_id: int) -> tuple[dict, dict]:
+        """(metadata row, ground-truth row) for one planted kind (not "duplicate")."""
+        rng = self.rng
+        fmt = "jpeg" if kind in ("truncated_jpeg", "html_as_jpeg") else "png" if kind == "decompression_bomb" else self.fmt()
+        if kind in ("too_small", "too_small_declared"):
+            w, h = (self.tiny, self.tiny) if kind == "too_small" else (self.tiny, self.tiny * 4 // 5)
+        elif kind in ("extreme_aspect", "declared_aspect"):
+            w, h = EXTREME_SIZE
+        else:
+            w, h = self.size()
+        declared = {"too_small": LIAR_DECLARED, "decompression_bomb": LIAR_DECLARED, "extreme_aspect": (600, 600)}.get(kind, (w, h))
+        if kind == "ok" and rng.random() < 0.02:
+            declared = (None, None)  # LAION has rows without sizes; they must pass the prefilter
+        while True:  # redraw until (URL, TEXT) is new: rows with a fixed URL could otherwise collide
+            bg, shapes, desc = self.scene(w, h, 0 if kind == "decompression_bomb" else None)
+            name = f"{self.token()}.{EXTENSIONS[fmt]}"
+            url = _FIXED_URLS.get(kind, f"{self.base_url}/{name}")
+            if kind == "url_data":
+                url = "data:image/png;base64," + base64.b64encode(_tiny_png(bg)).decode()
+            elif kind == "url_invalid":
+                url = f"http:///{name}"
+            text = _CAPTION_OVERRIDES.get(kind, self.caption(desc))
+            if kind == "caption_long":
+                text = ((text + ". ") * (LONG_CAPTION_CHARS // len(text) + 1))[:LONG_CAPTION_CHARS]
+            if (url, text) not in self.keys:
+                self.keys.add((url, text))
+                break
+
+        has_image = kind not in _NO_IMAGE
+        path = f"/{name}"
+        if kind == "decompression_bomb":
+            self.files[name] = ("bomb", bg)
+            w = h = BOMB_SIDE
+        elif has_image:
+            picture = _Picture(w, h, bg, tuple(shapes), fmt, self.quality(fmt))
+            self.files[name] = ("truncate", picture) if kind == "truncated_jpeg" else picture
+        self._route(kind, path, name, fmt)
+
+        meta = {
+            "SAMPLE_ID": sample_id,
+            "URL": url,
+            "TEXT": text,
+            "HEIGHT": declared[1],
+            "WIDTH": declared[0],
+            "LICENSE": "?" if rng.random() < 0.9 else rng.choice(_LICENSES),
+            "NSFW": rng.choices(("UNLIKELY", "UNSURE", "NSFW"), weights=(92, 6, 2))[0],
+            "similarity": round(rng.uniform(0.28, 0.45), 7),
+        }
+        stage, reason = EXPECTED[kind]
+        truth = {
+            "SAMPLE_ID": sample_id,
+            "uid": compute_uid(url, text),
+            "URL": url,
+            "TEXT": text,
+            "kind": kind,
+            "expected_stage": stage,
+            "expected_reason": reason,
+            "background": bg,
+            "shapes": json.dumps(shapes),
+            "true_width": w if has_image else None,
+            "true_height": h if has_image else None,
+            "format": fmt if has_image else None,
+            "image_file": name if has_image else None,
+        }
+        return meta, truth
+
+    def _route(self, kind: str, path: str, name: str, fmt: str) -> None:
+        """Add the routes.json entries that make `path` behave as `kind`."""
+        file = {"file": name, "content_type": CONTENT_TYPES[fmt]}
+        if kind in ("http_404", "http_410", "http_500"):
+            self.routes[path] = {"status": int(kind[-3:])}
+        elif kind in ("retry_429", "retry_503"):
+            self.routes[path] = {**file, "first": {"status": int(kind[-3:]), "headers": {"Retry-After": RETRY_AFTER}}}
+        elif kind == "slow_drip":
+            self.routes[path] = {"drip": dict(DRIP), "content_type": CONTENT_TYPES[fmt]}
+        elif kind == "stall":
+            self.routes[path] = {"stall": True}
+        elif kind in ("html_as_jpeg", "zero_bytes"):
+            # A file named .jpg that is HTML (or empty), served as image/jpeg, as misconfigured sites do.
+            self.files[name] = _HTML_PAGE if kind == "html_as_jpeg" else b""
+            self.routes[path] = {"file": name, "content_type": "image/jpeg"}
+        elif kind == "redirect_chain":
+            # 302 (absolute) -> 301 (relative Location, as many servers send) -> 307 (absolute) -> image
+            self.routes[path] = {"status": 302, "location": f"{self.base_url}{path}?hop=1"}
+            self.routes[f"{path}?hop=1"] = {"status": 301, "location": f"{path}?hop=2"}
+            self.routes[f"{path}?hop=2"] = {"status": 307, "location": f"{self.base_url}{path}?hop=3"}
+            self.routes[f"{path}?hop=3"] = file
+        elif kind == "redirect_loop":
+            self.routes[path] = {"status": 302, "loop": True}
+        elif kind == "redirect_other_port":
+            self.routes[path] = {"status": 302, "location": f"http://127.0.0.1:{self.aux_port}{path}"}
+        elif kind == "redirect_127_0_0_2":
+            self.routes[path] = {"status": 302, "location": f"http://127.0.0.2:{self.alt_port}{path}"}
+        elif kind == "redirect_ipv6_loopback":
+            self.routes[path] = {"status": 302, "location": f"http://[::1]:{self.v6_port}{path}"}
+        elif kind in _ROBOTS:
+            self.routes[path] = {**file, "headers": {"X-Robots-Tag": _ROBOTS[kind]}}
+        elif kind not in _NO_IMAGE:
+            # ok, the size/format failures, and caption/declared-size rows (which a broken prefilter
+            # would let through to a real image).
+            self.routes[path] = file
+
+
+def _tiny_png(colour: str) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), COLOURS[colour]).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def synthesize(
+    out_dir: str | Path,
+    rows: int,
+    seed: int = 0,
+    failure_rate: float = 0.3,
+    base_url: str | None = None,
+    min_size: int = 64,
+    size_range: tuple[int, int] | None = None,
+    formats: tuple[str, ...] = FORMATS,
+) -> SynthWeb:
+    """Write a synthetic web into `out_dir` (see the module docstring) and return its description.
+
+    round(rows * failure_rate) rows (capped at rows - 1, so a planted duplicate always has an "ok"
+    original) cycle through FAILURE_KINDS in order; every kind appears once that count reaches
+    len(FAILURE_KINDS). The rest are "ok". `min_size` is the pipeline's --min-image-size the planted
+    too-small images undercut (40 px at 64). `size_range=(lo, hi)` bounds the longer side of every
+    image instead of the LAION-like default; `formats` restricts the encodings. Byte-identical
+    output for the same arguments; base_url=None picks a free 127.0.0.1 port, which is in every URL.
+    """
+    if rows < 1:
+        raise ValueError("rows must be >= 1")
+    if not 0.0 <= failure_rate <= 1.0:
+        raise ValueError("failure_rate must be within [0, 1]")
+    formats = tuple(formats)
+    if not formats or any(f not in FORMATS for f in formats):
+        raise ValueError(f"formats must be a non-empty subset of {FORMATS}")
+    if min_size < 8:
+        raise ValueError("min_size must be >= 8")
+    rng = random.Random(seed)
+    out = Path(out_dir)
+    main_port, aux_port, alt_port, v6_port = _free_ports()
+    if base_url is None:
+        base_url = f"http://127.0.0.1:{main_port}"
+    base_url = base_url.rstrip("/")
+    parts = urlsplit(base_url)
+    if parts.scheme != "http" or not parts.hostname:
+        raise ValueError(f"base_url must be http://host:port, got {base_url!r}")
+    port = parts.port or 80
+
+    n_fail = min(round(rows * failure_rate), rows - 1)
+    kinds = [FAILURE_KINDS[i % len(FAILURE_KINDS)] for i in range(n_fail)] + ["ok"] * (rows - n_fail)
+    rng.shuffle(kinds)  # failures spread over the file, not clustered
+    sample_ids = rng.sample(range(10**9, 4 * 10**12), rows)
+
+    planner = _Planner(rng, base_url, (aux_port, alt_port, v6_port), min_size, size_range, formats)
+    metas: list[dict | None] = [None] * rows
+    truths: list[dict | None] = [None] * rows
+    for i, kind in enumerate(kinds):
+        if kind != "duplicate":
+            metas[i], truths[i] = planner.row(kind, sample_ids[i])
+    ok_rows = [i for i, k in enumerate(kinds) if k == "ok"]
+    for i, kind in enumerate(kinds):
+        if kind == "duplicate":
+            orig = rng.choice(ok_rows)
+            if sample_ids[i] < sample_ids[orig]:
+                # The pipeline keeps the smallest SAMPLE_ID among duplicates: that must be the original.
+                for rowset in (metas, truths):
+                    rowset[orig]["SAMPLE_ID"] = sample_ids[i]
+                sample_ids[i], sample_ids[orig] = sample_ids[orig], sample_ids[i]
+            metas[i] = {**metas[orig], "SAMPLE_ID": sample_ids[i]}
+            truths[i] = {**truths[orig], "SAMPLE_ID": sample_ids[i], "kind": "duplicate"}
+            truths[i]["expected_stage"], truths[i]["expected_reason"] = EXPECTED["duplicate"]
+
+    images = out / "images"
+    if images.exists():
+        shutil.rmtree(images)  # stale files from an earlier synth would be served by the aux listeners
+    images.mkdir(parents=True)
+    _write_files(images, planner.files)
+
+    pq.write_table(pa.Table.from_pylist(metas, schema=LAION_SCHEMA), out / "metadata.parquet")
+    pq.write_table(pa.Table.from_pylist(truths, schema=GROUND_TRUTH_SCHEMA), out / "ground_truth.parquet")
+    (out / "routes.json").write_text(json.dumps(planner.routes, indent=1, sort_keys=True))
+    counts = {k: kinds.count(k) for k in EXPECTED if k in kinds}
+    web = {
+        "base_url": base_url,
+        "port": port,
+        "aux_port": aux_port,
+        "alt_loopback_port": alt_port,
+        "ipv6_port": v6_port,
+        "seed": seed,
+        "rows": rows,
+        "failure_rate": failure_rate,
+        "min_size": min_size,
+        "size_range": list(size_range) if size_range else None,
+        "formats": list(formats),
+        "kinds": counts,
+    }
+    (out / "web.json").write_text(json.dumps(web, indent=1))
+    return SynthWeb.load(out)
+
+
+def _write_files(images: Path, files: dict) -> None:
+    """Encode and write every file; in threads, since Pillow's encoders release the GIL."""
+    # ~0.1 s to build, shared by every bomb of this synth.
+    bomb_idat = _bomb_idat(BOMB_SIDE) if any(isinstance(s, tuple) and s[0] == "bomb" for s in files.values()) else b""
+
+    def write(item):
+        name, spec = item
+        if isinstance(spec, _Picture):
+            data = spec.encode()
+        elif isinstance(spec, bytes):
+            data = spec
+        elif spec[0] == "truncate":
+            data = spec[1].encode()
+            data = data[: len(data) // 2]
+        else:
+            data = _bomb_png(bomb_idat, BOMB_SIDE, spec[1])
+        (images / name).write_bytes(data)
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        list(pool.map(write, sorted(files.items())))
+
+
+# --------------------------------------------------------------------------------------------
+# Serving
+
+
+class _State:
+    """What every listener of one SynthServer shares: routes, files, stop flag, attempt counts."""
+
+    def __init__(self, web: SynthWeb):
+        self.base_url = web.base_url
+        self.images = web.images_dir
+        self.routes: dict[str, dict] = json.loads((web.root / "routes.json").read_text())
+        self.known_files = {p.name for p in self.images.iterdir()}
+        self.stop = threading.Event()
+        self._lock = threading.Lock()
+        self._attempts: dict[str, int] = {}
+        self._conns: set[socket.socket] = set()
+
+    def first_attempt(self, key: str) -> bool:
+        with self._lock:
+            n = self._attempts.get(key, 0)
+            self._attempts[key] = n + 1
+            return n == 0
+
+    def track(self, conn: socket.socket, on: bool) -> None:
+        with self._lock:
+            (self._conns.add if on else self._conns.discard)(conn)
+
+    def hang_up_all(self) -> None:
+        """Shut down every open client connection, waking handlers blocked in recv/send."""
+        with self._lock:
+            conns = list(self._conns)
+        for conn in conns:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+
+class _Listener(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 256  # benchmarks open hundreds of connections at once
+
+    def __init__(self, address, state: _State, aux: bool):
+        self.state, self.aux = state, aux
+        super().__init__(address, _Handler)
+
+    def server_bind(self):
+        # HTTPServer.server_bind calls socket.getfqdn(): a reverse DNS lookup that can leave the machine.
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = self.server_address[:2]
+
+    def handle_error(self, request, client_address):
+        if isinstance(sys.exc_info()[1], OSError):
+            return  # clients hanging up mid-response are expected here (timeouts, stop())
+        super().handle_error(request, client_address)
+
+
+class _Listener6(_Listener):
+    address_family = socket.AF_INET6
+
+
+class _Handler(BaseHTTPRequestHandler):
+    """Serves routes.json; on an auxiliary listener, any file in images/ as a plain image.
+
+    Route keys: "status" (default 200), "file" + "content_type" (body), "headers" (extra headers),
+    "location" (redirect), "loop" (redirect to ?hop=N+1 forever), "first" ({"status", "headers"}
+    answered to the first request only), "drip" ({"length", "chunk", "interval"}), "stall".
+    """
+
+    protocol_version = "HTTP/1.0"
+    server_version = "kiln-synth/1"
+    sys_version = ""
+    timeout = 30  # an idle client cannot hold a handler thread forever
+    server: _Listener
+
+    def log_message(self, format, *args):  # noqa: A002 - BaseHTTPRequestHandler's signature
+        pass
+
+    def setup(self):
+        super().setup()
+        self.server.state.track(self.connection, True)
+
+    def finish(self):
+        try:
+            super().finish()
+        finally:
+            self.server.state.track(self.connection, False)
+
+    def do_GET(self):
+        self._respond(with_body=True)
+
+    def do_HEAD(self):
+        self._respond(with_body=False)
+
+    def _respond(self, with_body: bool) -> None:
+        try:
+            if self.server.aux:
+                self._aux(with_body)
+            else:
+                self._route(with_body)
+        except (BrokenPipeError, ConnectionResetError, TimeoutError):
+            self.close_connection = True
+
+    def _send(self, status: int, body: bytes, content_type: str, headers: dict | None = None, with_body: bool = True):
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
+        self.end_headers()
+        if with_body:
+            self.wfile.write(body)
+
+    def _error(self, status: int, headers: dict | None = None, with_body: bool = True):
+        page = f"<html><body><h1>{status} {self.responses.get(status, ('',))[0]}</h1></body></html>\n".encode()
+        self._send(status, page, "text/html; charset=utf-8", headers, with_body)
+
+    def _aux(self, with_body: bool) -> None:
+        name = self.path.partition("?")[0].lstrip("/")
+        if name not in self.server.state.known_files:
+            return self._error(404, with_body=with_body)
+        ctype = _EXTENSION_TYPES.get(name.rpartition(".")[2], "application/octet-stream")
+        self._send(200, (self.server.state.images / name).read_bytes(), ctype, with_body=with_body)
+
+    def _route(self, with_body: bool) -> None:
+        state = self.server.state
+        path, _, query = self.path.partition("?")
+        key = self.path if self.path in state.routes else path
+        route = state.routes.get(key)
+        if route is None:
+            return self._error(404, with_body=with_body)
+        first = route.get("first")
+        if first and state.first_attempt(key):
+            return self._error(first["status"], first.get("headers"), with_body)
+        if route.get("stall"):
+            return self._stall()
+        if "drip" in route:
+            return self._drip(route, with_body)
+        status = route.get("status", 200)
+        if route.get("loop"):
+            hop = int(parse_qs(query).get("hop", ["0"])[0])
+            return self._send(status, b"", "text/html", {"Location": f"{state.base_url}{path}?hop={hop + 1}"}, with_body)
+        if "location" in route:
+            return self._send(status, b"", "text/html", {"Location": route["location"]}, with_body)
+        if "file" in route:
+            body = (state.images / route["file"]).read_bytes()
+            return self._send(status, body, route["content_type"], route.get("headers"), with_body)
+        self._error(status, with_body=with_body)
+
+    def _stall(self) -> None:
+        """Send nothing; return when the client hangs up or the server stops."""
+        conn = self.connection
+        while not self.server.state.stop.is_set():
+            readable, _, _ = select.select([conn], [], [], 0.1)
+            if readable:
+                try:
+                    if not conn.recv(4096):
+                        break  # client closed its end
+                except OSError:
+                    break
+        self.close_connection = True
+
+    def _drip(self, route: dict, with_body: bool) -> None:
+        drip = route["drip"]
+        self.send_response(200)
+        self.send_header("Content-Type", route["content_type"])
+        self.send_header("Content-Length", str(drip["length"]))
+        self.end_headers()
+        if not with_body:
+            return
+        chunk = b"\0" * drip["chunk"]
+        sent = 0
+        while sent < drip["length"] and not self.server.state.stop.wait(drip["interval"]):
+            piece = chunk[: drip["length"] - sent]
+            self.wfile.write(piece)
+            sent += len(piece)
+
+
+class SynthServer:
+    """The synthetic web's HTTP server (a context manager; `serve` returns one already started).
+
+    Main listener: 127.0.0.1:port from web.json. Auxiliary listeners (127.0.0.1:aux_port,
+    127.0.0.2:alt_loopback_port, [::1]:ipv6_port; the last two skipped where they cannot bind)
+    answer any file in images/ with a plain 200.
+    """
+
+    def __init__(self, web: SynthWeb | str | Path):
+        self.web = web if isinstance(web, SynthWeb) else SynthWeb.load(web)
+        self._state: _State | None = None
+        self._listeners: list[_Listener] = []
+        self._threads: list[threading.Thread] = []
+
+    @property
+    def base_url(self) -> str:
+        return self.web.base_url
+
+    @property
+    def allow_hosts(self) -> str:
+        return self.web.allow_hosts
+
+    @property
+    def listeners(self) -> list[tuple[str, int]]:
+        """(host, port) of every bound listener, main first."""
+        return [listener.server_address[:2] for listener in self._listeners]
+
+    def start(self) -> SynthServer:
+        if self._state is not None:
+            return self
+        self._state = state = _State(self.web)
+        web = self.web
+        try:
+            self._listeners.append(_Listener(("127.0.0.1", web.port), state, aux=False))
+            self._listeners.append(_Listener(("127.0.0.1", web.aux_port), state, aux=True))
+        except OSError:
+            self.stop()
+            raise
+        for cls, host, port in ((_Listener, "127.0.0.2", web.alt_loopback_port), (_Listener6, "::1", web.ipv6_port)):
+            try:
+                self._listeners.append(cls((host, port), state, aux=True))
+            except OSError:
+                pass  # no 127.0.0.2 (macOS) or no IPv6: the redirect then leads nowhere, still rejected
+        for listener in self._listeners:
+            t = threading.Thread(target=listener.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True, name=f"synth-{listener.server_address[1]}")
+            t.start()
+            self._threads.append(t)
+        return self
+
+    def stop(self) -> None:
+        """Stop all listeners and hang up on open connections (stalled ones included); idempotent."""
+        if self._state is None:
+            return
+        self._state.stop.set()
+        # zip: only listeners whose serve_forever runs, as shutdown() waits for that loop to end.
+        for listener, _ in zip(self._listeners, self._threads):
+            listener.shutdown()
+        self._state.hang_up_all()
+        for listener in self._listeners:
+            listener.server_close()
+        deadline = time.monotonic() + 1.0
+        for t in self._threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+        self._listeners, self._threads, self._state = [], [], None
+
+    def __enter__(self) -> SynthServer:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def serve(web: SynthWeb | str | Path) -> SynthServer:
+    """Start serving a synthesized directory; use as `with serve(d) as server:` or call .stop()."""
+    return SynthServer(web).start()
+
+
+# --------------------------------------------------------------------------------------------
+# CLI
+
+
+def add_synth_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--rows", type=int, required=True, help="metadata rows to write")
+    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--failure-rate", type=float, default=0.3, help="share of rows with a planted failure")
+    parser.add_argument("--base-url", default=None, help="http://127.0.0.1:PORT to put in URLs (default: a free port now)")
+    parser.add_argument("--min-size", type=int, default=64, help="the pipeline's --min-image-size the planted small images undercut")
+    parser.add_argument("--size-range", type=int, nargs=2, metavar=("LO", "HI"), default=None, help="longer side of every image, px")
+    parser.add_argument("--formats", default=",".join(FORMATS), help="comma-separated subset of jpeg,png,webp")
+
+
+def main_synth(args: argparse.Namespace) -> int:
+    t0 = time.monotonic()
+    web = synthesize(
+        args.out,
+        args.rows,
+        seed=args.seed,
+        failure_rate=args.failure_rate,
+        base_url=args.base_url,
+        min_size=args.min_size,
+        size_range=tuple(args.size_range) if args.size_range else None,
+        formats=tuple(f.strip() for f in args.formats.split(",") if f.strip()),
+    )
+    print(f"wrote {web.rows} rows to {web.root} in {time.monotonic() - t0:.1f}s; base URL {web.base_url}")
+    print("kinds: " + ", ".join(f"{k}={n}" for k, n in web.kinds.items()))
+    print(f"serve with: kiln serve {web.root}")
+    return 0
+
+
+def add_serve_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("dir", help="a directory written by `kiln synth`")
+
+
+def main_serve(args: argparse.Namespace) -> int:
+    with serve(args.dir) as server:
+        print(f"serving {server.web.root} at {server.base_url}", flush=True)
+        print(f"--allow-hosts {server.allow_hosts}", flush=True)
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            pass
+    return 0
