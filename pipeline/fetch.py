@@ -394,6 +394,7 @@ class _DeadlineReader(io.RawIOBase):
         self._sock = sock
         self._deadline = deadline
         self._read_timeout_s = read_timeout_s
+        self._file: io.BufferedReader | None = None
 
     def readable(self) -> bool:
         return True
@@ -406,8 +407,11 @@ class _DeadlineReader(io.RawIOBase):
         return self._sock.recv_into(buffer)
 
     def makefile(self, mode: str = "rb") -> io.BufferedReader:
-        # http.client.HTTPResponse(sock) reads through sock.makefile("rb").
-        return io.BufferedReader(self)
+        # http.client.HTTPResponse(sock) reads through sock.makefile("rb"). One shared buffer, so
+        # the final response can be read after interim (1xx) ones without losing buffered bytes.
+        if self._file is None:
+            self._file = io.BufferedReader(self)
+        return self._file
 
 
 @dataclass
@@ -466,8 +470,8 @@ class Fetcher:
         current = url
         retries_used = 0
         while True:
-            target = _parse_url(current)
             result.final_url = current
+            target = _parse_url(current)
             result.attempts += 1
             retry_after = None
             try:
@@ -483,7 +487,8 @@ class Fetcher:
                     return
                 if response.status in _REDIRECT_STATUSES and response.location:
                     if result.redirects >= cfg.max_redirects:
-                        raise _Stop("too_many_redirects", f"more than {cfg.max_redirects}; next {response.location[:200]}")
+                        next_hop = response.location[:200]
+                        raise _Stop("too_many_redirects", f"more than {cfg.max_redirects}; next {next_hop}")
                     result.redirects += 1
                     current = urljoin(current, response.location.strip())
                     continue
@@ -505,7 +510,8 @@ class Fetcher:
         if wait is None:
             wait = cfg.backoff_base_s * 2**retries_used * random.uniform(1.0, 1.1)
         if time.monotonic() + wait >= deadline:
-            raise _Stop(failure.reason, f"{failure.detail}; retry in {wait:.2f}s would pass the {cfg.timeout_s:g}s deadline")
+            late = f"retry in {wait:.2f}s would pass the {cfg.timeout_s:g}s deadline"
+            raise _Stop(failure.reason, f"{failure.detail}; {late}")
         return wait
 
     def _permitted_addresses(self, target: _Target, deadline: float) -> list[tuple[int, tuple]]:
@@ -535,20 +541,19 @@ class Fetcher:
     def _resolve(self, target: _Target, deadline: float) -> list:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
-            raise _Stop("timeout", f"deadline of {self.config.timeout_s:g}s passed before resolving {target.ascii_host}")
+            raise _Stop("timeout", f"deadline passed before resolving {target.ascii_host}")
         future = self._dns_pool.submit(self._resolver, target.ascii_host, target.port, type=socket.SOCK_STREAM)
         try:
             return future.result(timeout=remaining)
         except FutureTimeoutError:
             future.cancel()
-            raise _Stop("timeout", f"resolving {target.ascii_host} passed the {self.config.timeout_s:g}s deadline") from None
+            raise _Stop("timeout", f"resolving {target.ascii_host} passed the deadline") from None
         except (OSError, UnicodeError) as exc:  # socket.gaierror is an OSError
             raise _Stop("dns_error", f"{target.ascii_host}: {exc}") from None
 
     @contextmanager
-    def _host_slot(self, target: _Target, deadline: float):
-        """Hold one of per_host_concurrency slots for (host, port); waiting counts against the deadline."""
-        key = (target.host, target.port)
+    def _host_slot(self, key: tuple[str, int], deadline: float):
+        """Hold one of the per_host_concurrency slots of `key` (host, port) until the deadline at most."""
         with self._slots_lock:
             entry = self._slots.get(key)
             if entry is None:
@@ -571,7 +576,7 @@ class Fetcher:
     def _request(self, target: _Target, deadline: float) -> _Response:
         """One GET to one checked address of `target`, connection closed afterwards."""
         addresses = self._permitted_addresses(target, deadline)
-        with self._host_slot(target, deadline):
+        with self._host_slot((target.host, target.port), deadline):
             phase = "connect"
             sock = None
             try:
@@ -584,8 +589,12 @@ class Fetcher:
                 sock.settimeout(self._io_timeout(deadline))
                 sock.sendall(self._request_bytes(target))
                 phase = "response headers"
-                response = http.client.HTTPResponse(_DeadlineReader(sock, deadline, self.config.read_timeout_s), method="GET")
+                reader = _DeadlineReader(sock, deadline, self.config.read_timeout_s)
+                response = http.client.HTTPResponse(reader, method="GET")
                 response.begin()
+                while 100 <= response.status < 200:  # interim (103 Early Hints...): http.client skips only 100
+                    response = http.client.HTTPResponse(reader, method="GET")
+                    response.begin()
                 phase = "body"
                 return self._read_response(response, deadline)
             except TimeoutError:
@@ -599,7 +608,8 @@ class Fetcher:
             except (ConnectionError, http.client.IncompleteRead) as exc:  # refused, reset, cut short
                 raise _Transient(f"{phase} ({target.host_header}): {type(exc).__name__}: {exc}") from None
             except (OSError, http.client.HTTPException) as exc:  # unreachable, malformed response
-                raise _Stop("connection_error", f"{phase} ({target.host_header}): {type(exc).__name__}: {exc}") from None
+                detail = f"{phase} ({target.host_header}): {type(exc).__name__}: {exc}"
+                raise _Stop("connection_error", detail) from None
             finally:
                 if sock is not None:
                     sock.close()

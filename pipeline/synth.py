@@ -216,7 +216,7 @@ class SynthWeb:
     @property
     def allow_hosts(self) -> str:
         """The pipeline's --allow-hosts value: the main listener only, never the auxiliary ones."""
-        return f"127.0.0.1:{self.port}"
+        return f"{urlsplit(self.base_url).hostname}:{self.port}"
 
     @classmethod
     def load(cls, root: str | Path) -> SynthWeb:
@@ -234,25 +234,27 @@ def _article(word: str) -> str:
     return "an" if word[0] in "aeiou" else "a"
 
 
-def _free_ports() -> tuple[int, int, int, int]:
-    """(main, aux, 127.0.0.2, ::1) ports free right now.
+def _free_ports(reserved: int | None) -> tuple[int, int, int, int]:
+    """(main, aux, 127.0.0.2, ::1) ports free right now, none equal to `reserved` (base_url's port).
 
-    All sockets stay open until every port is read so the two 127.0.0.1 ports differ. Where
+    All sockets stay open until every port is read so the 127.0.0.1 ports differ. Where
     127.0.0.2 or ::1 cannot be bound, a 127.0.0.1 port stands in: the Location still names that
     address, nothing will listen there, and the guard must reject it all the same.
     """
     socks = []
 
-    def grab(family, host):
+    def grab(family, host, port=0):
         s = socket.socket(family, socket.SOCK_STREAM)
         socks.append(s)
         try:
-            s.bind((host, 0))
+            s.bind((host, port))
         except OSError:
             return None
         return s.getsockname()[1]
 
     try:
+        if reserved:
+            grab(socket.AF_INET, "127.0.0.1", reserved)
         main, aux = grab(socket.AF_INET, "127.0.0.1"), grab(socket.AF_INET, "127.0.0.1")
         alt = grab(socket.AF_INET, "127.0.0.2") or grab(socket.AF_INET, "127.0.0.1")
         v6 = (grab(socket.AF_INET6, "::1") if socket.has_ipv6 else None) or grab(socket.AF_INET, "127.0.0.1")
@@ -590,14 +592,17 @@ def synthesize(
         raise ValueError("min_size must be >= 8")
     rng = random.Random(seed)
     out = Path(out_dir)
-    main_port, aux_port, alt_port, v6_port = _free_ports()
+    port = None
+    if base_url is not None:
+        base_url = base_url.rstrip("/")
+        parts = urlsplit(base_url)
+        # The server binds 127.0.0.1 only; any other host would send the pipeline off the machine.
+        if parts.scheme != "http" or parts.hostname not in ("127.0.0.1", "localhost") or parts.path:
+            raise ValueError(f"base_url must be http://127.0.0.1:PORT (or localhost), got {base_url!r}")
+        port = parts.port or 80
+    main_port, aux_port, alt_port, v6_port = _free_ports(port)
     if base_url is None:
-        base_url = f"http://127.0.0.1:{main_port}"
-    base_url = base_url.rstrip("/")
-    parts = urlsplit(base_url)
-    if parts.scheme != "http" or not parts.hostname:
-        raise ValueError(f"base_url must be http://host:port, got {base_url!r}")
-    port = parts.port or 80
+        base_url, port = f"http://127.0.0.1:{main_port}", main_port
 
     n_fail = min(round(rows * failure_rate), rows - 1)
     kinds = [FAILURE_KINDS[i % len(FAILURE_KINDS)] for i in range(n_fail)] + ["ok"] * (rows - n_fail)
@@ -743,13 +748,14 @@ class _Handler(BaseHTTPRequestHandler):
     """
 
     protocol_version = "HTTP/1.0"
-    server_version = "kiln-synth/1"
-    sys_version = ""
     timeout = 30  # an idle client cannot hold a handler thread forever
     server: _Listener
 
     def log_message(self, format, *args):  # noqa: A002 - BaseHTTPRequestHandler's signature
         pass
+
+    def version_string(self) -> str:
+        return "kiln-synth/1"
 
     def setup(self):
         super().setup()
