@@ -347,6 +347,8 @@ class _Target:
 
 def _parse_url(url: str) -> _Target:
     """Split a URL into a _Target; userinfo is dropped (never sent), the fragment too."""
+    if not isinstance(url, str) or not url.strip():
+        raise _Stop("url_invalid", f"not a URL: {url!r}"[:200])
     try:
         parts = urlsplit(url)
         port = parts.port
@@ -457,7 +459,7 @@ class Fetcher:
             result.body, result.reason, result.detail = None, stop.reason, stop.detail
             if stop.status is not None:
                 result.status = stop.status
-        except Exception as exc:  # noqa: BLE001 - a hostile server tripping the unforeseen costs a row, not the bundle
+        except Exception as exc:  # a server tripping something unforeseen costs one row, not the Beam bundle
             log.warning("unexpected error fetching %s", url, exc_info=True)
             result.body, result.reason = None, "connection_error"
             result.detail = f"unexpected {type(exc).__name__}: {exc}"
@@ -593,6 +595,7 @@ class Fetcher:
                 response = http.client.HTTPResponse(reader, method="GET")
                 response.begin()
                 while 100 <= response.status < 200:  # interim (103 Early Hints...): http.client skips only 100
+                    response.fp = None  # detached, so discarding it does not close the shared reader
                     response = http.client.HTTPResponse(reader, method="GET")
                     response.begin()
                 phase = "body"

@@ -479,6 +479,8 @@ def test_redirect_to_other_scheme(site, location):
         ("http://[::1/x.png", "url_invalid"),
         ("example.com/x.png", "url_invalid"),
         ("http://exa mple.test/x.png", "url_invalid"),
+        ("", "url_invalid"),
+        (None, "url_invalid"),
     ],
 )
 def test_bad_urls(url, reason):
