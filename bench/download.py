@@ -20,6 +20,7 @@ import json
 import multiprocessing as mp
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -82,7 +83,7 @@ def _floor_kiln(job):
     cv2.setNumThreads(1)
     data, size = job
     d = decode_image(data, draft_target=size)
-    return len(resize_and_encode(d.rgb, ResizeConfig(image_size=size))[0])
+    return len(resize_and_encode(d.bgr, ResizeConfig(image_size=size))[0])
 
 
 def run_floor(fn, blobs: list[bytes], image_size: int) -> float:
@@ -93,6 +94,22 @@ def run_floor(fn, blobs: list[bytes], image_size: int) -> float:
         return time.perf_counter() - t0
 
 
+def _wait_for(base_url: str, timeout_s: float = 30.0) -> None:
+    import urllib.error
+    import urllib.request
+
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(base_url + "/", timeout=1)  # noqa: S310 - 127.0.0.1 only
+            return
+        except urllib.error.HTTPError:
+            return  # the server answered (404 for "/")
+        except OSError:
+            time.sleep(0.2)
+    raise RuntimeError(f"synthetic web at {base_url} did not come up")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, default=2000)
@@ -101,7 +118,7 @@ def main():
     ap.add_argument("--skip-multiprocess", action="store_true")
     a = ap.parse_args()
 
-    from pipeline.synth import SynthServer, synthesize
+    from pipeline.synth import synthesize
 
     work = Path(a.workdir or tempfile.mkdtemp(prefix="kiln-bench-"))
     t0 = time.perf_counter()
@@ -110,23 +127,31 @@ def main():
     blobs = [p.read_bytes() for p in sorted(web.images_dir.rglob("*")) if p.is_file()]
     meta = str(web.metadata_path)
     results = []
-    with SynthServer(web) as server:
+    # The web is served by another process, as a real one would be: in-process it would share
+    # kiln's GIL (and not img2dataset's), which would skew the comparison.
+    server = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "serve", str(work / "web")],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=str(Path(__file__).resolve().parent.parent))
+    try:
+        _wait_for(web.base_url)
         for size in a.image_size:
             row = {"image_size": size}
             out = work / f"i2d-{size}"
             shutil.rmtree(out, ignore_errors=True)
             secs = run_img2dataset(meta, str(out), size)
             row["img2dataset"] = count_img2dataset(str(out)) / secs
-            secs, kept = run_kiln(meta, str(work / f"kiln-{size}"), server.allow_hosts, size, [])
+            secs, kept = run_kiln(meta, str(work / f"kiln-{size}"), web.allow_hosts, size, [])
             row["kiln_inprocess"] = kept / secs
             if not a.skip_multiprocess:
-                secs, kept = run_kiln(meta, str(work / f"kiln-mp-{size}"), server.allow_hosts, size,
+                secs, kept = run_kiln(meta, str(work / f"kiln-mp-{size}"), web.allow_hosts, size,
                                       ["--direct_running_mode=multi_processing", "--direct_num_workers=2"])
                 row["kiln_multiprocess"] = kept / secs
             row["floor_cv2"] = len(blobs) / run_floor(_floor_cv2, blobs, size)
             row["floor_kiln_fns"] = len(blobs) / run_floor(_floor_kiln, blobs, size)
             results.append(row)
             print(json.dumps(row))
+    finally:
+        server.terminate()
+        server.wait(10)
 
     print(f"\n{'size':>5} {'img2dataset':>12} {'kiln 1proc':>11} {'kiln 2proc':>11} {'floor cv2':>10} {'floor kiln':>11}   kiln/i2d  kiln/floor")
     for r in results:

@@ -19,7 +19,7 @@ class DecodeConfig:
 
 
 def decode_record(record: dict, cfg: DecodeConfig) -> dict:
-    """Stage function: `_body` bytes -> `_rgb` array plus the original size and format."""
+    """Stage function: `_body` bytes -> `_bgr` array plus the original size and format."""
     record = dict(record)
     decoded = decode_image(
         record.pop("_body"),
@@ -28,7 +28,7 @@ def decode_record(record: dict, cfg: DecodeConfig) -> dict:
         max_aspect_ratio=cfg.max_aspect_ratio,
         draft_target=cfg.draft_target,
     )
-    record["_rgb"] = decoded.rgb
+    record["_bgr"] = decoded.bgr
     record["original_width"] = decoded.original_width
     record["original_height"] = decoded.original_height
     record["source_format"] = decoded.source_format
@@ -36,9 +36,9 @@ def decode_record(record: dict, cfg: DecodeConfig) -> dict:
 
 
 def resize_record(record: dict, cfg: ResizeConfig) -> dict:
-    """Stage function: `_rgb` -> `_image` (encoded bytes) with the stored size and its sha256."""
+    """Stage function: `_bgr` -> `_image` (encoded bytes) with the stored size and its sha256."""
     record = dict(record)
-    data, width, height = resize_and_encode(record.pop("_rgb"), cfg)
+    data, width, height = resize_and_encode(record.pop("_bgr"), cfg)
     record["_image"] = data
     record["stored_width"] = width
     record["stored_height"] = height

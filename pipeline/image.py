@@ -14,6 +14,7 @@ kiln never upscales by default: a super-resolution stage must not learn from fak
 from __future__ import annotations
 
 import io
+import math
 import warnings
 from dataclasses import dataclass
 from functools import lru_cache
@@ -33,10 +34,35 @@ ENCODE_FORMATS = {"jpg": ".jpg", "png": ".png", "webp": ".webp"}
 
 @dataclass
 class DecodedImage:
-    rgb: np.ndarray  # H x W x 3, uint8, possibly reduced by JPEG draft decoding (see decode_image)
+    bgr: np.ndarray  # H x W x 3 uint8 in OpenCV's BGR order; possibly reduced (see draft_target)
     source_format: str  # "jpeg", "png", ...
     original_width: int  # as the file declares it, after EXIF orientation
     original_height: int
+
+    @property
+    def rgb(self) -> np.ndarray:
+        return self.bgr[:, :, ::-1]
+
+
+@lru_cache(maxsize=1)
+def _cv2():
+    import cv2
+
+    # One OpenCV thread per call: kiln parallelises across images, and nested pools oversubscribe.
+    cv2.setNumThreads(1)
+    return cv2
+
+
+def _jpeg_is_complete(data: bytes) -> bool:
+    """True if the JPEG ends with its EOI marker (libjpeg via OpenCV only warns on a cut file)."""
+    return data.rstrip(b"\x00\r\n ")[-2:] == b"\xff\xd9"
+
+
+def _reduction(width: int, height: int, target: int | None) -> int:
+    """Largest JPEG DCT scale-down (8, 4, 2) that keeps the shorter side >= target; 1 if none."""
+    if not target:
+        return 1
+    return next((f for f in (8, 4, 2) if min(width, height) // f >= target), 1)
 
 
 def _looks_like_text(data: bytes) -> str:
@@ -66,7 +92,7 @@ def _draft_size(width: int, height: int, target: int | None) -> tuple[int, int] 
     if not target or min(width, height) <= target:
         return None
     scale = target / min(width, height)
-    return (max(target, int(np.ceil(width * scale))), max(target, int(np.ceil(height * scale))))
+    return (max(target, math.ceil(width * scale)), max(target, math.ceil(height * scale)))
 
 
 def decode_image(
@@ -121,23 +147,51 @@ def decode_image(
                 raise Reject(STAGE_DECODE, "too_small", f"{width}x{height} < {min_image_size} px")
             if max(width, height) / max(1, min(width, height)) > max_aspect_ratio:
                 raise Reject(STAGE_DECODE, "aspect_ratio", f"{width}x{height}, ratio {max(width, height) / min(width, height):.2f} > {max_aspect_ratio}")
-            try:
-                if fmt == "jpeg":
-                    draft = _draft_size(im.size[0], im.size[1], draft_target)
-                    if draft is not None:
-                        im.draft("RGB", draft)
-                im.load()
-                if orientation != 1:
-                    im = ImageOps.exif_transpose(im)
-                rgb = _to_rgb(im)
-            except Image.DecompressionBombWarning as err:
-                raise Reject(STAGE_DECODE, "decompression_bomb", str(err)) from None
-            except (OSError, SyntaxError, ValueError, EOFError) as err:
-                msg = str(err)
-                if "truncated" in msg.lower() or isinstance(err, EOFError) or "Truncated" in msg:
-                    raise Reject(STAGE_DECODE, "truncated", msg) from None
-                raise Reject(STAGE_DECODE, "decode_error", f"{type(err).__name__}: {msg}") from None
-    return DecodedImage(np.asarray(rgb), fmt, width, height)
+            jpeg_fast = fmt == "jpeg" and im.mode in ("RGB", "L") and _jpeg_is_complete(data)
+            if not jpeg_fast:
+                bgr = _decode_with_pillow(im, fmt, orientation, draft_target)
+    if jpeg_fast:
+        bgr = _decode_jpeg_with_opencv(data, im.size, draft_target)
+        if bgr is None:  # OpenCV refused it: let Pillow's stricter decoder name the problem
+            with Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS) as im:
+                bgr = _decode_with_pillow(im, fmt, orientation, draft_target)
+    return DecodedImage(bgr, fmt, width, height)
+
+
+def _decode_jpeg_with_opencv(data: bytes, size: tuple[int, int], draft_target: int | None) -> np.ndarray | None:
+    """The fast path for complete RGB/greyscale JPEGs (most of the web).
+
+    Pillow holds the GIL while it allocates and copies pixels into numpy (tobytes); OpenCV decodes
+    straight into an array with the GIL released, so decode threads really run in parallel.
+    OpenCV applies the EXIF orientation itself.
+    """
+    cv2 = _cv2()
+    flags = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4, 8: cv2.IMREAD_REDUCED_COLOR_8}
+    img = cv2.imdecode(np.frombuffer(data, np.uint8), flags[_reduction(size[0], size[1], draft_target)])
+    return img if img is not None and img.ndim == 3 and img.size else None
+
+
+def _decode_with_pillow(im: Image.Image, fmt: str, orientation: int, draft_target: int | None) -> np.ndarray:
+    """Pillow's strict decoder for everything else: truncation is an error, alpha is matted."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            if fmt == "jpeg":
+                draft = _draft_size(im.size[0], im.size[1], draft_target)
+                if draft is not None:
+                    im.draft("RGB", draft)
+            im.load()
+            if orientation != 1:
+                im = ImageOps.exif_transpose(im)
+            rgb = np.asarray(_to_rgb(im))
+        except Image.DecompressionBombWarning as err:
+            raise Reject(STAGE_DECODE, "decompression_bomb", str(err)) from None
+        except (OSError, SyntaxError, ValueError, EOFError) as err:
+            msg = str(err)
+            if "truncated" in msg.lower() or isinstance(err, EOFError):
+                raise Reject(STAGE_DECODE, "truncated", msg) from None
+            raise Reject(STAGE_DECODE, "decode_error", f"{type(err).__name__}: {msg}") from None
+    return np.ascontiguousarray(rgb[:, :, ::-1])
 
 
 def _to_rgb(im: Image.Image) -> Image.Image:
@@ -157,13 +211,24 @@ def _to_rgb(im: Image.Image) -> Image.Image:
 
 @lru_cache(maxsize=1)
 def _img2dataset_resize():
-    """img2dataset's resize modes and interpolation table (imported lazily: the package is heavy)."""
+    """img2dataset's resize modes and interpolation table, from its `resizer.py` alone.
+
+    `import img2dataset.resizer` would run the package's __init__, which imports its whole
+    downloader stack (torch, wandb, fsspec: ~2 s and hundreds of MB per Beam worker) for an enum
+    and a dict. Loading the one file costs its own imports only (albumentations, cv2).
+    """
+    import importlib.util
+    import os
+
     from pipeline.compat import set_quiet_env
 
     set_quiet_env()
-    from img2dataset.resizer import ResizeMode, inter_str_to_cv2
-
-    return ResizeMode, inter_str_to_cv2
+    spec = importlib.util.find_spec("img2dataset")
+    path = os.path.join(list(spec.submodule_search_locations)[0], "resizer.py")
+    mod_spec = importlib.util.spec_from_file_location("kiln_img2dataset_resizer", path)
+    module = importlib.util.module_from_spec(mod_spec)
+    mod_spec.loader.exec_module(module)
+    return module.ResizeMode, module.inter_str_to_cv2
 
 
 RESIZE_MODES = ("center_crop", "keep_ratio", "keep_ratio_largest", "border", "no")
@@ -189,13 +254,12 @@ class ResizeConfig:
 
 
 def resize_image(rgb: np.ndarray, cfg: ResizeConfig) -> np.ndarray:
-    """Resize an RGB array per img2dataset's mode semantics; never upscales unless allowed.
+    """Resize a 3-channel array (either channel order) per img2dataset's mode semantics; never upscales unless allowed.
 
     center_crop crops the central square first and resizes that (same picture as img2dataset's
     resize-then-crop, at a fraction of the pixels pushed through the filter).
     """
-    import cv2
-
+    cv2 = _cv2()
     ResizeMode, inter_str_to_cv2 = _img2dataset_resize()
     mode = ResizeMode[cfg.resize_mode]
     h, w = rgb.shape[:2]
@@ -232,11 +296,9 @@ def resize_image(rgb: np.ndarray, cfg: ResizeConfig) -> np.ndarray:
     return out
 
 
-def encode_image(rgb: np.ndarray, cfg: ResizeConfig) -> bytes:
-    """Encode RGB as cfg.encode_format (JPEG quality 95 by default, as img2dataset)."""
-    import cv2
-
-    bgr = np.ascontiguousarray(rgb[:, :, ::-1])
+def encode_image(bgr: np.ndarray, cfg: ResizeConfig) -> bytes:
+    """Encode a BGR array as cfg.encode_format (JPEG quality 95 by default, as img2dataset)."""
+    cv2 = _cv2()
     if cfg.encode_format == "jpg":
         params = [int(cv2.IMWRITE_JPEG_QUALITY), cfg.encode_quality]
     elif cfg.encode_format == "webp":
@@ -245,14 +307,14 @@ def encode_image(rgb: np.ndarray, cfg: ResizeConfig) -> bytes:
         params = [int(cv2.IMWRITE_PNG_COMPRESSION), min(9, max(0, cfg.encode_quality))]
     ok, buf = cv2.imencode(ENCODE_FORMATS[cfg.encode_format], bgr, params)
     if not ok:
-        raise Reject(STAGE_RESIZE, "resize_error", f"cv2.imencode failed for {rgb.shape}")
+        raise Reject(STAGE_RESIZE, "resize_error", f"cv2.imencode failed for {bgr.shape}")
     return buf.tobytes()
 
 
-def resize_and_encode(rgb: np.ndarray, cfg: ResizeConfig) -> tuple[bytes, int, int]:
-    """The Resize stage's pure function: returns (encoded bytes, stored width, stored height)."""
+def resize_and_encode(bgr: np.ndarray, cfg: ResizeConfig) -> tuple[bytes, int, int]:
+    """The Resize stage's pure function on a BGR array: (encoded bytes, stored width, stored height)."""
     try:
-        out = resize_image(rgb, cfg)
+        out = resize_image(bgr, cfg)
         data = encode_image(out, cfg)
     except Reject:
         raise

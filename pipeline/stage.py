@@ -51,10 +51,9 @@ class _ThreadedStageFn(beam.DoFn):
         self.error_reason = error_reason
 
     def setup(self):
-        from pipeline.compat import ensure_torch_compat
-
-        ensure_torch_compat()  # Beam workers are fresh processes
-        self.fn = self.make_fn()  # built once per worker process (models, configs)
+        # Built once per worker process. A make_fn that loads a torch model calls
+        # pipeline.compat.ensure_torch_compat() first: Beam workers are fresh processes.
+        self.fn = self.make_fn()
         self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix=f"kiln-{self.stage}")
         self.counters = StageCounters(self.stage)
 
