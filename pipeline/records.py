@@ -13,10 +13,13 @@ from dataclasses import dataclass
 
 # Stage names, in the order a row meets them.
 STAGE_PREFILTER = "prefilter"
+STAGE_TOXICITY = "toxicity"  # caption toxicity: text only, so before any download
 STAGE_DOWNLOAD = "download"
 STAGE_DECODE = "decode"
 STAGE_RESIZE = "resize"
-STAGES = (STAGE_PREFILTER, STAGE_DOWNLOAD, STAGE_DECODE, STAGE_RESIZE)
+STAGE_CLIP = "clip"  # CLIP image-text similarity
+STAGE_NSFW = "nsfw"  # LAION's NSFW head on the same CLIP image embedding
+STAGES = (STAGE_PREFILTER, STAGE_TOXICITY, STAGE_DOWNLOAD, STAGE_DECODE, STAGE_RESIZE, STAGE_CLIP, STAGE_NSFW)
 
 # Reasons. Download reasons for HTTP errors are built as f"http_{status}" (http_404, http_410, ...).
 PREFILTER_REASONS = (
@@ -57,6 +60,10 @@ DECODE_REASONS = (
     "aspect_ratio",  # decoded aspect ratio beyond --max-aspect-ratio
 )
 RESIZE_REASONS = ("resize_error",)
+TOXICITY_REASONS = ("toxic",)  # max score over the chosen Detoxify labels above --max-toxicity
+CLIP_REASONS = ("clip_similarity_low",)  # cosine similarity below --min-clip-similarity
+NSFW_REASONS = ("punsafe_high",)  # punsafe above --max-punsafe
+# Each model stage also has "<stage>_error" for a record its model could not score.
 
 
 class Reject(Exception):
