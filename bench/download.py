@@ -54,7 +54,8 @@ def run_kiln(meta: str, out: str, allow: str, image_size: int, beam: list[str]) 
     from pipeline.demo import prepare_args
     from pipeline.prepare import run
 
-    args = prepare_args(meta, out, allow, "--quiet", "--overwrite", "--image-size", str(image_size), "--download-timeout", "10")
+    args = prepare_args(meta, out, allow, "--quiet", "--overwrite", "--image-size", str(image_size), "--download-timeout", "10",
+                        "--toxicity", "off", "--clip", "off", "--nsfw", "off")
     t0 = time.perf_counter()
     stats = run(args, beam)
     return time.perf_counter() - t0, stats["kept"]

@@ -34,7 +34,8 @@ def main(args: argparse.Namespace, beam_argv: list[str]) -> int:
         print(f"kiln demo: serving the synthetic web at {server.base_url}; allowing only {server.allow_hosts}")
         # A short deadline keeps the planted slow-drip and stalled URLs from dominating the demo.
         pargs = prepare_args(str(web_dir / "metadata.parquet"), str(out_dir), server.allow_hosts,
-                             "--overwrite", "--download-timeout", "4", "--samples-per-shard", "200")
+                             "--overwrite", "--download-timeout", "4", "--samples-per-shard", "200",
+                             "--toxicity", "off", "--clip", "off", "--nsfw", "off")
         run(pargs, beam_argv)
     print(f"\nkiln demo: done. Read a shard with: tar tvf {out_dir}/shards/000000.tar | head")
     return 0

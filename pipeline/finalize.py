@@ -55,8 +55,9 @@ def read_footers(output_dir: str) -> dict[int, dict]:
     return out
 
 
-def funnel_from(input_rows: int, footers: dict[int, dict]) -> list[dict]:
-    """Per-stage in/out/rejected and reasons, in stage order, from the shard footers."""
+def funnel_from(input_rows: int, footers: dict[int, dict], modes: dict | None = None) -> list[dict]:
+    """Per-stage in/out/rejected and reasons, in stage order, from the shard footers; stages that
+    were off in the run are left out (`modes`: stage -> filter | score | off)."""
     reasons: dict[str, dict[str, int]] = {s: {} for s in STAGES}
     for f in footers.values():
         for stage, by_reason in f["rejects_by_reason"].items():
@@ -66,7 +67,11 @@ def funnel_from(input_rows: int, footers: dict[int, dict]) -> list[dict]:
     funnel, current = [], input_rows
     for stage in STAGES:
         rejected = sum(reasons.get(stage, {}).values())
-        funnel.append({"stage": stage, "in": current, "out": current - rejected, "rejected": rejected, "reasons": dict(sorted(reasons.get(stage, {}).items()))})
+        mode = (modes or {}).get(stage, "filter")
+        if mode == "off" and not rejected:
+            continue
+        funnel.append({"stage": stage, "mode": mode, "in": current, "out": current - rejected, "rejected": rejected,
+                       "reasons": dict(sorted(reasons.get(stage, {}).items()))})
         current -= rejected
     return funnel
 
@@ -119,12 +124,13 @@ def check_accounting(output_dir: str, input_rows: int, footers: dict[int, dict],
                 continue
             c_out, c_rej = c_out or 0, c_rej or 0
             check(f"{stage}: in == out + rejected (this run's counters)", c_in == c_out + c_rej, f"in {c_in}, out {c_out}, rejected {c_rej}")
-        stage_out = {s: counters.get(f"{s}/out") for s in STAGES}
-        for a, b in zip(STAGES, STAGES[1:]):
-            if stage_out[a] is not None and counters.get(f"{b}/in") is not None:
-                check(f"{a} out == {b} in (this run's counters)", stage_out[a] == counters[f"{b}/in"], f"{stage_out[a]} vs {counters[f'{b}/in']}")
-        if counters.get("write/samples") is not None and stage_out[STAGES[-1]] is not None:
-            check("last stage out == samples written", stage_out[STAGES[-1]] == counters["write/samples"], f"{stage_out[STAGES[-1]]} vs {counters['write/samples']}")
+        ran = [s for s in STAGES if counters.get(f"{s}/in") is not None]
+        for a, b in zip(ran, ran[1:]):
+            a_out, b_in = counters.get(f"{a}/out", 0), counters[f"{b}/in"]
+            check(f"{a} out == {b} in (this run's counters)", a_out == b_in, f"{a_out} vs {b_in}")
+        if ran and counters.get("write/samples") is not None:
+            last_out = counters.get(f"{ran[-1]}/out", 0)
+            check(f"{ran[-1]} out == samples written", last_out == counters["write/samples"], f"{last_out} vs {counters['write/samples']}")
     failures = [c for c in checks if not c["ok"]]
     result = {"ok": not failures, "input_rows": input_rows, "kept": kept, "rejected": rejected, "checks": checks}
     if failures:

@@ -13,7 +13,10 @@ RESULT_FLAGS = (
     "allow_upscale", "encode_format", "encode_quality", "min_image_size", "max_aspect_ratio",
     "max_image_pixels", "min_caption_chars", "max_caption_chars", "download_timeout", "retries",
     "max_redirects", "max_bytes", "user_agent_token", "disallowed_directives", "allow_hosts", "jpeg_draft",
+    "toxicity", "toxicity_model", "max_toxicity", "toxicity_labels", "clip", "clip_model", "min_clip_similarity",
+    "nsfw", "nsfw_head", "max_punsafe",
 )
+FILTER_MODES = ("filter", "score", "off")
 
 
 def add_prepare_args(p: argparse.ArgumentParser) -> None:
@@ -49,4 +52,20 @@ def add_prepare_args(p: argparse.ArgumentParser) -> None:
     im.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="decompression-bomb limit from the header [178956970]")
     im.add_argument("--no-jpeg-draft", dest="jpeg_draft", action="store_false", help="decode JPEGs at full size before resizing")
     im.add_argument("--decode-threads", type=int, default=2, help="decode/resize threads per worker process [2]")
+    mf = p.add_argument_group(
+        "model filters",
+        "each filter is 'filter' (score and reject), 'score' (record scores, reject nothing) or 'off'",
+    )
+    mf.add_argument("--toxicity", default="filter", choices=FILTER_MODES, help="caption toxicity (Detoxify), before any download [filter]")
+    mf.add_argument("--toxicity-model", default="original", help="Detoxify model: original | unbiased | multilingual | local:DIR [original]")
+    mf.add_argument("--max-toxicity", type=float, default=0.5, help="reject above this max over --toxicity-labels [0.5]")
+    mf.add_argument("--toxicity-labels", default="", help="comma-separated Detoxify labels to take the max over [all of the model's]")
+    mf.add_argument("--clip", default="filter", choices=FILTER_MODES, help="CLIP image-caption similarity, after decode [filter]")
+    mf.add_argument("--clip-model", default="ViT-B-32:openai", help="open_clip NAME:PRETRAINED | local-dir:DIR | hf-hub:ORG/REPO [ViT-B-32:openai]")
+    mf.add_argument("--min-clip-similarity", type=float, default=0.28, help="reject below this cosine similarity (LAION-5B English: 0.28) [0.28]")
+    mf.add_argument("--nsfw", default="filter", choices=FILTER_MODES, help="LAION's NSFW head on the CLIP image embedding [filter]")
+    mf.add_argument("--nsfw-head", default=None, help="NSFW head weights (.safetensors, or .pt loaded weights_only) sized for --clip-model")
+    mf.add_argument("--max-punsafe", type=float, default=0.5, help="reject above this punsafe (LAION's recommended cut) [0.5]")
+    mf.add_argument("--model-batch-size", type=int, default=64, help="batch size through each model [64]")
+    mf.add_argument("--device", default=None, help="torch device for the models [cuda if available, else cpu]")
     p.add_argument("--quiet", action="store_true", help="no progress / funnel printout")

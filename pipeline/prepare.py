@@ -30,13 +30,64 @@ from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipeline import __version__
-from pipeline.decode import Decode, DecodeConfig, Resize
+from pipeline.decode import Decode, DecodeConfig, Resize, ResizeStageConfig
 from pipeline.finalize import AccountingError, build_manifest, check_accounting, count_input_rows, funnel_from, match, read_footers, write_json
 from pipeline.image import ResizeConfig
 from pipeline.options import RESULT_FLAGS
+from pipeline.model_stages import CaptionToxicity, ImageFilterConfig, ImageFilters, ToxicityConfig
 from pipeline.prefilter import Prefilter, PrefilterConfig
 from pipeline.records import compute_uid
 from pipeline.write import WriteShards, meta_schema, rejects_schema, shard_of
+
+def toxicity_config(args) -> ToxicityConfig:
+    return ToxicityConfig(
+        mode=args.toxicity,
+        model=args.toxicity_model,
+        max_toxicity=args.max_toxicity,
+        labels=tuple(x.strip() for x in args.toxicity_labels.split(",") if x.strip()),
+        batch_size=args.model_batch_size,
+        device=args.device,
+    )
+
+
+def image_filter_config(args) -> ImageFilterConfig:
+    if args.nsfw != "off" and args.clip == "off":
+        raise SystemExit("kiln prepare: --nsfw needs the CLIP image embedding: use --clip score (or filter), or --nsfw off")
+    return ImageFilterConfig(
+        clip_mode=args.clip,
+        clip_model=args.clip_model,
+        min_clip_similarity=args.min_clip_similarity,
+        nsfw_mode=args.nsfw,
+        nsfw_head=args.nsfw_head,
+        max_punsafe=args.max_punsafe,
+        batch_size=args.model_batch_size,
+        device=args.device,
+    )
+
+
+def stage_modes(args) -> dict:
+    """What each stage did in this run (the card and the funnel say which filters were active)."""
+    return {"prefilter": "filter", "toxicity": args.toxicity, "download": "filter", "decode": "filter",
+            "resize": "filter", "clip": args.clip, "nsfw": args.nsfw}
+
+
+def describe_models(args) -> dict:
+    """Load every enabled model once in the driver: a bad spec, a missing file or a mismatched NSFW
+    head fails here, before any worker starts, and each model's source and sha256 go to stats.json."""
+    models = {}
+    if args.toxicity != "off":
+        from pipeline.model_stages import load_toxicity
+
+        models["toxicity"] = load_toxicity(toxicity_config(args)).source
+    if args.clip != "off":
+        from pipeline.model_stages import load_image_models
+
+        clip, nsfw = load_image_models(image_filter_config(args))
+        models["clip"] = clip.source
+        if nsfw is not None:
+            models["nsfw"] = nsfw.source
+    return models
+
 
 def config_fingerprint(args, input_files: list[dict]) -> str:
     payload = {"flags": {k: getattr(args, k) for k in RESULT_FLAGS}, "inputs": [[f["path"], f["bytes"], f["rows"]] for f in input_files]}
@@ -126,9 +177,22 @@ def build_pipeline(p, args, input_schema, done_shards: frozenset, fingerprint: s
     todo = pre["main"] | "RouteToShard" >> beam.ParDo(_Route(done_shards), n_side)
     pre_rejects = pre["rejects"] | "RoutePrefilterRejects" >> beam.ParDo(_Route(done_shards), n_side)
 
-    downloaded = todo | "Download" >> _download(args)
+    stage_rejects = [pre_rejects]
+    to_download = todo
+    if args.toxicity != "off":
+        toxicity = todo | "CaptionToxicity" >> CaptionToxicity(toxicity_config(args))
+        to_download = toxicity["main"]
+        stage_rejects.append(toxicity["rejects"])
+    downloaded = to_download | "Download" >> _download(args)
     decoded = downloaded["main"] | "Decode" >> Decode(decode_cfg, threads=args.decode_threads)
-    resized = decoded["main"] | "Resize" >> Resize(resize_cfg, threads=args.decode_threads)
+    resize_stage = ResizeStageConfig(resize_cfg, keep_pixels=args.clip != "off")
+    resized = decoded["main"] | "Resize" >> Resize(resize_stage, threads=args.decode_threads)
+    stage_rejects += [downloaded["rejects"], decoded["rejects"], resized["rejects"]]
+    kept = resized["main"]
+    if args.clip != "off":
+        scored = kept | "ImageFilters" >> ImageFilters(image_filter_config(args))
+        kept = scored["main"]
+        stage_rejects.append(scored["rejects"])
 
     expected = (
         todo
@@ -142,9 +206,9 @@ def build_pipeline(p, args, input_schema, done_shards: frozenset, fingerprint: s
         | "Once" >> beam.Create([None])
         | "AllShards" >> beam.FlatMap(lambda _, n: [(i, ("expect", 0)) for i in range(n) if i not in done_shards], n_side)
     )
-    samples = resized["main"] | "KeySamples" >> beam.Map(lambda r: (r["shard"], ("sample", r)))
+    samples = kept | "KeySamples" >> beam.Map(lambda r: (r["shard"], ("sample", r)))
     rejects = (
-        (pre_rejects, downloaded["rejects"], decoded["rejects"], resized["rejects"])
+        stage_rejects
         | "AllRejects" >> beam.Flatten()
         | "KeyRejects" >> beam.Map(lambda r: (r["shard"], ("reject", r)))
     )
@@ -249,6 +313,7 @@ def run(args: argparse.Namespace, beam_argv: list[str], test_pipeline=None) -> d
     if done and not args.quiet:
         print(f"kiln prepare: resuming {output}: {len(done)} shard(s) already complete are skipped")
 
+    models = describe_models(args)
     options = PipelineOptions(beam_argv)
     p = test_pipeline if test_pipeline is not None else beam.Pipeline(options=options)
     build_pipeline(p, args, input_schema, done, fingerprint)
@@ -264,6 +329,8 @@ def run(args: argparse.Namespace, beam_argv: list[str], test_pipeline=None) -> d
         "started_at": started.isoformat(),
         "input": {"pattern": args.input, "files": input_files, "rows": input_rows},
         "flags": {k: v for k, v in sorted(vars(args).items()) if k not in ("func",)},
+        "stage_modes": stage_modes(args),
+        "models": models,
         "beam_options": options.get_all_options(drop_default=True),
         "versions": _versions(),
         "this_run": {
@@ -280,7 +347,7 @@ def run(args: argparse.Namespace, beam_argv: list[str], test_pipeline=None) -> d
         stats["finished_at"] = dt.datetime.now(dt.timezone.utc).isoformat()
         write_json(f"{output}/stats.json", stats)
         raise
-    funnel = funnel_from(input_rows, footers)
+    funnel = funnel_from(input_rows, footers, stage_modes(args))
     stats.update(
         {
             "accounting": accounting,

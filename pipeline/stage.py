@@ -22,9 +22,15 @@ from pipeline.records import Reject, RejectRow
 TRANSIENT_PREFIX = "_"
 
 
+# Scores a rejected record already has travel with it into the rejects table.
+SCORE_FIELDS = ("toxicity", "clip_similarity", "punsafe")
+
+
 def to_reject(record: dict, rej: Reject, url_column: str = "URL") -> dict:
     row = RejectRow(record["uid"], record.get("SAMPLE_ID"), record.get(url_column), rej.stage, rej.reason, rej.detail).as_dict()
     row["shard"] = record.get("shard")
+    for name in SCORE_FIELDS:
+        row[name] = record.get(name)
     return row
 
 

@@ -151,7 +151,14 @@ EXPECTED: dict[str, tuple[str | None, str | None]] = {
     "robots_noindex": (_D, "robots_noindex"),
     "robots_noimageindex": (_D, "robots_noimageindex"),
 }
+# Rows the model filters must catch, planted at their own rates (mismatch_rate, toxic_rate) among
+# rows that are otherwise ok: with a filter off (or score-only) they are kept.
+FILTER_KINDS: dict[str, tuple[str, str]] = {
+    "mismatched_caption": ("clip", "clip_similarity_low"),  # the caption of an unrelated scene
+    "toxic_caption": ("toxicity", "toxic"),  # a true caption with a held-out toxic phrase added
+}
 FAILURE_KINDS = tuple(k for k in EXPECTED if k != "ok")
+EXPECTED.update(FILTER_KINDS)
 
 _ROBOTS = {
     "robots_noai": "noai",
@@ -447,6 +454,14 @@ class _Planner:
             desc = f"{phrase(shapes[0])}, {phrase(shapes[1])} and {phrase(shapes[2])} {order}"
         return bg, shapes, f"{desc} on {_article(bg)} {bg} background"
 
+    def unrelated_description(self, w: int, h: int, bg: str, shapes: list[dict]) -> str:
+        """A description of another scene sharing no colour with this one (a planted mismatch)."""
+        used = {bg} | {s["colour"] for s in shapes}
+        while True:
+            other_bg, other_shapes, desc = self.scene(w, h)
+            if not ({other_bg} | {s["colour"] for s in other_shapes}) & used:
+                return desc
+
     def caption(self, desc: str) -> str:
         text = self.rng.choice(_TEMPLATES).format(desc)
         return text[0].upper() + text[1:] if self.rng.random() < 0.4 else text
@@ -474,7 +489,14 @@ class _Planner:
                 url = "data:image/png;base64," + base64.b64encode(_tiny_png(bg)).decode()
             elif kind == "url_invalid":
                 url = f"http:///{name}"
-            text = _CAPTION_OVERRIDES.get(kind, self.caption(desc))
+            if kind == "mismatched_caption":
+                text = self.caption(self.unrelated_description(w, h, bg, shapes))
+            elif kind == "toxic_caption":
+                from pipeline.toxic_captions import toxic_caption
+
+                text = toxic_caption(rng, self.caption(desc), heldout=True)
+            else:
+                text = _CAPTION_OVERRIDES.get(kind, self.caption(desc))
             if kind == "caption_long":
                 text = ((text + ". ") * (LONG_CAPTION_CHARS // len(text) + 1))[:LONG_CAPTION_CHARS]
             if (url, text) not in self.keys:
@@ -571,6 +593,8 @@ def synthesize(
     min_size: int = 64,
     size_range: tuple[int, int] | None = None,
     formats: tuple[str, ...] = FORMATS,
+    mismatch_rate: float = 0.0,
+    toxic_rate: float = 0.0,
 ) -> SynthWeb:
     """Write a synthetic web into `out_dir` (see the module docstring) and return its description.
 
@@ -607,6 +631,16 @@ def synthesize(
     n_fail = min(round(rows * failure_rate), rows - 1)
     kinds = [FAILURE_KINDS[i % len(FAILURE_KINDS)] for i in range(n_fail)] + ["ok"] * (rows - n_fail)
     rng.shuffle(kinds)  # failures spread over the file, not clustered
+    if mismatch_rate or toxic_rate:
+        if not (0.0 <= mismatch_rate and 0.0 <= toxic_rate and mismatch_rate + toxic_rate <= 1.0):
+            raise ValueError("mismatch_rate and toxic_rate must be >= 0 and sum to <= 1")
+        ok_idx = [i for i, k in enumerate(kinds) if k == "ok"]
+        n_mis, n_tox = round(rows * mismatch_rate), round(rows * toxic_rate)
+        if n_mis + n_tox > len(ok_idx) - 1:
+            raise ValueError(f"not enough ok rows ({len(ok_idx)}) for {n_mis} mismatched + {n_tox} toxic captions")
+        picked = rng.sample(ok_idx, n_mis + n_tox)
+        for j, i in enumerate(picked):
+            kinds[i] = "mismatched_caption" if j < n_mis else "toxic_caption"
     sample_ids = rng.sample(range(10**9, 4 * 10**12), rows)
 
     planner = _Planner(rng, base_url, (aux_port, alt_port, v6_port), min_size, size_range, formats)
@@ -647,6 +681,8 @@ def synthesize(
         "seed": seed,
         "rows": rows,
         "failure_rate": failure_rate,
+        "mismatch_rate": mismatch_rate,
+        "toxic_rate": toxic_rate,
         "min_size": min_size,
         "size_range": list(size_range) if size_range else None,
         "formats": list(formats),
@@ -947,6 +983,8 @@ def add_synth_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--min-size", type=int, default=64, help="the pipeline's --min-image-size the planted small images undercut")
     parser.add_argument("--size-range", type=int, nargs=2, metavar=("LO", "HI"), default=None, help="longer side of every image, px")
     parser.add_argument("--formats", default=",".join(FORMATS), help="comma-separated subset of jpeg,png,webp")
+    parser.add_argument("--mismatch-rate", type=float, default=0.0, help="share of rows whose caption describes another scene")
+    parser.add_argument("--toxic-rate", type=float, default=0.0, help="share of rows whose caption carries a toxic phrase")
 
 
 def main_synth(args: argparse.Namespace) -> int:
@@ -960,6 +998,8 @@ def main_synth(args: argparse.Namespace) -> int:
         min_size=args.min_size,
         size_range=tuple(args.size_range) if args.size_range else None,
         formats=tuple(f.strip() for f in args.formats.split(",") if f.strip()),
+        mismatch_rate=args.mismatch_rate,
+        toxic_rate=args.toxic_rate,
     )
     print(f"wrote {web.rows} rows to {web.root} in {time.monotonic() - t0:.1f}s; base URL {web.base_url}")
     print("kinds: " + ", ".join(f"{k}={n}" for k, n in web.kinds.items()))

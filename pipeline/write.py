@@ -45,6 +45,12 @@ KILN_META_FIELDS = [
     pa.field("final_url", pa.string()),
     pa.field("http_status", pa.int32()),
     pa.field("content_type", pa.string()),
+    # Model scores: null when that filter was off for the run (stats.json records the modes).
+    pa.field("toxicity", pa.float32()),  # max Detoxify score over the chosen labels, in [0, 1]
+    pa.field("toxicity_label", pa.string()),  # the label that max came from
+    pa.field("clip_similarity", pa.float32()),  # cosine(CLIP image, CLIP caption), in [-1, 1]
+    pa.field("punsafe", pa.float32()),  # LAION NSFW head on the CLIP image embedding, in [0, 1]
+    pa.field("clip_image_embedding", pa.binary()),  # L2-normalised, float16 little-endian, embed_dim values
 ]
 
 
@@ -76,8 +82,15 @@ def rejects_schema(input_schema: pa.Schema) -> pa.Schema:
             pa.field("reason", pa.string(), nullable=False),
             pa.field("detail", pa.string()),
             pa.field("shard", pa.int32()),
+            pa.field("toxicity", pa.float32()),
+            pa.field("clip_similarity", pa.float32()),
+            pa.field("punsafe", pa.float32()),
         ]
     )
+
+
+# Too big for a per-sample JSON; the meta parquet has them.
+JSON_EXCLUDED = ("clip_image_embedding",)
 
 
 def _json_default(value):
@@ -90,7 +103,7 @@ def _json_default(value):
 
 def sample_json(record: dict) -> bytes:
     """KEY.json: every metadata field of the sample, keys sorted so the bytes are reproducible."""
-    clean = {k: v for k, v in record.items() if not k.startswith(TRANSIENT_PREFIX)}
+    clean = {k: v for k, v in record.items() if not k.startswith(TRANSIENT_PREFIX) and k not in JSON_EXCLUDED}
     return json.dumps(clean, sort_keys=True, ensure_ascii=False, default=_json_default).encode("utf-8")
 
 

@@ -38,7 +38,8 @@ def web(tmp_path_factory):
 def prepare(web_server, out: Path, *flags, beam=()):
     w, server = web_server
     args = prepare_args(str(w.metadata_path), str(out), server.allow_hosts, "--quiet", "--image-size", str(IMAGE_SIZE),
-                        "--download-timeout", "3", "--samples-per-shard", "60", *flags)
+                        "--download-timeout", "3", "--samples-per-shard", "60",
+                        "--toxicity", "off", "--clip", "off", "--nsfw", "off", *flags)
     return run(args, list(beam))
 
 

@@ -1,0 +1,205 @@
+"""LAION's CLIP-embedding NSFW head: p(unsafe) from the CLIP image embedding ClipScorer already made.
+
+Architecture: the MLP LAION published as `H14_NSFW_Detector` (LAION-AI/CLIP-based-NSFW-Detector,
+`h14_nsfw_model.py`, weights `h14_nsfw.pth`; the same class is used by clip-retrieval's
+`h14_nsfw_model.py` and NVIDIA NeMo-Curator's NsfwClassifier for ViT-H/14, input 1024):
+
+    layers = Sequential(
+        0  Linear(d, 1024), 1 ReLU, 2 Dropout(0.2),
+        3  Linear(1024, 2048), 4 ReLU, 5 Dropout(0.2),
+        6  Linear(2048, 1024), 7 ReLU, 8 Dropout(0.2),
+        9  Linear(1024, 256), 10 ReLU, 11 Dropout(0.2),
+        12 Linear(256, 128), 13 ReLU, 14 Dropout(0.2),
+        15 Linear(128, 16),
+        16 Linear(16, 1))
+
+so its state_dict keys are `layers.{0,3,6,9,12,15,16}.{weight,bias}` and `h14_nsfw.pth` (a plain
+state_dict; load it with weights_only=True, or convert it to safetensors) loads as is. The input is
+the L2-normalised CLIP image embedding (re-normalised here in float32, so float16-stored embeddings
+are fine). LAION trained that head with MSELoss on 0/1 labels and uses the raw output as the score;
+it has no sigmoid, so the default `activation="clamp"` clips the raw output to [0, 1] (monotone:
+any threshold in (0, 1) selects the same rows as the raw score). Heads trained with a logit output
+use `activation="sigmoid"`; a safetensors file may record its activation in its metadata
+(`{"activation": "sigmoid"}`), which is used when the caller gives none.
+
+LAION-400M's own punsafe column came from a different model: the original ViT-L/14 (768-d) and
+ViT-B/32 (512-d) detectors are autokeras/Keras models (`clip_autokeras_binary_nsfw`,
+`clip_autokeras_nsfw_b32`: a Normalization layer + small Dense stack + sigmoid). Their layout is not
+this one; port their weights into this layout only by retraining. Width mismatches (a 768-d head fed
+512-d ViT-B/32 embeddings) are refused with a ValueError naming both widths.
+
+This module imports nothing from `pipeline/`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+import numpy as np
+import torch
+from torch import nn
+
+__all__ = ["NsfwHead", "NsfwScorer", "load_nsfw_state_dict", "LAYOUT"]
+
+LAYOUT = "laion-h14-nsfw-mlp"
+_ACTIVATIONS = ("clamp", "sigmoid")
+_LINEAR_IDX = (0, 3, 6, 9, 12, 15, 16)
+
+
+class NsfwHead(nn.Module):
+    """LAION's H14_NSFW_Detector MLP (see module docstring); forward returns the raw score [n, 1]."""
+
+    def __init__(self, input_dim: int):
+        super().__init__()
+        self.input_dim = int(input_dim)
+        self.layers = nn.Sequential(
+            nn.Linear(self.input_dim, 1024),
+            nn.ReLU(),
+            nn.Dropout(0.2),
+            nn.Linear(1024, 2048),
+            nn.ReLU(),
+            nn.Dropout(0.2),
+            nn.Linear(2048, 1024),
+            nn.ReLU(),
+            nn.Dropout(0.2),
+            nn.Linear(1024, 256),
+            nn.ReLU(),
+            nn.Dropout(0.2),
+            nn.Linear(256, 128),
+            nn.ReLU(),
+            nn.Dropout(0.2),
+            nn.Linear(128, 16),
+            nn.Linear(16, 1),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def load_nsfw_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(state_dict with `layers.N.*` keys, safetensors metadata or {}) from .safetensors or .pt/.pth/.bin."""
+    path = str(path)
+    meta: dict[str, str] = {}
+    if path.endswith(".safetensors"):
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        with safe_open(path, framework="pt") as f:
+            meta = dict(f.metadata() or {})
+        sd = load_file(path, device="cpu")
+    else:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+        if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
+            sd = sd["state_dict"]
+        if not isinstance(sd, dict):
+            raise ValueError(f"{path}: expected a state_dict, got {type(sd).__name__}")
+    sd = {k[len("module.") :] if k.startswith("module.") else k: v for k, v in sd.items()}
+    if sd and all(k.split(".")[0].isdigit() for k in sd):  # a bare Sequential's state_dict
+        sd = {f"layers.{k}": v for k, v in sd.items()}
+    return sd, meta
+
+
+class NsfwScorer:
+    """p(unsafe) in [0, 1] per L2-normalised CLIP image embedding, with LAION's H14 MLP layout."""
+
+    def __init__(
+        self,
+        weights_path: str | os.PathLike,
+        input_dim: int | None = None,
+        device: str | torch.device | None = None,
+        *,
+        activation: str | None = None,
+        batch_size: int = 4096,
+    ):
+        self.weights_path = os.path.realpath(str(weights_path))
+        if not os.path.isfile(self.weights_path):
+            raise FileNotFoundError(f"NSFW head weights not found: {weights_path}")
+        sd, meta = load_nsfw_state_dict(self.weights_path)
+        first = sd.get("layers.0.weight")
+        if first is None or first.ndim != 2:
+            raise ValueError(
+                f"{weights_path}: not a LAION H14-layout NSFW head (no 2-D 'layers.0.weight'; keys: {sorted(sd)[:8]})"
+            )
+        file_dim = int(first.shape[1])
+        if input_dim is not None and int(input_dim) != file_dim:
+            raise ValueError(
+                f"NSFW head weights {weights_path} take {file_dim}-d embeddings, but input_dim={input_dim} was requested"
+            )
+        self.input_dim = file_dim
+        activation = activation or meta.get("activation") or "clamp"
+        if activation not in _ACTIVATIONS:
+            raise ValueError(f"activation must be one of {_ACTIVATIONS}, got {activation!r}")
+        self.activation = activation
+        self.device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.batch_size = int(batch_size)
+
+        head = NsfwHead(self.input_dim)
+        try:
+            head.load_state_dict({k: v.float() for k, v in sd.items()}, strict=True)
+        except RuntimeError as e:
+            raise ValueError(f"{weights_path}: weights do not match the LAION H14 NSFW head layout ({LAYOUT}): {e}") from e
+        self.model = head.to(self.device).eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self._sha256: str | None = None
+
+    @property
+    def sha256(self) -> str:
+        if self._sha256 is None:
+            self._sha256 = _sha256(self.weights_path)
+        return self._sha256
+
+    @property
+    def source(self) -> dict:
+        return {
+            "weights_path": self.weights_path,
+            "sha256": self.sha256,
+            "input_dim": self.input_dim,
+            "layout": LAYOUT,
+            "activation": self.activation,
+        }
+
+    def check_compatible(self, embed_dim: int, model_name: str | None = None) -> None:
+        """Raise ValueError unless the CLIP model's embedding width is the head's input width."""
+        if int(embed_dim) != self.input_dim:
+            who = f"the CLIP model {model_name!r}" if model_name else "the CLIP model"
+            raise ValueError(
+                f"NSFW head expects {self.input_dim}-d CLIP image embeddings but {who} produces {int(embed_dim)}-d "
+                f"embeddings; use the head trained for that CLIP model (head: {self.weights_path})"
+            )
+
+    def punsafe(self, image_embedding: np.ndarray) -> np.ndarray:
+        """float32 [n] in [0, 1] from [n, d] CLIP image embeddings (float32 or float16)."""
+        emb = np.asarray(image_embedding)
+        if emb.ndim == 1:
+            emb = emb[None, :]
+        if emb.ndim != 2:
+            raise ValueError(f"image_embedding must be [n, d], got shape {emb.shape}")
+        if emb.shape[1] != self.input_dim:
+            raise ValueError(
+                f"NSFW head expects {self.input_dim}-d CLIP image embeddings but got {emb.shape[1]}-d embeddings"
+            )
+        n = emb.shape[0]
+        out = np.empty(n, dtype=np.float32)
+        if n == 0:
+            return out
+        with torch.inference_mode():
+            for s in range(0, n, self.batch_size):
+                x = torch.from_numpy(np.ascontiguousarray(emb[s : s + self.batch_size], dtype=np.float32)).to(self.device)
+                x = torch.nn.functional.normalize(x, dim=-1)
+                raw = self.model(x)[:, 0].float()
+                p = torch.sigmoid(raw) if self.activation == "sigmoid" else raw.clamp(0.0, 1.0)
+                out[s : s + len(x)] = p.cpu().numpy()
+        return out
+
+    def __repr__(self) -> str:
+        return f"NsfwScorer(input_dim={self.input_dim}, activation={self.activation!r}, weights={self.weights_path!r})"

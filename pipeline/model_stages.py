@@ -1,0 +1,192 @@
+"""The model stages of `kiln prepare`: caption toxicity, and CLIP similarity + NSFW on one image pass.
+
+Each is a labelled PTransform over batches (BatchElements) whose DoFn holds one model per worker
+process, shared by all of that process's DoFn instances and threads through Beam's `Shared`
+handle. The scoring itself is a pure function over (model, list of records) -- `score_captions`
+and `score_images` -- that a test can call without Beam. A filter in "score" mode records its
+scores and rejects nothing; "off" removes the stage from the graph.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import apache_beam as beam
+import numpy as np
+from apache_beam.utils import shared
+
+from pipeline.records import STAGE_CLIP, STAGE_NSFW, STAGE_TOXICITY, Reject
+from pipeline.stage import StageCounters, to_reject
+
+FILTER_MODES = ("filter", "score", "off")
+
+
+@dataclass(frozen=True)
+class ToxicityConfig:
+    mode: str = "filter"
+    model: str = "original"  # Detoxify's published checkpoint, or "local:DIR"
+    max_toxicity: float = 0.5  # Detoxify's own convention: a label is on above 0.5
+    labels: tuple[str, ...] = ()  # labels whose max is compared with max_toxicity; () = all of the model's
+    batch_size: int = 64
+    device: str | None = None
+    caption_column: str = "TEXT"
+
+
+@dataclass(frozen=True)
+class ImageFilterConfig:
+    clip_mode: str = "filter"
+    clip_model: str = "ViT-B-32:openai"  # LAION-400M's filter model; "local-dir:DIR" for a local one
+    min_clip_similarity: float = 0.28  # LAION-5B's English threshold (LAION-400M used 0.3)
+    nsfw_mode: str = "filter"
+    nsfw_head: str | None = None  # LAION's CLIP-based NSFW detector weights for that CLIP model
+    max_punsafe: float = 0.5  # LAION-5B's recommended cut
+    batch_size: int = 64
+    device: str | None = None
+    caption_column: str = "TEXT"
+    stages: tuple[str, ...] = field(default=(STAGE_CLIP, STAGE_NSFW))
+
+
+# -- pure scoring functions ------------------------------------------------------------------
+
+
+def score_captions(scorer, records: list[dict], cfg: ToxicityConfig) -> list[tuple[dict, Reject | None]]:
+    """Add toxicity scores to each record; in filter mode, reject those above the threshold."""
+    labels = list(cfg.labels) or list(scorer.labels)
+    unknown = [lab for lab in labels if lab not in scorer.labels]
+    if unknown:
+        raise ValueError(f"--toxicity-labels {unknown} not produced by the model (it has {scorer.labels})")
+    idx = [scorer.labels.index(lab) for lab in labels]
+    scores = scorer.score([str(r.get(cfg.caption_column) or "") for r in records]).scores
+    out = []
+    for record, row in zip(records, scores):
+        record = dict(record)
+        chosen = row[idx]
+        k = int(np.argmax(chosen))
+        record["toxicity"] = float(chosen[k])
+        record["toxicity_label"] = labels[k]
+        record["toxicity_scores"] = {lab: round(float(v), 6) for lab, v in zip(scorer.labels, row)}
+        rej = None
+        if cfg.mode == "filter" and record["toxicity"] > cfg.max_toxicity:
+            rej = Reject(STAGE_TOXICITY, "toxic", f"{labels[k]} {record['toxicity']:.4f} > {cfg.max_toxicity}")
+        out.append((record, rej))
+    return out
+
+
+def score_images(models, records: list[dict], cfg: ImageFilterConfig) -> list[tuple[dict, Reject | None]]:
+    """One CLIP image pass per batch: similarity to the caption, then punsafe from the same embedding."""
+    clip, nsfw = models
+    records = [dict(r) for r in records]
+    pixels = [r.pop("_pixels") for r in records]
+    scores = clip.score(pixels, [str(r.get(cfg.caption_column) or "") for r in records], channel_order="bgr")
+    punsafe = nsfw.punsafe(scores.image_embedding) if nsfw is not None else None
+    out = []
+    for i, record in enumerate(records):
+        record["clip_similarity"] = float(scores.similarity[i])
+        # float16 keeps 3 significant digits of a unit vector's components: plenty for retrieval
+        # and dedup, at half the bytes (SHARDS.md documents the layout).
+        record["clip_image_embedding"] = scores.image_embedding[i].astype("<f2").tobytes()
+        if punsafe is not None:
+            record["punsafe"] = float(punsafe[i])
+        rej = None
+        if cfg.clip_mode == "filter" and record["clip_similarity"] < cfg.min_clip_similarity:
+            rej = Reject(STAGE_CLIP, "clip_similarity_low", f"{record['clip_similarity']:.4f} < {cfg.min_clip_similarity}")
+        elif punsafe is not None and cfg.nsfw_mode == "filter" and record["punsafe"] > cfg.max_punsafe:
+            rej = Reject(STAGE_NSFW, "punsafe_high", f"{record['punsafe']:.4f} > {cfg.max_punsafe}")
+        out.append((record, rej))
+    return out
+
+
+# -- loaders (run once per worker process) ---------------------------------------------------
+
+
+def load_toxicity(cfg: ToxicityConfig):
+    from pipeline.compat import ensure_torch_compat
+
+    ensure_torch_compat()
+    from filters.toxicity import ToxicityScorer
+
+    return ToxicityScorer(cfg.model, device=cfg.device, batch_size=cfg.batch_size)
+
+
+def load_image_models(cfg: ImageFilterConfig):
+    from pipeline.compat import ensure_torch_compat
+
+    ensure_torch_compat()
+    from filters.clip_similarity import ClipScorer
+
+    clip = ClipScorer.from_spec(cfg.clip_model, device=cfg.device, batch_size=cfg.batch_size)
+    nsfw = None
+    if cfg.nsfw_mode != "off":
+        from filters.nsfw import NsfwScorer
+
+        if not cfg.nsfw_head:
+            raise ValueError("--nsfw needs --nsfw-head PATH (LAION's CLIP-based NSFW detector weights for this CLIP model), or --nsfw off")
+        nsfw = NsfwScorer(cfg.nsfw_head, device=cfg.device)
+        nsfw.check_compatible(clip.embed_dim, clip_name=cfg.clip_model)
+    return clip, nsfw
+
+
+class _Holder:
+    """Shared.acquire needs a weak-referenceable object."""
+
+    def __init__(self, model):
+        self.model = model
+
+
+class _ModelStageFn(beam.DoFn):
+    def __init__(self, loader, score_fn, cfg, stages: tuple[str, ...], handle: shared.Shared, tag: str):
+        self.loader, self.score_fn, self.cfg, self.stages = loader, score_fn, cfg, stages
+        self.handle, self.tag = handle, tag
+
+    def setup(self):
+        cfg, loader = self.cfg, self.loader
+        # One model per worker process: every DoFn instance (thread) in it gets the same object.
+        self.model = self.handle.acquire(lambda: _Holder(loader(cfg)), tag=self.tag).model
+        self.counters = {s: StageCounters(s) for s in self.stages}
+
+    def process(self, batch):
+        t0 = time.perf_counter()
+        try:
+            results = self.score_fn(self.model, batch, self.cfg)
+        except Exception as err:  # noqa: BLE001 - a batch the model cannot score is rejected, not lost
+            stage = self.stages[0]
+            results = [(r, Reject(stage, f"{stage}_error", f"{type(err).__name__}: {err}")) for r in batch]
+            for r, _ in results:
+                r.pop("_pixels", None)
+        self.counters[self.stages[0]].busy_ms.inc(int((time.perf_counter() - t0) * 1000))
+        for record, rej in results:
+            for stage in self.stages:
+                c = self.counters[stage]
+                c.n_in.inc()
+                if rej is not None and rej.stage == stage:
+                    c.reject(rej)
+                    break
+                c.n_out.inc()
+            if rej is None:
+                yield record
+            else:
+                yield beam.pvalue.TaggedOutput("rejects", to_reject(record, rej))
+
+
+class _ModelStage(beam.PTransform):
+    def __init__(self, loader, score_fn, cfg, stages, tag):
+        super().__init__()
+        self.loader, self.score_fn, self.cfg, self.stages, self.tag = loader, score_fn, cfg, stages, tag
+
+    def expand(self, records):
+        out = (
+            records
+            | "Batch" >> beam.BatchElements(min_batch_size=1, max_batch_size=self.cfg.batch_size)
+            | "Score" >> beam.ParDo(_ModelStageFn(self.loader, self.score_fn, self.cfg, self.stages, shared.Shared(), self.tag)).with_outputs("rejects", main="main")
+        )
+        return {"main": out.main, "rejects": out.rejects}
+
+
+def CaptionToxicity(cfg: ToxicityConfig) -> _ModelStage:
+    return _ModelStage(load_toxicity, score_captions, cfg, (STAGE_TOXICITY,), tag=f"toxicity:{cfg.model}")
+
+
+def ImageFilters(cfg: ImageFilterConfig) -> _ModelStage:
+    stages = (STAGE_CLIP, STAGE_NSFW) if cfg.nsfw_mode != "off" else (STAGE_CLIP,)
+    return _ModelStage(load_image_models, score_images, cfg, stages, tag=f"clip:{cfg.clip_model}:{cfg.nsfw_head}")

@@ -1,0 +1,283 @@
+"""A tiny Detoxify-format caption toxicity model, built and trained locally in seconds.
+
+`build_tiny_detoxify(out_dir, seed)` writes a folder that `filters.toxicity.ToxicityScorer` loads
+with `model="local:<out_dir>"` (and kiln with `--toxicity-model local:<out_dir>`) with no network:
+
+    checkpoint.ckpt         torch.save({"config": ..., "state_dict": ...}) -- Detoxify's checkpoint
+                            layout; only dicts, lists, strings, ints and tensors, so it loads with
+                            torch.load(weights_only=True)
+    config.json             the transformers BertConfig (hidden 64, 2 layers, 2 heads, 6 labels)
+    tokenizer.json,         a BertTokenizer over an explicit WordPiece vocabulary (every word of the
+    tokenizer_config.json,  training corpus, plus single characters and ##characters so an unseen
+    vocab.txt               word splits into pieces instead of becoming [UNK])
+    model_card.json         what it is, how it was trained, and the held-out check it passed
+
+The training set is `pipeline.toxic_captions.training_set`: clean captions from the synthetic web
+(some with friendly phrases attached) and toxic captions made from TRAIN_PHRASES. The builder then
+checks generalisation on captions it never trained on -- HELDOUT_PHRASES around unseen clean
+descriptions must score mean toxicity > 0.8, unseen clean captions (with held-out friendly phrases
+on some) < 0.2 -- and raises if not.
+
+Deterministic for a seed: the same scores (and, on the same machine, the same checkpoint bytes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import random
+import tempfile
+import time
+from pathlib import Path
+
+from pipeline.compat import ensure_torch_compat
+from pipeline.toxic_captions import (
+    HELDOUT_BENIGN,
+    HELDOUT_PHRASES,
+    LABELS,
+    TRAIN_BENIGN,
+    TRAIN_PHRASES,
+    benign_caption,
+    toxic_caption,
+    training_set,
+)
+
+# Detoxify's "original" checkpoints name their classes after the Jigsaw columns; Detoxify renames
+# them (toxic -> toxicity, severe_toxic -> severe_toxicity, identity_hate -> identity_attack).
+JIGSAW_CLASSES = ["toxic", "severe_toxic", "obscene", "threat", "insult", "identity_hate"]
+MODEL_TYPE = "kiln-tiny-detoxify-bert"  # informational: a local: folder supplies config + tokenizer
+SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+MAX_LENGTH = 128
+HELDOUT_TOXIC_MIN = 0.8
+CLEAN_MAX = 0.2
+
+
+def _clean_captions(seed: int, rows: int) -> list[str]:
+    """Captions of the synthetic web's "ok" rows (tiny PNGs: the text is all that is used)."""
+    import pyarrow.parquet as pq
+
+    from pipeline.synth import synthesize
+
+    with tempfile.TemporaryDirectory(prefix="kiln-tox-synth-") as tmp:
+        web = synthesize(tmp, rows=rows, seed=seed, failure_rate=0.0, size_range=(16, 24), formats=("png",), min_size=8)
+        table = pq.read_table(web.ground_truth_path, columns=["TEXT", "kind"]).to_pylist()
+    seen: set[str] = set()
+    out = []
+    for row in table:
+        text = row["TEXT"]
+        if row["kind"] == "ok" and text and text not in seen:
+            seen.add(text)
+            out.append(text)
+    return out
+
+
+def _build_vocab(corpus: list[str]) -> dict[str, int]:
+    """An explicit WordPiece vocabulary: specials, single characters, ##characters, then every
+    lower-cased word of `corpus` (BERT's own normaliser and pre-tokeniser split the words)."""
+    from tokenizers import normalizers, pre_tokenizers
+
+    norm = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True, strip_accents=None, lowercase=True)
+    pre = pre_tokenizers.BertPreTokenizer()
+    words: set[str] = set()
+    for text in corpus:
+        words.update(w for w, _ in pre.pre_tokenize_str(norm.normalize_str(text)))
+    chars = sorted(set("abcdefghijklmnopqrstuvwxyz0123456789") | {c for w in words for c in w})
+    tokens = list(SPECIAL_TOKENS) + chars + ["##" + c for c in chars] + sorted(words - set(chars))
+    return {tok: i for i, tok in enumerate(tokens)}
+
+
+def _save_tokenizer(out: Path, vocab: dict[str, int]):
+    """Save a BertTokenizer over `vocab` and return it reloaded from disk, with its ids checked
+    (transformers 5's BertTokenizer(vocab_file=...) silently ignores the file: see PITFALLS.md)."""
+    import transformers
+
+    tok = transformers.BertTokenizer(vocab=dict(vocab), do_lower_case=True, model_max_length=MAX_LENGTH)
+    tok.save_pretrained(str(out))
+    # vocab.txt too, one token per line in id order, for readers that build the tokenizer from it.
+    (out / "vocab.txt").write_text("".join(t + "\n" for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])))
+    reloaded = transformers.BertTokenizer.from_pretrained(str(out), local_files_only=True)
+    probe = "You stupid IDIOT, a red circle"
+    ids = reloaded(probe)["input_ids"]
+    expected = [vocab["[CLS]"], vocab["you"], vocab["stupid"], vocab["idiot"], vocab[","], vocab["a"], vocab["red"], vocab["circle"], vocab["[SEP]"]]
+    if ids != expected or len(reloaded) != len(vocab) or reloaded.pad_token_id != vocab["[PAD]"]:
+        raise RuntimeError(f"tokenizer did not round-trip: {probe!r} -> {ids}, expected {expected}")
+    if reloaded.model_max_length != MAX_LENGTH:
+        raise RuntimeError(f"tokenizer model_max_length {reloaded.model_max_length} != {MAX_LENGTH}")
+    return reloaded
+
+
+def _scores(model, tokenizer, texts: list[str], batch_size: int = 128):
+    import torch
+
+    model.eval()
+    out = []
+    with torch.inference_mode():
+        for i in range(0, len(texts), batch_size):
+            enc = tokenizer(texts[i : i + batch_size], return_tensors="pt", truncation=True, padding=True)
+            out.append(torch.sigmoid(model(**enc).logits))
+    return torch.cat(out)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def build_tiny_detoxify(
+    out_dir: str | Path,
+    seed: int = 0,
+    *,
+    clean_rows: int = 1000,
+    n_toxic: int = 1000,
+    eval_rows: int = 300,
+    max_epochs: int = 20,
+    min_epochs: int = 8,
+) -> Path:
+    """Build, train, check and save the tiny Detoxify-format model into `out_dir`; return it.
+
+    Raises RuntimeError if the trained model does not separate held-out toxic captions (mean
+    toxicity > 0.8) from unseen clean ones (< 0.2) within `max_epochs`.
+    """
+    ensure_torch_compat()
+    import torch
+    import transformers
+
+    started = time.monotonic()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+
+    captions = _clean_captions(seed, clean_rows + eval_rows)
+    train_clean, eval_clean = captions[:clean_rows], captions[clean_rows:]
+    examples = training_set(rng, train_clean, n_toxic)
+    eval_rng = random.Random(seed + 1)
+    heldout_toxic = [toxic_caption(eval_rng, c, heldout=True) for c in eval_clean]
+    heldout_clean = [benign_caption(eval_rng, c, heldout=True) if i % 3 == 0 else c for i, c in enumerate(eval_clean)]
+
+    vocab = _build_vocab([t for t, _ in examples] + [p for p, _ in TRAIN_PHRASES] + TRAIN_BENIGN)
+    tokenizer = _save_tokenizer(out, vocab)
+
+    config = transformers.BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=128,
+        max_position_embeddings=MAX_LENGTH,
+        type_vocab_size=2,
+        pad_token_id=vocab["[PAD]"],
+        num_labels=len(LABELS),
+        problem_type="multi_label_classification",
+        id2label=dict(enumerate(LABELS)),
+        label2id={name: i for i, name in enumerate(LABELS)},
+    )
+
+    texts = [t for t, _ in examples]
+    targets = torch.tensor([y for _, y in examples], dtype=torch.float32)
+    enc = tokenizer(texts, return_tensors="pt", truncation=True, padding=True)
+    batch_size = 32
+    history = []
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = transformers.BertForSequenceClassification(config)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.01)
+        loss_fn = torch.nn.BCEWithLogitsLoss()
+        gen = torch.Generator().manual_seed(seed)
+        passed = False
+        for epoch in range(1, max_epochs + 1):
+            model.train()
+            perm = torch.randperm(len(texts), generator=gen)
+            total = 0.0
+            for i in range(0, len(texts), batch_size):
+                idx = perm[i : i + batch_size]
+                mask = enc["attention_mask"][idx]
+                width = int(mask.sum(1).max())
+                logits = model(
+                    input_ids=enc["input_ids"][idx, :width],
+                    token_type_ids=enc["token_type_ids"][idx, :width],
+                    attention_mask=mask[:, :width],
+                ).logits
+                loss = loss_fn(logits, targets[idx])
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                total += float(loss.detach()) * len(idx)
+            tox_mean = float(_scores(model, tokenizer, heldout_toxic)[:, 0].mean())
+            clean_mean = float(_scores(model, tokenizer, heldout_clean)[:, 0].mean())
+            history.append({"epoch": epoch, "loss": round(total / len(texts), 5), "heldout_toxic_mean": round(tox_mean, 4), "clean_mean": round(clean_mean, 4)})
+            if epoch >= min_epochs and tox_mean > HELDOUT_TOXIC_MIN and clean_mean < CLEAN_MAX:
+                passed = True
+                break
+    if not passed:
+        raise RuntimeError(f"tiny Detoxify model did not separate held-out toxic from clean captions: {history}")
+
+    model.eval()
+    config.save_pretrained(str(out))
+    state_dict = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+    checkpoint = {
+        "config": {
+            "name": "kiln-tiny-detoxify",
+            "arch": {
+                "type": "kiln-tiny-detoxify",
+                "args": {
+                    "model_type": MODEL_TYPE,
+                    "model_name": "BertForSequenceClassification",
+                    "tokenizer_name": "BertTokenizer",
+                    "num_classes": len(JIGSAW_CLASSES),
+                },
+            },
+            "dataset": {"type": "kiln-synthetic-toxic-captions", "args": {"classes": list(JIGSAW_CLASSES)}},
+        },
+        "state_dict": state_dict,
+    }
+    ckpt = out / "checkpoint.ckpt"
+    tmp = out / ".checkpoint.ckpt.tmp"
+    torch.save(checkpoint, tmp)
+    torch.load(tmp, map_location="cpu", weights_only=True)  # the format promise: fail here, not in a user's load
+    os.replace(tmp, ckpt)
+
+    last = history[-1]
+    card = {
+        "kind": "tiny-detoxify",
+        "labels": list(LABELS),
+        "checkpoint_classes": list(JIGSAW_CLASSES),
+        "seed": seed,
+        "train_examples": len(examples),
+        "train_toxic": n_toxic,
+        "train_phrases": len(TRAIN_PHRASES),
+        "heldout_phrases": len(HELDOUT_PHRASES),
+        "heldout_benign_phrases": len(HELDOUT_BENIGN),
+        "eval_captions": len(eval_clean),
+        "epochs": last["epoch"],
+        "heldout_toxic_mean": last["heldout_toxic_mean"],
+        "clean_mean": last["clean_mean"],
+        "history": history,
+        "vocab_size": len(vocab),
+        "max_length": MAX_LENGTH,
+        "architecture": {"hidden": 64, "layers": 2, "heads": 2, "intermediate": 128},
+        "checkpoint_sha256": _sha256(ckpt),
+    }
+    (out / "model_card.json").write_text(json.dumps(card, indent=1) + "\n")
+    build_tiny_detoxify.last_seconds = time.monotonic() - started  # type: ignore[attr-defined]
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Build the tiny local Detoxify-format toxicity model.")
+    parser.add_argument("out_dir")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    out = build_tiny_detoxify(args.out_dir, seed=args.seed)
+    card = json.loads((out / "model_card.json").read_text())
+    print(f"{out}: epochs={card['epochs']} heldout_toxic_mean={card['heldout_toxic_mean']} clean_mean={card['clean_mean']}")
+    print(f"use it with --toxicity-model local:{out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
