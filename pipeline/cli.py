@@ -24,6 +24,12 @@ def _serve(args, extra):
     return main_serve(args)
 
 
+def _make_test_models(args, extra):
+    from pipeline.testmodels import main
+
+    return main(args)
+
+
 def _demo(args, extra):
     from pipeline.demo import main
 
@@ -57,6 +63,16 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("serve", help="serve a synthetic web on 127.0.0.1 until interrupted")
     add_serve_args(v)
     v.set_defaults(func=_serve)
+
+    m = sub.add_parser(
+        "make-test-models",
+        help="build the tiny local models (CLIP, NSFW head, Detoxify) that tests and the demo use",
+        description="Train/initialise tiny models in the real on-disk formats (open_clip local-dir, "
+        "safetensors NSFW head, Detoxify checkpoint). Takes a few minutes on 2 CPU cores; downloads nothing.",
+    )
+    m.add_argument("dir", help="output directory")
+    m.add_argument("--seed", type=int, default=0)
+    m.set_defaults(func=_make_test_models)
 
     d = sub.add_parser("demo", help="synthesise a small web, serve it, run `kiln prepare` on it and print the funnel")
     d.add_argument("--workdir", default="build/demo", help="where the web and the dataset go [build/demo]")
