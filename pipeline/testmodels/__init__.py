@@ -32,10 +32,10 @@ def _builders_fingerprint() -> str:
     h = hashlib.sha256()
     for p in sorted(here.glob("*.py")):
         h.update(p.name.encode() + p.read_bytes())
-    for extra in ("synth.py", "toxic_captions.py"):
-        p = here.parent / extra
+    # The builders also depend on the synthetic web, the caption set and the scorers' save formats.
+    for p in [here.parent / "synth.py", here.parent / "toxic_captions.py", *sorted((here.parents[1] / "filters").glob("*.py"))]:
         if p.exists():
-            h.update(p.read_bytes())
+            h.update(p.name.encode() + p.read_bytes())
     return h.hexdigest()[:12]
 
 
