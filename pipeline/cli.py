@@ -30,6 +30,12 @@ def _make_test_models(args, extra):
     return main(args)
 
 
+def _embed_prompts(args, extra):
+    from pipeline.embed_prompts import main_embed_prompts
+
+    return main_embed_prompts(args)
+
+
 def _demo(args, extra):
     from pipeline.demo import main
 
@@ -44,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"kiln {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    from pipeline.embed_prompts import add_embed_prompts_args
     from pipeline.options import add_prepare_args
     from pipeline.synth import add_serve_args, add_synth_args
 
@@ -73,6 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("dir", help="output directory")
     m.add_argument("--seed", type=int, default=0)
     m.set_defaults(func=_make_test_models)
+
+    e = sub.add_parser("embed-prompts", help="encode sampling prompts with the same frozen T5 and cleaning -> parquet")
+    add_embed_prompts_args(e)
+    e.set_defaults(func=_embed_prompts)
 
     d = sub.add_parser("demo", help="synthesise a small web, serve it, run `kiln prepare` on it and print the funnel")
     d.add_argument("--workdir", default="build/demo", help="where the web and the dataset go [build/demo]")

@@ -1,0 +1,328 @@
+"""The frozen T5 text encoder: captions -> unpadded float16 embeddings, length-bucketed.
+
+Imagen (§2.1) conditions on a frozen T5-XXL encoder's final hidden states; they never change during
+training, so kiln computes them once, in the Beam job, and stores one `[n_tokens, d_model]` float16
+array per caption (SHARDS.md): EOS included, no padding, so the attention mask is implied by the
+length. The trainer pads on the fly (`train/text.py`) and never loads T5.
+
+    emb = T5Embedder("local:/models/t5-v1_1-xxl")          # or a hub id in the local HF cache
+    [r] = emb.embed(["a corgi wearing sunglasses"])
+    r.array.shape, r.array.dtype, r.n_tokens, r.truncated   # (9, 4096), float16, 9, False
+
+Model specs:
+
+    "google/t5-v1_1-xxl"   a hub id, resolved from the local Hugging Face cache only (nothing is
+                           downloaded: HF_HUB_OFFLINE); missing -> FileNotFoundError naming local:DIR
+    "local:DIR" or "DIR"   a folder with config.json, the tokenizer (spiece.model and/or
+                           tokenizer.json + tokenizer_config.json) and weights: model.safetensors,
+                           a sharded model.safetensors.index.json, or pytorch_model.bin[.index.json]
+                           (loaded by transformers with weights_only=True). No weights -> error:
+                           random weights are never used silently.
+
+What `embed` does, and why:
+
+- every caption goes through `embed.text.clean_caption` (the same function `kiln embed-prompts`
+  uses, so training captions and sampling prompts are encoded from identically cleaned text);
+- tokenised with the model's own tokenizer, which appends EOS; a caption longer than `max_length`
+  tokens keeps its first `max_length - 1` tokens plus EOS (exactly transformers'
+  `truncation=True`) and is flagged `truncated`;
+- batched by `embed.batching.plan_batches`: sorted by length within a window, each batch padded only
+  to its own longest caption, under a budget of padded tokens. Padding cannot change the result:
+  T5's relative position bias depends only on (query - key) offsets, which right-padding leaves
+  unchanged for real tokens, and padded keys are masked out of every attention softmax (tested
+  against one-caption-at-a-time encoding);
+- computed in float32 on CPU and bfloat16 on CUDA (T5 v1.1 is known to overflow in float16
+  activations), then cast to float16 for storage; a value that is not finite in float16 (|x| >
+  65504, or NaN) raises ValueError naming the caption -- never a silent inf in a shard.
+
+`source` is what the run's stats.json and dataset card record. Its `sha256` is the weight file's
+sha256 (as `sha256sum model.safetensors` prints it); for a sharded checkpoint it is the sha256 of
+the text `sha256sum INDEX SHARD...` prints when run inside the model folder -- one line
+"<hex>  <name>\\n" for the index file, then one per shard named in its weight_map, in sorted name
+order -- so it can be recomputed with `cd DIR && sha256sum model.safetensors.index.json
+$(shard names, sorted) | sha256sum`.
+
+This module imports nothing from `pipeline/` or `train/`. Callers run
+`pipeline.compat.ensure_torch_compat()` before constructing an embedder (transformers imports
+torchvision).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from embed.batching import plan_batches, scatter
+from embed.text import clean_caption
+
+__all__ = ["EmbedResult", "T5Embedder", "quiet_hf_progress", "resolve_model_dir", "weight_files", "weights_sha256"]
+
+DEFAULT_MODEL = "google/t5-v1_1-xxl"  # Imagen §2.1: T5-XXL; v1.1 is the public release of that family
+# Padded tokens per batch. CPU: compute grows with padded tokens and is already efficient at a few
+# hundred rows, so smaller batches only cut padding. CUDA: large enough to fill an H100 with T5-XXL
+# (~9 GFLOP per token) while attention scores stay < 1 GB at 128 tokens.
+DEFAULT_MAX_TOKENS = {"cpu": 4096, "cuda": 16384}
+_FP16_MAX = float(np.finfo(np.float16).max)  # 65504
+# Weight files in the order transformers prefers them.
+_WEIGHT_NAMES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+@dataclass(frozen=True)
+class EmbedResult:
+    """One caption's encoding. `array` is float16 [n_tokens, d_model], EOS last, no padding."""
+
+    array: np.ndarray
+    n_tokens: int
+    truncated: bool  # the cleaned caption had more than max_length tokens (EOS included)
+    text: str  # the cleaned caption the encoder saw
+
+
+# ----------------------------------------------------------------------------------------------
+# Locating the model and its weights
+
+
+def resolve_model_dir(spec: str) -> Path:
+    """The local folder holding model `spec` ("local:DIR", an existing DIR, or a cached hub id)."""
+    if spec.startswith("local:"):
+        path = Path(spec[len("local:"):]).expanduser()
+        if not path.is_dir():
+            raise FileNotFoundError(f"T5 model folder not found: {path} (from {spec!r})")
+        return path.resolve()
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return path.resolve()
+    if spec.count("/") != 1 or spec.startswith(("/", ".")):
+        raise FileNotFoundError(f"T5 model {spec!r} is neither a folder nor a hub id (org/name)")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id=spec, local_files_only=True))
+    except Exception as err:  # LocalEntryNotFoundError and friends
+        raise FileNotFoundError(
+            f"T5 model {spec!r} is not in the local Hugging Face cache and kiln downloads nothing at run time; "
+            f"put it there (huggingface-cli download {spec}) or pass local:DIR"
+        ) from err
+
+
+def weight_files(model_dir: str | os.PathLike) -> tuple[Path, list[Path]]:
+    """(the file transformers loads first, every file holding weights) for a model folder."""
+    model_dir = Path(model_dir)
+    for name in _WEIGHT_NAMES:
+        path = model_dir / name
+        if not path.is_file():
+            continue
+        if name.endswith(".index.json"):
+            shards = sorted(set(json.loads(path.read_text())["weight_map"].values()))
+            missing = [s for s in shards if not (model_dir / s).is_file()]
+            if missing:
+                raise FileNotFoundError(f"{path} names missing shard files: {missing[:3]}")
+            return path, [path] + [model_dir / s for s in shards]
+        return path, [path]
+    raise FileNotFoundError(f"no T5 weights in {model_dir}: expected one of {', '.join(_WEIGHT_NAMES)}")
+
+
+def _sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def weights_sha256(model_dir: str | os.PathLike) -> str:
+    """sha256 of the weights: the file's own, or for a sharded checkpoint the module docstring's
+    combination (sha256 of `sha256sum INDEX SHARD...`'s output, shards in sorted name order)."""
+    main, files = weight_files(model_dir)
+    if len(files) == 1:
+        return _sha256_file(main)
+    listing = "".join(f"{_sha256_file(p)}  {p.name}\n" for p in files)
+    return hashlib.sha256(listing.encode()).hexdigest()
+
+
+@contextlib.contextmanager
+def quiet_hf_progress():
+    """Silence transformers' per-call progress bars ("Loading weights", "Writing model shards") for
+    the duration -- on a Beam worker they are just noise in the logs -- then restore the setting."""
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
+
+
+def _torch_dtype(dtype, device: torch.device) -> torch.dtype:
+    if dtype is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, str):
+        names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+                 "float16": torch.float16, "fp16": torch.float16}
+        if dtype not in names:
+            raise ValueError(f"dtype must be one of {sorted(names)}, got {dtype!r}")
+        return names[dtype]
+    return dtype
+
+
+# ----------------------------------------------------------------------------------------------
+# The encoder
+
+
+class T5Embedder:
+    """A frozen T5 encoder that turns captions into unpadded float16 embeddings (module docstring).
+
+    `max_length`: tokens kept per caption, EOS included (Imagen uses 128). `max_tokens_per_batch`:
+    padded-token budget per forward pass (default by device: DEFAULT_MAX_TOKENS). `max_batch_size`:
+    optional cap on captions per pass. `window`: captions sorted together (default: the budget).
+    """
+
+    def __init__(
+        self,
+        model: str = DEFAULT_MODEL,
+        device: str | torch.device | None = None,
+        max_length: int = 128,
+        max_tokens_per_batch: int | None = None,
+        dtype: str | torch.dtype | None = None,
+        max_batch_size: int | None = None,
+        window: int | None = None,
+    ):
+        from transformers import AutoTokenizer, T5EncoderModel
+
+        self.spec = model
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.dtype = _torch_dtype(dtype, self.device)
+        if max_length < 2:
+            raise ValueError(f"max_length must be >= 2 (a token and EOS), got {max_length}")
+        self.max_length = int(max_length)
+        self.max_tokens_per_batch = int(max_tokens_per_batch or DEFAULT_MAX_TOKENS.get(self.device.type, 4096))
+        if self.max_tokens_per_batch < self.max_length:
+            raise ValueError(f"max_tokens_per_batch={self.max_tokens_per_batch} must be >= max_length={self.max_length}")
+        self.max_batch_size = max_batch_size
+        self.window = window
+
+        self.model_dir = resolve_model_dir(model)
+        main_file, self._weight_files = weight_files(self.model_dir)  # refuse a folder without weights
+        self.weights_path = str(main_file)
+        self._sha256: str | None = None
+
+        self.tokenizer = AutoTokenizer.from_pretrained(str(self.model_dir), local_files_only=True)
+        self.eos_id = self.tokenizer.eos_token_id
+        self.pad_id = self.tokenizer.pad_token_id
+        if self.eos_id is None or self.pad_id is None:
+            raise RuntimeError(f"the tokenizer in {self.model_dir} has no EOS or PAD token: not a T5 tokenizer")
+        self._check_tokenizer()
+
+        with quiet_hf_progress():
+            self.model = T5EncoderModel.from_pretrained(str(self.model_dir), dtype=self.dtype, local_files_only=True)
+        self.model.to(self.device).eval()
+        self.model.requires_grad_(False)
+        self.d_model = int(self.model.config.d_model)
+        if len(self.tokenizer) > self.model.config.vocab_size:
+            raise RuntimeError(
+                f"tokenizer has {len(self.tokenizer)} tokens but the model's vocabulary is {self.model.config.vocab_size}"
+            )
+
+    def _check_tokenizer(self) -> None:
+        """PITFALLS.md: a T5 tokenizer that did not load spiece.model still "works", mapping every
+        word to <unk>. A real one round-trips plain lower-case English exactly, without <unk>."""
+        probe = "a photo of a dog"
+        ids = self.tokenizer(probe).input_ids
+        if not ids or ids[-1] != self.eos_id:
+            raise RuntimeError(f"the tokenizer in {self.model_dir} does not append EOS: {probe!r} -> {ids}")
+        back = self.tokenizer.decode(ids[:-1])
+        if self.tokenizer.unk_token_id in ids or back != probe:
+            raise RuntimeError(
+                f"the tokenizer in {self.model_dir} does not round-trip {probe!r} ({ids} -> {back!r}): "
+                "its vocabulary (spiece.model / tokenizer.json) did not load"
+            )
+
+    # -- provenance ----------------------------------------------------------------------------
+
+    @property
+    def sha256(self) -> str:
+        if self._sha256 is None:  # lazy: T5-XXL's weights take a while to hash
+            self._sha256 = weights_sha256(self.model_dir)
+        return self._sha256
+
+    @property
+    def source(self) -> dict:
+        """What the run's stats and card record about this model."""
+        return {
+            "spec": self.spec,
+            "weights_path": self.weights_path,
+            "sha256": self.sha256,
+            "d_model": self.d_model,
+            "max_length": self.max_length,
+            "compute_dtype": str(self.dtype).replace("torch.", ""),
+            "stored_dtype": "float16",
+        }
+
+    # -- tokenising ----------------------------------------------------------------------------
+
+    def _tokenize_clean(self, texts: Sequence[str]) -> tuple[list[list[int]], list[bool]]:
+        """Token ids (EOS last, at most max_length) and truncation flags for already-cleaned texts."""
+        if not texts:
+            return [], []
+        full = self.tokenizer(list(texts), add_special_tokens=True, truncation=False, verbose=False)["input_ids"]
+        ids, truncated = [], []
+        for row in full:
+            if len(row) > self.max_length:
+                # transformers' truncation=True: content cut to max_length - 1, then EOS
+                ids.append(row[: self.max_length - 1] + [self.eos_id])
+                truncated.append(True)
+            else:
+                ids.append(row)
+                truncated.append(False)
+        return ids, truncated
+
+    def tokenize_lengths(self, captions: Sequence[str]) -> list[int]:
+        """Tokens each caption is encoded with (cleaned, EOS included, capped at max_length)."""
+        ids, _ = self._tokenize_clean([clean_caption(c) for c in captions])
+        return [len(r) for r in ids]
+
+    # -- encoding ------------------------------------------------------------------------------
+
+    def embed(self, captions: Sequence[str]) -> list[EmbedResult]:
+        """One EmbedResult per caption, in input order (module docstring)."""
+        captions = list(captions)
+        texts = [clean_caption(c) for c in captions]
+        ids, truncated = self._tokenize_clean(texts)
+        lengths = [len(r) for r in ids]
+        batches = plan_batches(lengths, self.max_tokens_per_batch, self.max_batch_size, self.window)
+        outputs = [self._encode_batch([ids[i] for i in batch], [captions[i] for i in batch]) for batch in batches]
+        arrays = scatter(batches, outputs, len(captions))
+        return [EmbedResult(a, len(a), t, x) for a, t, x in zip(arrays, truncated, texts)]
+
+    def _encode_batch(self, rows: list[list[int]], captions: list[str]) -> list[np.ndarray]:
+        """float16 [len(row), d_model] per row: one forward pass, padded to the longest row."""
+        width = max(len(r) for r in rows)
+        input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for j, row in enumerate(rows):
+            input_ids[j, : len(row)] = torch.tensor(row, dtype=torch.long)
+            mask[j, : len(row)] = 1
+        mask = mask.to(self.device)
+        with torch.inference_mode():
+            hidden = self.model(input_ids=input_ids.to(self.device), attention_mask=mask).last_hidden_state
+            half = hidden.to(torch.float16)
+            # Only real tokens are stored; padded positions may hold anything.
+            bad = (~torch.isfinite(half)).any(dim=-1) & mask.bool()
+            if bool(bad.any()):
+                j = int(bad.any(dim=1).nonzero()[0, 0])
+                peak = float(hidden[j, : len(rows[j])].float().abs().max())
+                raise ValueError(
+                    f"T5 output for caption {captions[j][:80]!r} is outside float16's finite range "
+                    f"(max |x| = {peak:.4g} > {_FP16_MAX:.0f}, or NaN): refusing to store inf"
+                )
+            half = half.cpu().numpy()
+        return [half[j, : len(row)].copy() for j, row in enumerate(rows)]  # copies: no view keeps the batch alive

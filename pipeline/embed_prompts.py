@@ -1,0 +1,142 @@
+"""`kiln embed-prompts`: encode sampling prompts with the same T5 and cleaning as the training captions.
+
+    kiln embed-prompts PROMPTS.txt -o prompts.parquet [--t5-model SPEC] [--t5-max-length 128]
+
+The sampler (train/) never loads T5, so prompts are embedded here, once, exactly as `kiln prepare`
+embeds captions: `embed.text.clean_caption`, then `embed.t5.T5Embedder` (same model spec, same
+max_length -- sampling with a different encoder or cleaning than training is a silent quality bug).
+
+Input: a UTF-8 text file, one prompt per line; lines that are empty or only whitespace are skipped
+(a BOM and CRLF line ends are accepted). No prompts at all is an error.
+
+Output: one Parquet file (zstd), one row per prompt in file order:
+
+| column | type | meaning |
+| --- | --- | --- |
+| `prompt` | string | the line as written (without its line end) |
+| `prompt_clean` | string | `clean_caption(prompt)`: the text T5 encoded |
+| `t5_len` | int32 | tokens encoded, EOS included, at most `max_length` |
+| `t5_truncated` | bool | the cleaned prompt had more than `max_length` tokens (its tail was cut, EOS kept) |
+| `t5` | binary | float16 little-endian `[t5_len, d_model]`, row-major: `np.frombuffer(b, "<f2").reshape(t5_len, d_model)` |
+
+The footer's key-value metadata holds `kiln.t5`, a JSON object: `model` (the spec), `sha256` (of the
+weights, as in `embed.t5`), `d_model`, `max_length`, `dtype` ("float16"). The file is written under a
+temporary name next to the target and renamed into place, so a reader never sees half a file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+PROMPTS_SCHEMA = pa.schema(
+    [
+        ("prompt", pa.string()),
+        ("prompt_clean", pa.string()),
+        ("t5_len", pa.int32()),
+        ("t5_truncated", pa.bool_()),
+        ("t5", pa.binary()),
+    ]
+)
+FOOTER_KEY = b"kiln.t5"
+# = embed.t5.DEFAULT_MODEL, repeated rather than imported: the CLI builds its parser (and so runs
+# add_embed_prompts_args) for `kiln --help`, which must not import torch. A test keeps them equal.
+DEFAULT_T5_MODEL = "google/t5-v1_1-xxl"
+
+
+def read_prompts(path: str | os.PathLike) -> list[str]:
+    """The prompts in `path`: one per line, blank lines skipped. ValueError if there are none."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start})") from err
+    prompts = [line.rstrip("\r") for line in text.split("\n") if line.strip()]
+    if not prompts:
+        raise ValueError(f"{path} holds no prompts: expected one prompt per non-empty line")
+    return prompts
+
+
+def prompts_table(prompts: list[str], results, source: dict) -> pa.Table:
+    """The output table (module docstring) for `prompts` and their `embed.t5.EmbedResult`s."""
+    columns = {
+        "prompt": prompts,
+        "prompt_clean": [r.text for r in results],
+        "t5_len": [r.n_tokens for r in results],
+        "t5_truncated": [r.truncated for r in results],
+        "t5": [np.ascontiguousarray(r.array, dtype="<f2").tobytes() for r in results],
+    }
+    meta = {
+        "model": source["spec"],
+        "sha256": source["sha256"],
+        "d_model": source["d_model"],
+        "max_length": source["max_length"],
+        "dtype": "float16",
+    }
+    table = pa.Table.from_pydict(columns, schema=PROMPTS_SCHEMA)
+    return table.replace_schema_metadata({FOOTER_KEY: json.dumps(meta, sort_keys=True).encode()})
+
+
+def write_atomic(table: pa.Table, out: str | os.PathLike) -> Path:
+    """Write `table` to a temporary name beside `out`, then rename it over `out`."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:12]}")
+    try:
+        pq.write_table(table, tmp, compression="zstd")
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out
+
+
+def embed_prompts(prompts_path: str | os.PathLike, out: str | os.PathLike, embedder) -> dict:
+    """Read, encode and write; returns a summary (prompts, truncated, d_model, out)."""
+    prompts = read_prompts(prompts_path)
+    results = embedder.embed(prompts)
+    path = write_atomic(prompts_table(prompts, results, embedder.source), out)
+    return {
+        "prompts": len(prompts),
+        "truncated": sum(r.truncated for r in results),
+        "d_model": embedder.d_model,
+        "out": str(path),
+    }
+
+
+def add_embed_prompts_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("prompts", metavar="PROMPTS.txt", help="UTF-8 text file, one prompt per line (blank lines skipped)")
+    parser.add_argument("-o", "--output", required=True, metavar="OUT.parquet", help="output Parquet file (replaced atomically)")
+    parser.add_argument("--t5-model", default=DEFAULT_T5_MODEL, metavar="SPEC",
+                        help=f"hub id in the local HF cache, or local:DIR [{DEFAULT_T5_MODEL}]")
+    parser.add_argument("--t5-max-length", type=int, default=128, metavar="N", help="tokens per prompt, EOS included [128]")
+    parser.add_argument("--t5-device", default=None, metavar="DEVICE", help="cpu, cuda, cuda:1 ... [cuda if available, else cpu]")
+
+
+def main_embed_prompts(args: argparse.Namespace) -> int:
+    from pipeline.compat import ensure_torch_compat
+
+    ensure_torch_compat()
+    from embed.t5 import T5Embedder
+
+    t0 = time.monotonic()
+    try:
+        read_prompts(args.prompts)  # fail on a bad file before loading a multi-GB encoder
+        embedder = T5Embedder(args.t5_model, device=args.t5_device, max_length=args.t5_max_length)
+        summary = embed_prompts(args.prompts, args.output, embedder)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"kiln embed-prompts: error: {err}", file=sys.stderr)
+        return 2
+    print(
+        f"wrote {summary['prompts']} prompts ({summary['truncated']} truncated to {args.t5_max_length} tokens), "
+        f"d_model {summary['d_model']}, to {summary['out']} in {time.monotonic() - t0:.1f}s"
+    )
+    return 0
