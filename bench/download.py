@@ -54,7 +54,7 @@ def run_kiln(meta: str, out: str, allow: str, image_size: int, beam: list[str]) 
     from pipeline.prepare import run
 
     args = prepare_args(meta, out, allow, "--quiet", "--overwrite", "--image-size", str(image_size), "--download-timeout", "10",
-                        "--toxicity", "off", "--clip", "off", "--nsfw", "off")
+                        "--toxicity", "off", "--clip", "off", "--nsfw", "off", "--t5", "off")
     t0 = time.perf_counter()
     stats = run(args, beam)
     return time.perf_counter() - t0, stats["kept"]

@@ -16,7 +16,7 @@ import apache_beam as beam
 import numpy as np
 from apache_beam.utils import shared
 
-from pipeline.records import STAGE_CLIP, STAGE_NSFW, STAGE_TOXICITY, Reject
+from pipeline.records import STAGE_CLIP, STAGE_NSFW, STAGE_T5, STAGE_TOXICITY, Reject
 from pipeline.stage import StageCounters, to_reject
 
 FILTER_MODES = ("filter", "score", "off")
@@ -45,6 +45,17 @@ class ImageFilterConfig:
     device: str | None = None
     caption_column: str = "TEXT"
     stages: tuple[str, ...] = field(default=(STAGE_CLIP, STAGE_NSFW))
+
+
+@dataclass(frozen=True)
+class T5Config:
+    model: str = "google/t5-v1_1-xxl"  # Imagen §2.1: frozen T5-XXL; "local:DIR" for a local copy
+    max_length: int = 128  # Imagen's text length
+    max_tokens: int | None = None  # padded tokens per forward pass (default by device)
+    batch_size: int = 256  # records per Beam batch; the encoder re-buckets them by length
+    device: str | None = None
+    cross_process: bool = False  # one model per machine (Beam MultiProcessShared), e.g. one GPU
+    caption_column: str = "TEXT"
 
 
 # -- pure scoring functions ------------------------------------------------------------------
@@ -97,6 +108,35 @@ def score_images(models, records: list[dict], cfg: ImageFilterConfig) -> list[tu
     return out
 
 
+def embed_captions(embedder, records: list[dict], cfg: T5Config) -> list[tuple[dict, Reject | None]]:
+    """Attach each caption's unpadded float16 T5 embedding (`_t5`), its length and truncation flag.
+
+    A batch in which some caption overflows float16 is re-run one caption at a time, so only the
+    offending caption is rejected (with its text in the detail), never the whole batch.
+    """
+    captions = [str(r.get(cfg.caption_column) or "") for r in records]
+    try:
+        results = embedder.embed(captions)
+    except ValueError:
+        results = []
+        for c in captions:
+            try:
+                results.append(embedder.embed([c])[0])
+            except ValueError as err:
+                results.append(err)
+    out = []
+    for record, res in zip(records, results):
+        record = dict(record)
+        if isinstance(res, Exception):
+            out.append((record, Reject(STAGE_T5, "t5_fp16_overflow", str(res))))
+            continue
+        record["_t5"] = res.array
+        record["t5_len"] = int(res.n_tokens)
+        record["t5_truncated"] = bool(res.truncated)
+        out.append((record, None))
+    return out
+
+
 # -- loaders (run once per worker process) ---------------------------------------------------
 
 
@@ -127,6 +167,25 @@ def load_image_models(cfg: ImageFilterConfig):
     return clip, nsfw
 
 
+def load_t5(cfg: T5Config):
+    from pipeline.compat import ensure_torch_compat
+
+    ensure_torch_compat()
+    from embed.t5 import T5Embedder
+
+    return T5Embedder(cfg.model, device=cfg.device, max_length=cfg.max_length, max_tokens_per_batch=cfg.max_tokens)
+
+
+class _T5Server:
+    """Builds the embedder inside Beam's MultiProcessShared server process (picklable by value)."""
+
+    def __init__(self, cfg: T5Config):
+        self.cfg = cfg
+
+    def __call__(self):
+        return load_t5(self.cfg)
+
+
 class _Holder:
     """Shared.acquire needs a weak-referenceable object."""
 
@@ -141,8 +200,15 @@ class _ModelStageFn(beam.DoFn):
 
     def setup(self):
         cfg, loader = self.cfg, self.loader
-        # One model per worker process: every DoFn instance (thread) in it gets the same object.
-        self.model = self.handle.acquire(lambda: _Holder(loader(cfg)), tag=self.tag).model
+        if getattr(cfg, "cross_process", False):
+            # One model per machine: every worker process talks to the copy in a shared server
+            # process (a GPU holds one T5-XXL, not one per SDK worker process).
+            from apache_beam.utils.multi_process_shared import MultiProcessShared
+
+            self.model = MultiProcessShared(_T5Server(cfg), tag=self.tag, always_proxy=True).acquire()
+        else:
+            # One model per worker process: every DoFn instance (thread) in it gets the same object.
+            self.model = self.handle.acquire(lambda: _Holder(loader(cfg)), tag=self.tag).model
         self.counters = {s: StageCounters(s) for s in self.stages}
 
     def process(self, batch):
@@ -154,6 +220,7 @@ class _ModelStageFn(beam.DoFn):
             results = [(r, Reject(stage, f"{stage}_error", f"{type(err).__name__}: {err}")) for r in batch]
             for r, _ in results:
                 r.pop("_pixels", None)
+                r.pop("_t5", None)
         self.counters[self.stages[0]].busy_ms.inc(int((time.perf_counter() - t0) * 1000))
         for record, rej in results:
             for stage in self.stages:
@@ -190,3 +257,7 @@ def CaptionToxicity(cfg: ToxicityConfig) -> _ModelStage:
 def ImageFilters(cfg: ImageFilterConfig) -> _ModelStage:
     stages = (STAGE_CLIP, STAGE_NSFW) if cfg.nsfw_mode != "off" else (STAGE_CLIP,)
     return _ModelStage(load_image_models, score_images, cfg, stages, tag=f"clip:{cfg.clip_model}:{cfg.nsfw_head}")
+
+
+def EmbedT5(cfg: T5Config) -> _ModelStage:
+    return _ModelStage(load_t5, embed_captions, cfg, (STAGE_T5,), tag=f"t5:{cfg.model}:{cfg.max_length}")

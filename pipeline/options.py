@@ -14,7 +14,7 @@ RESULT_FLAGS = (
     "max_image_pixels", "min_caption_chars", "max_caption_chars", "download_timeout", "retries",
     "max_redirects", "max_bytes", "user_agent_token", "disallowed_directives", "allow_hosts", "jpeg_draft",
     "toxicity", "toxicity_model", "max_toxicity", "toxicity_labels", "clip", "clip_model", "min_clip_similarity",
-    "nsfw", "nsfw_head", "max_punsafe",
+    "nsfw", "nsfw_head", "max_punsafe", "t5", "t5_model", "t5_max_length",
 )
 FILTER_MODES = ("filter", "score", "off")
 
@@ -66,6 +66,13 @@ def add_prepare_args(p: argparse.ArgumentParser) -> None:
     mf.add_argument("--nsfw", default="filter", choices=FILTER_MODES, help="LAION's NSFW head on the CLIP image embedding [filter]")
     mf.add_argument("--nsfw-head", default=None, help="NSFW head weights (.safetensors, or .pt loaded weights_only) sized for --clip-model")
     mf.add_argument("--max-punsafe", type=float, default=0.5, help="reject above this punsafe (LAION's recommended cut) [0.5]")
+    te = p.add_argument_group("text embedding (frozen T5, survivors only)")
+    te.add_argument("--t5", default="embed", choices=("embed", "off"), help="store each kept caption's T5 embedding [embed]")
+    te.add_argument("--t5-model", default="google/t5-v1_1-xxl", help="hub id in the local HF cache, or local:DIR [google/t5-v1_1-xxl]")
+    te.add_argument("--t5-max-length", type=int, default=128, help="tokens kept per caption, EOS included (Imagen: 128) [128]")
+    te.add_argument("--t5-max-tokens", type=int, default=None, help="padded tokens per T5 forward pass [4096 CPU, 16384 CUDA]")
+    te.add_argument("--t5-cross-process", action="store_true",
+                    help="one T5 per machine shared by all worker processes (Beam MultiProcessShared), e.g. on a GPU VM")
     mf.add_argument("--model-batch-size", type=int, default=64, help="batch size through each model [64]")
     mf.add_argument("--device", default=None, help="torch device for the models [cuda if available, else cpu]")
     p.add_argument("--quiet", action="store_true", help="no progress / funnel printout")

@@ -34,7 +34,7 @@ from pipeline.decode import Decode, DecodeConfig, Resize, ResizeStageConfig
 from pipeline.finalize import AccountingError, build_manifest, check_accounting, count_input_rows, funnel_from, match, read_footers, write_json
 from pipeline.image import ResizeConfig
 from pipeline.options import RESULT_FLAGS
-from pipeline.model_stages import CaptionToxicity, ImageFilterConfig, ImageFilters, ToxicityConfig
+from pipeline.model_stages import CaptionToxicity, EmbedT5, ImageFilterConfig, ImageFilters, T5Config, ToxicityConfig
 from pipeline.prefilter import Prefilter, PrefilterConfig
 from pipeline.records import compute_uid
 from pipeline.write import WriteShards, meta_schema, rejects_schema, shard_of
@@ -65,10 +65,15 @@ def image_filter_config(args) -> ImageFilterConfig:
     )
 
 
+def t5_config(args) -> T5Config:
+    return T5Config(model=args.t5_model, max_length=args.t5_max_length, max_tokens=args.t5_max_tokens,
+                    device=args.device, cross_process=args.t5_cross_process)
+
+
 def stage_modes(args) -> dict:
     """What each stage did in this run (the card and the funnel say which filters were active)."""
     return {"prefilter": "filter", "toxicity": args.toxicity, "download": "filter", "decode": "filter",
-            "resize": "filter", "clip": args.clip, "nsfw": args.nsfw}
+            "resize": "filter", "clip": args.clip, "nsfw": args.nsfw, "t5": "off" if args.t5 == "off" else "embed"}
 
 
 def describe_models(args) -> dict:
@@ -86,6 +91,15 @@ def describe_models(args) -> dict:
         models["clip"] = clip.source
         if nsfw is not None:
             models["nsfw"] = nsfw.source
+    if args.t5 != "off":
+        from embed.t5 import resolve_model_dir, weights_sha256, weight_files
+
+        # Hash the weights without loading the model: T5-XXL in the driver would cost minutes.
+        model_dir = resolve_model_dir(args.t5_model)
+        main_file, _ = weight_files(model_dir)
+        models["t5"] = {"spec": args.t5_model, "model_dir": str(model_dir), "weights_path": str(main_file),
+                        "sha256": weights_sha256(model_dir), "max_length": args.t5_max_length,
+                        "stored_dtype": "float16"}
     return models
 
 
@@ -193,6 +207,10 @@ def build_pipeline(p, args, input_schema, done_shards: frozenset, fingerprint: s
         scored = kept | "ImageFilters" >> ImageFilters(image_filter_config(args))
         kept = scored["main"]
         stage_rejects.append(scored["rejects"])
+    if args.t5 != "off":
+        embedded = kept | "EmbedT5" >> EmbedT5(t5_config(args))
+        kept = embedded["main"]
+        stage_rejects.append(embedded["rejects"])
 
     expected = (
         todo

@@ -19,7 +19,8 @@ STAGE_DECODE = "decode"
 STAGE_RESIZE = "resize"
 STAGE_CLIP = "clip"  # CLIP image-text similarity
 STAGE_NSFW = "nsfw"  # LAION's NSFW head on the same CLIP image embedding
-STAGES = (STAGE_PREFILTER, STAGE_TOXICITY, STAGE_DOWNLOAD, STAGE_DECODE, STAGE_RESIZE, STAGE_CLIP, STAGE_NSFW)
+STAGE_T5 = "t5"  # frozen T5 caption embedding, survivors only
+STAGES = (STAGE_PREFILTER, STAGE_TOXICITY, STAGE_DOWNLOAD, STAGE_DECODE, STAGE_RESIZE, STAGE_CLIP, STAGE_NSFW, STAGE_T5)
 
 # Reasons. Download reasons for HTTP errors are built as f"http_{status}" (http_404, http_410, ...).
 PREFILTER_REASONS = (
@@ -63,6 +64,7 @@ RESIZE_REASONS = ("resize_error",)
 TOXICITY_REASONS = ("toxic",)  # max score over the chosen Detoxify labels above --max-toxicity
 CLIP_REASONS = ("clip_similarity_low",)  # cosine similarity below --min-clip-similarity
 NSFW_REASONS = ("punsafe_high",)  # punsafe above --max-punsafe
+T5_REASONS = ("t5_fp16_overflow",)  # an embedding value outside float16's finite range
 # Each model stage also has "<stage>_error" for a record its model could not score.
 
 

@@ -51,6 +51,11 @@ KILN_META_FIELDS = [
     pa.field("clip_similarity", pa.float32()),  # cosine(CLIP image, CLIP caption), in [-1, 1]
     pa.field("punsafe", pa.float32()),  # LAION NSFW head on the CLIP image embedding, in [0, 1]
     pa.field("clip_image_embedding", pa.binary()),  # L2-normalised, float16 little-endian, embed_dim values
+    # Frozen T5: the caption's unpadded [t5_len, d_model] embedding (EOS included), float16
+    # little-endian, row-major; the same array as KEY.t5.npy. Null when --t5 off.
+    pa.field("t5_len", pa.int32()),
+    pa.field("t5_truncated", pa.bool_()),
+    pa.field("t5", pa.binary()),
 ]
 
 
@@ -107,6 +112,15 @@ def sample_json(record: dict) -> bytes:
     return json.dumps(clean, sort_keys=True, ensure_ascii=False, default=_json_default).encode("utf-8")
 
 
+def npy_bytes(array) -> bytes:
+    """The .npy file of `array` (little-endian float16), as numpy.load reads it."""
+    import numpy as np
+
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(array, dtype="<f2"), allow_pickle=False)
+    return buf.getvalue()
+
+
 class _HashingWriter:
     def __init__(self, f):
         self.f, self.sha, self.size = f, hashlib.sha256(), 0
@@ -143,6 +157,8 @@ def write_tar(f, samples: list[dict], image_ext: str, caption_column: str) -> tu
                 "json": sample_json(s),
                 "txt": str(s.get(caption_column) or "").encode("utf-8"),
             }
+            if s.get("_t5") is not None:
+                members["t5.npy"] = npy_bytes(s["_t5"])
             for ext in sorted(members):
                 data = members[ext]
                 info = tarfile.TarInfo(f"{s['uid']}.{ext}")
@@ -226,6 +242,9 @@ class _WriteShardFn(beam.DoFn):
             "rejects_file": {"path": f"rejects/{name}.parquet", "bytes": len(rej_bytes), "sha256": hashlib.sha256(rej_bytes).hexdigest()},
         }
         meta_rows = [{k: s.get(k) for k in self.meta_schema.names} for s in samples]
+        for row, s in zip(meta_rows, samples):
+            if s.get("_t5") is not None:
+                row["t5"] = s["_t5"].astype("<f2").tobytes()
         table = pa.Table.from_pylist(meta_rows, schema=self.meta_schema)
         table = table.replace_schema_metadata({META_KEY: json.dumps(footer, sort_keys=True).encode()})
         meta_bytes = _parquet_bytes(table)

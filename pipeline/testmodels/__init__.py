@@ -9,6 +9,8 @@ heads) is exercised with models we train or initialise ourselves:
               holds the measured threshold)
   nsfw.safetensors   LAION's NSFW head architecture sized for that CLIP, deterministic weights
   toxicity/   a Detoxify-format checkpoint over a tiny BERT with a locally built WordPiece vocab
+  t5/         a tiny T5 v1.1-shaped encoder (random init) with a SentencePiece tokenizer trained on
+              synthetic captions, saved with save_pretrained so the real from_pretrained path loads it
 
 `cached_test_models()` builds them once into `.kiln-cache/test-models/` (keyed by the builders'
 source, so editing a builder rebuilds) and is what the test suite and the demo use.
@@ -45,6 +47,7 @@ def build_test_models(out_dir: str | Path, seed: int = 0) -> dict:
 
     ensure_torch_compat()
     from pipeline.testmodels.clip import build_nsfw_head, build_tiny_clip
+    from pipeline.testmodels.t5 import build_tiny_t5
     from pipeline.testmodels.toxicity import build_tiny_detoxify
 
     out = Path(out_dir)
@@ -61,12 +64,16 @@ def build_test_models(out_dir: str | Path, seed: int = 0) -> dict:
     t0 = time.time()
     tox_dir = Path(build_tiny_detoxify(out / "toxicity", seed=seed))
     timings["toxicity_s"] = round(time.time() - t0, 1)
+    t0 = time.time()
+    t5_dir = Path(build_tiny_t5(out / "t5", seed=seed))
+    timings["t5_s"] = round(time.time() - t0, 1)
     calibration = json.loads((clip_dir / "calibration.json").read_text())
     manifest = {
         "seed": seed,
         "clip": str(clip_dir),
         "nsfw": str(nsfw),
         "toxicity": str(tox_dir),
+        "t5": str(t5_dir),
         "min_clip_similarity": calibration["min_clip_similarity"],
         "build_seconds": timings,
     }
@@ -81,6 +88,7 @@ def prepare_flags(models: dict) -> list[str]:
         "--clip-model", f"local-dir:{models['clip']}",
         "--nsfw-head", models["nsfw"],
         "--min-clip-similarity", str(models["min_clip_similarity"]),
+        "--t5-model", f"local:{models['t5']}",
     ]
 
 

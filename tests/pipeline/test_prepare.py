@@ -39,7 +39,7 @@ def prepare(web_server, out: Path, *flags, beam=()):
     w, server = web_server
     args = prepare_args(str(w.metadata_path), str(out), server.allow_hosts, "--quiet", "--image-size", str(IMAGE_SIZE),
                         "--download-timeout", "3", "--samples-per-shard", "60",
-                        "--toxicity", "off", "--clip", "off", "--nsfw", "off", *flags)
+                        "--toxicity", "off", "--clip", "off", "--nsfw", "off", "--t5", "off", *flags)
     return run(args, list(beam))
 
 
