@@ -99,6 +99,7 @@ def describe_models(args) -> dict:
         main_file, _ = weight_files(model_dir)
         models["t5"] = {"spec": args.t5_model, "model_dir": str(model_dir), "weights_path": str(main_file),
                         "sha256": weights_sha256(model_dir), "max_length": args.t5_max_length,
+                        "d_model": json.loads((model_dir / "config.json").read_text()).get("d_model"),
                         "stored_dtype": "float16"}
     return models
 

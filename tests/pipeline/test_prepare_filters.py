@@ -109,7 +109,7 @@ def test_scores_reach_kept_rows_json_and_rejects(filtered):
 def test_models_recorded_with_sha256(filtered, models):
     _, stats = filtered
     recorded = stats["models"]
-    assert set(recorded) == {"toxicity", "clip", "nsfw"}
+    assert set(recorded) == {"toxicity", "clip", "nsfw", "t5"}
     nsfw_sha = hashlib.sha256(Path(models["nsfw"]).read_bytes()).hexdigest()
     assert recorded["nsfw"]["sha256"] == nsfw_sha
     clip_file = Path(models["clip"]) / "open_clip_model.safetensors"
@@ -148,3 +148,30 @@ def test_mismatched_nsfw_head_fails_before_the_job(web, models, tmp_path):
     wrong = build_nsfw_head(tmp_path / "wrong", input_dim=768, seed=0)
     with pytest.raises(ValueError, match="768"):
         prepare(web, models, tmp_path / "x", "--nsfw-head", str(wrong))
+
+
+def test_t5_embeddings_in_tar_and_parquet_agree_and_match_the_encoder(filtered, models):
+    import io
+    import tarfile
+
+    from embed.t5 import T5Embedder
+
+    out, stats = filtered
+    meta = {r["uid"]: r for r in rows(out, "meta")}
+    d_model = json.loads((Path(models["t5"]) / "config.json").read_text())["d_model"]
+    with tarfile.open(out / "shards" / "000000.tar") as tar:
+        npys = {m.name[: -len(".t5.npy")]: tar.extractfile(m).read() for m in tar.getmembers() if m.name.endswith(".t5.npy")}
+    assert npys
+    for uid, blob in npys.items():
+        arr = np.load(io.BytesIO(blob), allow_pickle=False)
+        row = meta[uid]
+        assert arr.dtype == np.float16 and arr.shape == (row["t5_len"], d_model)
+        assert np.array_equal(arr, np.frombuffer(row["t5"], "<f2").reshape(-1, d_model))
+    # The stored arrays are what the encoder gives for the caption alone (bucketing changes nothing).
+    enc = T5Embedder(f"local:{models['t5']}", device="cpu")
+    some = list(npys)[:8]
+    ref = enc.embed([meta[u]["TEXT"] for u in some])
+    for uid, r in zip(some, ref):
+        assert np.allclose(np.load(io.BytesIO(npys[uid])).astype(np.float32), r.array.astype(np.float32), atol=2e-3)
+        assert meta[uid]["t5_truncated"] == r.truncated
+    assert stats["models"]["t5"]["sha256"] and stats["models"]["t5"]["max_length"] == 128
