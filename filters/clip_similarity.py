@@ -30,17 +30,17 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["ClipScores", "ClipScorer", "preprocess_images", "sha256_file"]
+__all__ = ["ClipScorer", "ClipScores", "preprocess_images", "sha256_file"]
 
 # The HF hub file names open_clip uses (open_clip.constants)
 _HF_SAFE_WEIGHTS = "open_clip_model.safetensors"
@@ -120,11 +120,17 @@ def _fit_one(img, size: int, resize_mode: str, interpolation: str, fill: int, bg
     a = _as_hwc3(img)
     h, w = a.shape[:2]
     if resize_mode == "shortest":
-        # open_clip: resize the shorter side to `size`, then center-crop. Cropping the same region in
-        # source pixels first is equivalent up to a sub-pixel offset and resizes fewer pixels.
-        s = min(h, w)
-        top, left = int(round((h - s) / 2.0)), int(round((w - s) / 2.0))
-        r = _resize(a[top : top + s, left : left + s], size, size, interpolation)
+        # open_clip (torchvision Resize(size) + CenterCrop(size)) with its exact geometry: longer side
+        # int(size * long / short), crop offset round((L - size) / 2). Cropping the square in source
+        # pixels first would resize fewer pixels, but its sub-pixel offset moves shapes across patch
+        # borders: small models then differ from open_clip's scores by up to ~0.07 (measured).
+        if h == w:
+            r = _resize(a, size, size, interpolation)
+        else:
+            nw, nh = (size, int(size * h / w)) if w < h else (int(size * w / h), size)
+            r = _resize(a, nw, nh, interpolation)
+            top, left = round((nh - size) / 2.0), round((nw - size) / 2.0)
+            r = r[top : top + size, left : left + size]
     elif resize_mode == "squash":
         r = _resize(a, size, size, interpolation)
     elif resize_mode == "longest":
@@ -276,7 +282,7 @@ class ClipScorer:
 
         weights_file: str | None = None
         name = model
-        if model.startswith("local-dir:") or model.startswith("hf-hub:"):
+        if model.startswith(("local-dir:", "hf-hub:")):
             if model.startswith("hf-hub:"):
                 repo_id = model[len("hf-hub:") :]
                 tried: list[str] = []
@@ -307,10 +313,8 @@ class ClipScorer:
             tag_cfg: dict = {}
             if weights_path is not None:
                 weights_file = str(weights_path)
-                if pretrained:
-                    import open_clip as oc
-
-                    tag_cfg = oc.get_pretrained_cfg(model, pretrained) or {}
+                if pretrained:  # a known tag still supplies its preprocessing and QuickGELU settings
+                    tag_cfg = open_clip.get_pretrained_cfg(model, pretrained) or {}
             elif pretrained and os.path.isfile(pretrained):
                 weights_file = pretrained
             elif pretrained:
@@ -355,11 +359,12 @@ class ClipScorer:
         self._bias = (-mean / std).view(1, 3, 1, 1).to(self.device)
         self.mean, self.std = tuple(mean.tolist()), tuple(std.tolist())
         self.embed_dim = int(self._probe_embed_dim())
+        self._trim_text = self._can_trim_text()
 
     # -- construction --------------------------------------------------------------------------
 
     @classmethod
-    def from_spec(cls, spec: str, **kw) -> "ClipScorer":
+    def from_spec(cls, spec: str, **kw) -> ClipScorer:
         """"Name:tag" | "Name:random" | "local-dir:/path" | "hf-hub:org/repo" (see module docstring)."""
         spec = spec.strip()
         if spec.startswith(("local-dir:", "hf-hub:")):
@@ -443,19 +448,60 @@ class ClipScorer:
                 out[s : s + len(batch)] = F.normalize(feats.float(), dim=-1).cpu().numpy()
         return out
 
+    def _can_trim_text(self) -> bool:
+        """True for open_clip's standard CLIP text tower: causal mask + EOT (argmax) pooling.
+
+        There a token attends only to earlier ones and only the EOT position is read, so the
+        padding after the longest caption's EOT cannot change the result: encoding
+        tokens[:, :L] is the same computation as encoding all `context_length` positions.
+        """
+        m = self.model
+        return (
+            type(m).__name__ == "CLIP"
+            and getattr(m, "text_pool_type", None) == "argmax"
+            and isinstance(getattr(m, "attn_mask", None), torch.Tensor)
+            and isinstance(getattr(m, "positional_embedding", None), torch.Tensor)
+            and hasattr(m, "token_embedding")
+            and hasattr(m, "ln_final")
+        )
+
+    def _encode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        m = self.model
+        if not self._trim_text:
+            return m.encode_text(tokens)
+        length = int(tokens.argmax(dim=-1).max()) + 1
+        t = tokens[:, :length]
+        cast = m.transformer.get_cast_dtype()
+        x = m.token_embedding(t).to(cast) + m.positional_embedding[:length].to(cast)
+        x = m.transformer(x, attn_mask=m.attn_mask[:length, :length])
+        x = m.ln_final(x)
+        x = x[torch.arange(x.shape[0], device=x.device), t.argmax(dim=-1)]
+        proj = m.text_projection
+        if proj is not None:
+            x = proj(x) if isinstance(proj, torch.nn.Linear) else x @ proj
+        return x
+
     def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
-        """float32 [n, d] L2-normalised text embeddings (captions truncated to the context length)."""
+        """float32 [n, d] L2-normalised text embeddings (captions truncated to the context length).
+
+        Captions are tokenised once, encoded in length-sorted batches, and (for standard CLIP text
+        towers) only up to the batch's longest caption instead of all context positions.
+        """
         n = len(texts)
         out = np.empty((n, self.embed_dim), dtype=np.float32)
         if n == 0:
             return out
+        tokens = self.tokenizer(["" if t is None else str(t) for t in texts])
+        if self._trim_text:
+            order = torch.argsort(tokens.argmax(dim=-1), stable=True)
+        else:
+            order = torch.arange(n)
         bs = self.batch_size
         with torch.inference_mode(), self._autocast():
             for s in range(0, n, bs):
-                chunk = ["" if t is None else str(t) for t in texts[s : s + bs]]
-                tokens = self.tokenizer(chunk).to(self.device)
-                feats = self.model.encode_text(tokens)
-                out[s : s + len(chunk)] = F.normalize(feats.float(), dim=-1).cpu().numpy()
+                idx = order[s : s + bs]
+                feats = self._encode_tokens(tokens[idx].to(self.device))
+                out[idx.numpy()] = F.normalize(feats.float(), dim=-1).cpu().numpy()
         return out
 
     def score(self, images: Sequence, texts: Sequence[str], channel_order: str = "rgb") -> ClipScores:

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["NsfwHead", "NsfwScorer", "load_nsfw_state_dict", "LAYOUT"]
+__all__ = ["LAYOUT", "NsfwHead", "NsfwScorer", "load_nsfw_state_dict"]
 
 LAYOUT = "laion-h14-nsfw-mlp"
 _ACTIVATIONS = ("clamp", "sigmoid")
@@ -102,7 +102,7 @@ def load_nsfw_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tenso
             sd = sd["state_dict"]
         if not isinstance(sd, dict):
             raise ValueError(f"{path}: expected a state_dict, got {type(sd).__name__}")
-    sd = {k[len("module.") :] if k.startswith("module.") else k: v for k, v in sd.items()}
+    sd = {k.removeprefix("module."): v for k, v in sd.items()}
     if sd and all(k.split(".")[0].isdigit() for k in sd):  # a bare Sequential's state_dict
         sd = {f"layers.{k}": v for k, v in sd.items()}
     return sd, meta
@@ -168,10 +168,10 @@ class NsfwScorer:
             "activation": self.activation,
         }
 
-    def check_compatible(self, embed_dim: int, model_name: str | None = None) -> None:
-        """Raise ValueError unless the CLIP model's embedding width is the head's input width."""
+    def check_compatible(self, embed_dim: int, clip_name: str | None = None) -> None:
+        """Raise ValueError unless the CLIP model's embedding width (`clip_name`'s) is the head's input width."""
         if int(embed_dim) != self.input_dim:
-            who = f"the CLIP model {model_name!r}" if model_name else "the CLIP model"
+            who = f"the CLIP model {clip_name!r}" if clip_name else "the CLIP model"
             raise ValueError(
                 f"NSFW head expects {self.input_dim}-d CLIP image embeddings but {who} produces {int(embed_dim)}-d "
                 f"embeddings; use the head trained for that CLIP model (head: {self.weights_path})"
