@@ -175,3 +175,15 @@ def test_t5_embeddings_in_tar_and_parquet_agree_and_match_the_encoder(filtered, 
         assert np.allclose(np.load(io.BytesIO(npys[uid])).astype(np.float32), r.array.astype(np.float32), atol=2e-3)
         assert meta[uid]["t5_truncated"] == r.truncated
     assert stats["models"]["t5"]["sha256"] and stats["models"]["t5"]["max_length"] == 128
+
+
+def test_t5_shared_across_processes_gives_the_same_embeddings(web, models, filtered, tmp_path):
+    out, _ = filtered
+    stats = prepare(web, models, tmp_path / "xproc", "--t5-cross-process", beam=MULTI)
+    assert stats["accounting"]["ok"]
+    ref = {r["uid"]: r["t5"] for r in rows(out, "meta")}
+    got = {r["uid"]: r["t5"] for r in rows(tmp_path / "xproc", "meta")}
+    assert got.keys() == ref.keys()
+    # Another process and other batch mates may round the last float16 bit differently.
+    f16 = lambda b: np.frombuffer(b, "<f2").astype(np.float32)  # noqa: E731
+    assert all(np.allclose(f16(got[u]), f16(ref[u]), atol=2e-3) for u in ref)
