@@ -36,6 +36,24 @@ def _embed_prompts(args, extra):
     return main_embed_prompts(args)
 
 
+def _train(args, extra):
+    from train.cli import main_train
+
+    return main_train(args)
+
+
+def _sample(args, extra):
+    from train.cli import main_sample
+
+    return main_sample(args)
+
+
+def _card(args, extra):
+    from pipeline.card import main_card
+
+    return main_card(args)
+
+
 def _demo(args, extra):
     from pipeline.demo import main
 
@@ -85,6 +103,21 @@ def build_parser() -> argparse.ArgumentParser:
     add_embed_prompts_args(e)
     e.set_defaults(func=_embed_prompts)
 
+    c = sub.add_parser("card", help="write the dataset card (README.md + plots) for a prepared dataset")
+    from pipeline.card import add_card_args
+
+    add_card_args(c)
+    c.set_defaults(func=_card)
+
+    from train.cli import add_sample_args, add_train_args
+
+    t = sub.add_parser("train", help="train one cascade stage (base64 / sr256 / sr1024 / tiny-*) from the shards")
+    add_train_args(t)
+    t.set_defaults(func=_train)
+    sm = sub.add_parser("sample", help="sample the cascade (base -> sr256 -> sr1024, each optional) into a grid PNG")
+    add_sample_args(sm)
+    sm.set_defaults(func=_sample)
+
     d = sub.add_parser("demo", help="synthesise a small web, serve it, run `kiln prepare` on it and print the funnel")
     d.add_argument("--workdir", default="build/demo", help="where the web and the dataset go [build/demo]")
     d.add_argument("--rows", type=int, default=500)
@@ -101,7 +134,15 @@ def _version() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
     args, extra = parser.parse_known_args(argv)
+    if getattr(args, "options", None):
+        from pipeline.beam_yaml import OptionsFileError, apply_options_file
+
+        try:
+            args, extra = apply_options_file(args, extra, argv)
+        except OptionsFileError as err:
+            parser.error(str(err))
     if extra and not getattr(args, "beam_args", False):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     return int(args.func(args, extra) or 0)

@@ -25,6 +25,9 @@ def add_prepare_args(p: argparse.ArgumentParser) -> None:
     io_.add_argument("--output", required=True, help="dataset directory to write")
     io_.add_argument("--samples-per-shard", type=int, default=10_000, help="target kept+rejected candidates per shard (shards are uid ranges) [10000]")
     io_.add_argument("--overwrite", action="store_true", help="delete an existing output first instead of skipping / resuming it")
+    io_.add_argument("--options", default=None, metavar="YAML",
+                     help="a beam_options/*.yaml file: Beam flags, and kiln defaults under 'kiln:'; flags on the command line win")
+    io_.add_argument("--no-card", dest="card", action="store_false", help="do not write the dataset card (README.md + card_plots/)")
     pre = p.add_argument_group("prefilter (metadata only, before any download)")
     pre.add_argument("--min-caption-chars", type=int, default=3)
     pre.add_argument("--max-caption-chars", type=int, default=1000)
@@ -75,4 +78,7 @@ def add_prepare_args(p: argparse.ArgumentParser) -> None:
                     help="one T5 per machine shared by all worker processes (Beam MultiProcessShared), e.g. on a GPU VM")
     mf.add_argument("--model-batch-size", type=int, default=64, help="batch size through each model [64]")
     mf.add_argument("--device", default=None, help="torch device for the models [cuda if available, else cpu]")
+    mf.add_argument("--gpu-resource-hint", default=None, metavar="HINT",
+                    help="Beam accelerator resource hint for the model stages only (Dataflow format, e.g. "
+                         "'type:nvidia-l4;count:1;install-nvidia-driver'); not on Download or the writers [none]")
     p.add_argument("--quiet", action="store_true", help="no progress / funnel printout")

@@ -30,12 +30,14 @@ from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipeline import __version__
+from pipeline.beam_yaml import hinted, model_stage_hints
 from pipeline.decode import Decode, DecodeConfig, Resize, ResizeStageConfig
 from pipeline.finalize import AccountingError, build_manifest, check_accounting, count_input_rows, funnel_from, match, read_footers, write_json
 from pipeline.image import ResizeConfig
 from pipeline.options import RESULT_FLAGS
 from pipeline.model_stages import CaptionToxicity, EmbedT5, ImageFilterConfig, ImageFilters, T5Config, ToxicityConfig
 from pipeline.prefilter import Prefilter, PrefilterConfig
+from pipeline.progress import LocalProgress, ProgressPrinter, tap, tap_all
 from pipeline.records import compute_uid
 from pipeline.write import WriteShards, meta_schema, rejects_schema, shard_of
 
@@ -152,8 +154,11 @@ class _Route(beam.DoFn):
             yield record
 
 
-def build_pipeline(p, args, input_schema, done_shards: frozenset, fingerprint: str):
-    """Compose the job's labelled transforms on pipeline `p` (a TestPipeline in tests)."""
+def build_pipeline(p, args, input_schema, done_shards: frozenset, fingerprint: str, progress_dir: str | None = None):
+    """Compose the job's labelled transforms on pipeline `p` (a TestPipeline in tests).
+
+    `progress_dir`: where the progress taps of a local run write their counts (pipeline.progress).
+    A `gpu_resource_hint` on args puts Beam's accelerator hint on the three model stages only."""
     pre_cfg = PrefilterConfig(
         min_caption_chars=args.min_caption_chars,
         max_caption_chars=args.max_caption_chars,
@@ -182,6 +187,8 @@ def build_pipeline(p, args, input_schema, done_shards: frozenset, fingerprint: s
         | "ReadMetadata" >> beam.io.ReadFromParquet(args.input)
         | "AssignUid" >> beam.ParDo(_AssignUid(pre_cfg.url_column, pre_cfg.caption_column))
     )
+    rows = tap(rows, progress_dir, "read")
+    gpu = model_stage_hints(args)  # {} unless --gpu-resource-hint / the options file's kiln: gpu_resource_hint
     pre = rows | "Prefilter" >> Prefilter(pre_cfg)
     num_shards = (
         pre["main"]
@@ -195,7 +202,7 @@ def build_pipeline(p, args, input_schema, done_shards: frozenset, fingerprint: s
     stage_rejects = [pre_rejects]
     to_download = todo
     if args.toxicity != "off":
-        toxicity = todo | "CaptionToxicity" >> CaptionToxicity(toxicity_config(args))
+        toxicity = todo | "CaptionToxicity" >> hinted(CaptionToxicity(toxicity_config(args)), gpu)
         to_download = toxicity["main"]
         stage_rejects.append(toxicity["rejects"])
     downloaded = to_download | "Download" >> _download(args)
@@ -205,11 +212,11 @@ def build_pipeline(p, args, input_schema, done_shards: frozenset, fingerprint: s
     stage_rejects += [downloaded["rejects"], decoded["rejects"], resized["rejects"]]
     kept = resized["main"]
     if args.clip != "off":
-        scored = kept | "ImageFilters" >> ImageFilters(image_filter_config(args))
+        scored = kept | "ImageFilters" >> hinted(ImageFilters(image_filter_config(args)), gpu)
         kept = scored["main"]
         stage_rejects.append(scored["rejects"])
     if args.t5 != "off":
-        embedded = kept | "EmbedT5" >> EmbedT5(t5_config(args))
+        embedded = kept | "EmbedT5" >> hinted(EmbedT5(t5_config(args)), gpu)
         kept = embedded["main"]
         stage_rejects.append(embedded["rejects"])
 
@@ -225,9 +232,9 @@ def build_pipeline(p, args, input_schema, done_shards: frozenset, fingerprint: s
         | "Once" >> beam.Create([None])
         | "AllShards" >> beam.FlatMap(lambda _, n: [(i, ("expect", 0)) for i in range(n) if i not in done_shards], n_side)
     )
-    samples = kept | "KeySamples" >> beam.Map(lambda r: (r["shard"], ("sample", r)))
+    samples = tap(kept, progress_dir, "kept") | "KeySamples" >> beam.Map(lambda r: (r["shard"], ("sample", r)))
     rejects = (
-        stage_rejects
+        tap_all(stage_rejects, progress_dir, "rejected")
         | "AllRejects" >> beam.Flatten()
         | "KeyRejects" >> beam.Map(lambda r: (r["shard"], ("reject", r)))
     )
@@ -335,9 +342,21 @@ def run(args: argparse.Namespace, beam_argv: list[str], test_pipeline=None) -> d
     models = describe_models(args)
     options = PipelineOptions(beam_argv)
     p = test_pipeline if test_pipeline is not None else beam.Pipeline(options=options)
-    build_pipeline(p, args, input_schema, done, fingerprint)
-    result = p.run()
-    result.wait_until_finish()
+    # Progress: local runs count rows with taps (the DirectRunner's run() blocks, so its metrics
+    # cannot be polled); a runner whose run() returns at once (Dataflow) is polled for its counters.
+    progress = LocalProgress.for_run(options, enabled=not args.quiet)
+    build_pipeline(p, args, input_schema, done, fingerprint, progress_dir=progress.dir if progress else None)
+    printer = progress.printer(input_rows).start() if progress else None
+    try:
+        result = p.run()
+        if printer is None and not args.quiet:
+            printer = ProgressPrinter(result, input_rows, interval_s=30).start()
+        result.wait_until_finish()
+    finally:
+        if printer is not None:
+            printer.stop()
+        if progress is not None:
+            progress.close()
     counters = _counters(result)
 
     footers = read_footers(output)
@@ -380,6 +399,10 @@ def run(args: argparse.Namespace, beam_argv: list[str], test_pipeline=None) -> d
     )
     write_json(f"{output}/manifest.json", build_manifest(footers))
     write_json(f"{output}/stats.json", stats)
+    if args.card:
+        from pipeline.card import write_card
+
+        write_card(output)  # re-checks the files against stats.json; CardError fails the run
     with FileSystems.create(f"{output}/_SUCCESS") as f:
         f.write(b"")
     if not args.quiet:
@@ -402,9 +425,11 @@ def print_funnel(stats: dict, output: str) -> None:
 
 
 def main(args: argparse.Namespace, beam_argv: list[str]) -> int:
+    from pipeline.card import CardError
+
     try:
         run(args, beam_argv)
-    except AccountingError as err:
+    except (AccountingError, CardError) as err:
         print(f"kiln prepare: FAILED: {err}", file=sys.stderr)
         return 1
     return 0

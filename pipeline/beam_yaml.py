@@ -1,0 +1,321 @@
+"""`beam_options/*.yaml`: one file per way of running `kiln prepare`, turned into Beam flags.
+
+A file is a YAML mapping of Beam pipeline options (the names Beam's own flags use, without `--`)
+plus an optional `kiln:` section of kiln's own `prepare` settings:
+
+    runner: DataflowRunner            # -> --runner=DataflowRunner
+    save_main_session: true           # -> --save_main_session      (a boolean flag)
+    experiments: [use_runner_v2]      # -> --experiments=use_runner_v2 (a list repeats the flag)
+    kiln:
+      samples_per_shard: 5000         # default for --samples-per-shard
+      gpu_resource_hint: "type:nvidia-l4;count:1;install-nvidia-driver"
+
+    beam_argv, kiln_defaults = load_options_file("beam_options/dataflow.yaml")
+    beam_argv = merge_beam_args(beam_argv, cli_beam_args)      # the command line wins
+
+The command line always wins: a Beam option given on the command line replaces the file's value
+(for options Beam lets you repeat, such as `--experiments`, the command line's values are added to
+the file's), and a kiln flag typed on the command line beats the file's `kiln:` default
+(`apply_options_file`). Option names are checked against Beam's own option classes, so a typo in
+a committed file fails loudly instead of being dropped with a warning at submission time.
+
+The model stages (CaptionToxicity, ImageFilters, EmbedT5) alone get the GPU on Dataflow: the
+`kiln: gpu_resource_hint` value becomes an `accelerator` resource hint on exactly those
+transforms (`model_stage_hints`, `hinted`), never on Download or the writers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+
+import yaml
+
+KILN_SECTION = "kiln"
+# `kiln:` keys that are not `kiln prepare` flags (yet) but are read by the job itself.
+KILN_RUNTIME_KEYS = ("gpu_resource_hint",)
+# The labels of the transforms that load a model; the only ones an accelerator hint goes on.
+MODEL_STAGE_LABELS = ("CaptionToxicity", "ImageFilters", "EmbedT5")
+
+
+# The placeholders the shipped files use for values only their user knows (project, bucket, image).
+PLACEHOLDER = re.compile(r"\byour-(project|bucket)\b")
+
+
+class OptionsFileError(ValueError):
+    """An options file that is not a mapping, names an unknown option, or has a bad value."""
+
+
+# -- Beam's option parser, for names, aliases and flag kinds ---------------------------------------
+
+
+def _beam_parser() -> argparse.ArgumentParser:
+    """Every option Beam's PipelineOptions subclasses define (as PipelineOptions.get_all_options
+    builds it), so names, aliases (`machine_type` = `worker_machine_type`) and kinds are Beam's."""
+    from apache_beam.options import pipeline_options as po
+
+    parser = po._BeamArgumentParser(allow_abbrev=False)  # noqa: SLF001 - the parser Beam itself uses
+    seen = {}
+    for cls in _all_subclasses(po.PipelineOptions):
+        seen.setdefault(f"{cls.__module__}.{cls.__qualname__}", cls)
+    for cls in seen.values():
+        try:
+            cls._add_argparse_args(parser)  # noqa: SLF001
+        except argparse.ArgumentError:
+            pass  # an options class defined twice (a test's, or a re-imported module's)
+    return parser
+
+
+def _all_subclasses(cls):
+    out = []
+    for sub in cls.__subclasses__():
+        out.append(sub)
+        out.extend(_all_subclasses(sub))
+    return out
+
+
+def _beam_action(parser: argparse.ArgumentParser, name: str):
+    return parser._option_string_actions.get(f"--{name}")  # noqa: SLF001
+
+
+def _is_flag(action) -> bool:
+    """A flag that takes no value (store_true / store_false / store_const)."""
+    return action is not None and action.nargs == 0
+
+
+def _is_repeatable(action) -> bool:
+    """An option whose repeats accumulate (`--experiments a --experiments b`): argparse's append /
+    extend, and Beam's own accumulating actions (comma-separated lists, JSON dict unions)."""
+    if action is None:
+        return False
+    if isinstance(action, (argparse._AppendAction, argparse._ExtendAction)):  # noqa: SLF001
+        return True
+    return type(action).__name__ in ("_CommaSeparatedListAction", "_DictUnionAction", "_GcsCustomAuditEntriesAction")
+
+
+# -- YAML -> flags ---------------------------------------------------------------------------------
+
+
+def options_to_argv(options: dict, *, source: str = "options") -> list[str]:
+    """A mapping of Beam option names to values -> Beam command-line flags, in the mapping's order.
+
+    `true` gives the bare flag (`--save_main_session`); `false` or `null` gives nothing (write the
+    option's own negative form, e.g. `no_use_public_ips: true`, to turn a default-on option off);
+    a list repeats the flag once per item; a mapping is passed as JSON; anything else as `str()`.
+    """
+    parser = _beam_parser()
+    argv = []
+    for key, value in options.items():
+        if not isinstance(key, str) or not key or key.startswith("-"):
+            raise OptionsFileError(f"{source}: option names are Beam's flag names without '--', got {key!r}")
+        action = _beam_action(parser, key)
+        if action is None:
+            raise OptionsFileError(f"{source}: {key!r} is not a Beam pipeline option (a typo? kiln's own settings go under '{KILN_SECTION}:')")
+        if value is None or value is False:
+            if value is False and not _is_flag(action):
+                # false for a valued option (e.g. save_main_session has no value, but
+                # use_public_ips does not exist as a flag) is ambiguous: say so rather than guess.
+                raise OptionsFileError(f"{source}: {key}: false is only meaningful for a flag; omit the option or give a value")
+            continue
+        if value is True:
+            if not _is_flag(action):
+                raise OptionsFileError(f"{source}: {key} takes a value, got true")
+            argv.append(f"--{key}")
+            continue
+        if _is_flag(action):
+            raise OptionsFileError(f"{source}: {key} is a flag: write true (or false to leave it off), got {value!r}")
+        items = value if isinstance(value, list) else [value]
+        if isinstance(value, list) and not _is_repeatable(action) and len(value) != 1:
+            raise OptionsFileError(f"{source}: {key} takes one value, got a list of {len(value)}")
+        for item in items:
+            if isinstance(item, (dict, list)):
+                item = json.dumps(item, sort_keys=True)
+            elif isinstance(item, bool):
+                item = str(item).lower()
+            if action.choices is not None:
+                try:
+                    typed = action.type(item) if action.type is not None else item
+                except (TypeError, ValueError):
+                    typed = item
+                if typed not in action.choices and str(item) not in action.choices:
+                    raise OptionsFileError(f"{source}: {key}: {item!r} is not one of {list(action.choices)}")
+            argv.append(f"--{key}={item}")
+    return argv
+
+
+def load_options_file(path: str | Path) -> tuple[list[str], dict]:
+    """A `beam_options/*.yaml` file -> (Beam argv, kiln defaults from its `kiln:` section)."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise OptionsFileError(f"options file not found: {path}") from None
+    except yaml.YAMLError as err:
+        raise OptionsFileError(f"{path}: not valid YAML: {err}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise OptionsFileError(f"{path}: an options file is a YAML mapping of option: value, got {type(data).__name__}")
+    data = dict(data)
+    kiln = data.pop(KILN_SECTION, None) or {}
+    if not isinstance(kiln, dict):
+        raise OptionsFileError(f"{path}: '{KILN_SECTION}:' must be a mapping of kiln prepare settings")
+    kiln = {str(k).replace("-", "_"): v for k, v in kiln.items()}
+    return options_to_argv(data, source=str(path)), kiln
+
+
+# -- merging with the command line -----------------------------------------------------------------
+
+
+def _split_flags(argv: list[str], parser: argparse.ArgumentParser) -> list[tuple[str | None, list[str]]]:
+    """argv -> [(canonical dest or None, tokens)], keeping each option's value token with it."""
+    out, i = [], 0
+    while i < len(argv):
+        tok = argv[i]
+        if not tok.startswith("--") or tok == "--":
+            out.append((None, [tok]))
+            i += 1
+            continue
+        name, eq, _ = tok[2:].partition("=")
+        action = _beam_action(parser, name) or _beam_action(parser, name.replace("-", "_"))
+        dest = action.dest if action is not None else name.replace("-", "_")
+        tokens = [tok]
+        takes_value = (action is None or not _is_flag(action)) and not eq
+        if takes_value and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+            tokens.append(argv[i + 1])
+            i += 1
+        out.append((dest, tokens))
+        i += 1
+    return out
+
+
+def merge_beam_args(file_args: list[str], cli_args: list[str]) -> list[str]:
+    """The file's Beam flags, then the command line's; an option on the command line replaces the
+    file's value (for a repeatable option such as --experiments, the command line adds to it)."""
+    parser = _beam_parser()
+    cli = _split_flags(list(cli_args), parser)
+    cli_dests = {d for d, _ in cli if d is not None}
+    kept = []
+    for dest, tokens in _split_flags(list(file_args), parser):
+        if dest is None or dest not in cli_dests:
+            kept.extend(tokens)
+            continue
+        action = next((a for a in parser._actions if a.dest == dest), None)  # noqa: SLF001
+        if _is_repeatable(action):
+            kept.extend(tokens)
+    cli_tokens = [t for _, tokens in cli for t in tokens]
+    # A repeatable value given in both places appears once.
+    seen, merged = set(), []
+    for dest, tokens in _split_flags(kept + cli_tokens, parser):
+        key = (dest, tuple(tokens)) if dest is not None else None
+        if key is not None and key in seen:
+            continue
+        if key is not None:
+            seen.add(key)
+        merged.extend(tokens)
+    return merged
+
+
+def _explicit_prepare_dests(argv: list[str]) -> set[str]:
+    """The `kiln prepare` settings actually typed in argv (not their defaults)."""
+    from pipeline.options import add_prepare_args
+
+    p = argparse.ArgumentParser(add_help=False)  # abbreviations allowed, as in the real parser
+    add_prepare_args(p)
+    for action in p._actions:  # noqa: SLF001
+        action.default = argparse.SUPPRESS
+        action.required = False
+    ns, _ = p.parse_known_args(argv)
+    return set(vars(ns))
+
+
+def _prepare_actions() -> dict:
+    from pipeline.options import add_prepare_args
+
+    p = argparse.ArgumentParser(add_help=False)
+    add_prepare_args(p)
+    return {a.dest: a for a in p._actions}  # noqa: SLF001
+
+
+def apply_options_file(args: argparse.Namespace, beam_argv: list[str], argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    """Apply `args.options` (a beam_options YAML file) to parsed `kiln prepare` args.
+
+    `argv` is the command line as typed (used to tell flags given explicitly from defaults). The
+    file's `kiln:` values become the defaults of the matching flags; a flag typed on the command
+    line keeps its value. Returns (args, Beam argv with the file's flags merged under the CLI's).
+    """
+    path = getattr(args, "options", None)
+    if not path:
+        return args, list(beam_argv)
+    file_argv, kiln = load_options_file(path)
+    actions = _prepare_actions()
+    explicit = _explicit_prepare_dests(argv)
+    args = argparse.Namespace(**vars(args))
+    for key, value in kiln.items():
+        if key in KILN_RUNTIME_KEYS and key not in actions:
+            if getattr(args, key, None) is None:
+                setattr(args, key, value)
+            continue
+        action = actions.get(key)
+        if action is None or key in ("input", "output", "options", "help"):
+            raise OptionsFileError(f"{path}: kiln: {key!r} is not a kiln prepare setting (known: {sorted(set(actions) - {'help', 'input', 'output', 'options'})})")
+        if key in explicit:
+            continue
+        if value is not None and action.type is not None and not isinstance(value, bool):
+            try:
+                value = action.type(value)
+            except (TypeError, ValueError) as err:
+                raise OptionsFileError(f"{path}: kiln: {key}: {err}") from None
+        if action.choices is not None and value not in action.choices:
+            raise OptionsFileError(f"{path}: kiln: {key}: {value!r} is not one of {list(action.choices)}")
+        setattr(args, key, value)
+    for key in KILN_RUNTIME_KEYS:
+        if not hasattr(args, key):
+            setattr(args, key, None)
+    merged = merge_beam_args(file_argv, list(beam_argv))
+    left = placeholders(merged)
+    if left:
+        raise OptionsFileError(f"{path}: replace the placeholder values before submitting (in the file or on the command line): {' '.join(left)}")
+    return args, merged
+
+
+def placeholders(argv: list[str]) -> list[str]:
+    """The flags in argv whose value is still a shipped placeholder (your-project, your-bucket)."""
+    return [tok for tok in argv if PLACEHOLDER.search(tok)]
+
+
+# -- resource hints on the model stages ------------------------------------------------------------
+
+
+def model_stage_hints(kiln_defaults) -> dict:
+    """Resource-hint kwargs for the model stages: {"accelerator": "..."} or {} (no GPU hint).
+
+    `kiln_defaults` is the `kiln:` mapping of an options file or the parsed prepare args.
+    The value uses Dataflow's accelerator format, e.g.
+    "type:nvidia-l4;count:1;install-nvidia-driver" (runners that do not know the hint ignore it).
+    """
+    if isinstance(kiln_defaults, dict):
+        hint = kiln_defaults.get("gpu_resource_hint")
+    else:
+        hint = getattr(kiln_defaults, "gpu_resource_hint", None)
+    hint = (hint or "").strip()
+    return {"accelerator": hint} if hint else {}
+
+
+def hinted(transform, hints: dict):
+    """`transform.with_resource_hints(**hints)`, or the transform itself when there are none."""
+    return transform.with_resource_hints(**hints) if hints else transform
+
+
+def transform_resource_hints(pipeline_proto) -> dict[str, dict[str, bytes]]:
+    """{transform unique name: its environment's resource hints} for every leaf transform of a
+    `Pipeline.to_runner_api()` proto (composites carry no environment; their leaves do)."""
+    comps = pipeline_proto.components
+    out = {}
+    for t in comps.transforms.values():
+        if t.environment_id and not t.subtransforms:
+            env = comps.environments[t.environment_id]
+            out[t.unique_name] = dict(env.resource_hints)
+    return out
