@@ -35,18 +35,10 @@ def decode_record(record: dict, cfg: DecodeConfig) -> dict:
     return record
 
 
-@dataclass(frozen=True)
-class ResizeStageConfig:
-    resize: ResizeConfig
-    keep_pixels: bool = False  # keep the resized array as `_pixels` for the CLIP stage
-
-
-def resize_record(record: dict, cfg: ResizeStageConfig) -> dict:
+def resize_record(record: dict, cfg: ResizeConfig) -> dict:
     """Stage function: `_bgr` -> `_image` (encoded bytes) with the stored size and its sha256."""
     record = dict(record)
-    data, width, height, pixels = resize_and_encode(record.pop("_bgr"), cfg.resize, return_pixels=True)
-    if cfg.keep_pixels:
-        record["_pixels"] = pixels
+    data, width, height = resize_and_encode(record.pop("_bgr"), cfg)
     record["_image"] = data
     record["stored_width"] = width
     record["stored_height"] = height
@@ -70,5 +62,5 @@ def Decode(cfg: DecodeConfig, threads: int = 2, batch_size: int = 16) -> Threade
     return ThreadedStage(STAGE_DECODE, _Bind(decode_record, cfg), threads, batch_size, error_reason="decode_error")
 
 
-def Resize(cfg: ResizeStageConfig, threads: int = 2, batch_size: int = 16) -> ThreadedStage:
+def Resize(cfg: ResizeConfig, threads: int = 2, batch_size: int = 16) -> ThreadedStage:
     return ThreadedStage(STAGE_RESIZE, _Bind(resize_record, cfg), threads, batch_size, error_reason="resize_error")

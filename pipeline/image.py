@@ -311,9 +311,8 @@ def encode_image(bgr: np.ndarray, cfg: ResizeConfig) -> bytes:
     return buf.tobytes()
 
 
-def resize_and_encode(bgr: np.ndarray, cfg: ResizeConfig, return_pixels: bool = False):
-    """The Resize stage's pure function on a BGR array: (encoded bytes, stored width, stored height),
-    plus the resized array itself when `return_pixels` (the CLIP stage scores those pixels)."""
+def resize_and_encode(bgr: np.ndarray, cfg: ResizeConfig) -> tuple[bytes, int, int]:
+    """The Resize stage's pure function on a BGR array: (encoded bytes, stored width, stored height)."""
     try:
         out = resize_image(bgr, cfg)
         data = encode_image(out, cfg)
@@ -321,6 +320,4 @@ def resize_and_encode(bgr: np.ndarray, cfg: ResizeConfig, return_pixels: bool = 
         raise
     except Exception as err:  # noqa: BLE001 - cv2 errors on odd shapes become a reject, not a crash
         raise Reject(STAGE_RESIZE, "resize_error", f"{type(err).__name__}: {err}") from None
-    if return_pixels:
-        return data, int(out.shape[1]), int(out.shape[0]), out
     return data, int(out.shape[1]), int(out.shape[0])

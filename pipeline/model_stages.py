@@ -84,11 +84,28 @@ def score_captions(scorer, records: list[dict], cfg: ToxicityConfig) -> list[tup
     return out
 
 
+_decode_pool = None
+
+
+def _decode_for_clip(records: list[dict], size: int) -> list:
+    """Pixels for CLIP, decoded from the stored image itself (DCT-reduced towards the model's input
+    size). Carrying the resized array from the Resize stage instead would put megabytes per record
+    on the wire wherever the GPU-hinted CLIP stage runs in another worker pool than Resize."""
+    global _decode_pool
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pipeline.image import decode_image
+
+    if _decode_pool is None:
+        _decode_pool = ThreadPoolExecutor(2, thread_name_prefix="kiln-clip-decode")
+    return list(_decode_pool.map(lambda r: decode_image(r["_image"], draft_target=size).bgr, records))
+
+
 def score_images(models, records: list[dict], cfg: ImageFilterConfig) -> list[tuple[dict, Reject | None]]:
     """One CLIP image pass per batch: similarity to the caption, then punsafe from the same embedding."""
     clip, nsfw = models
     records = [dict(r) for r in records]
-    pixels = [r.pop("_pixels") for r in records]
+    pixels = _decode_for_clip(records, clip.image_size)
     scores = clip.score(pixels, [str(r.get(cfg.caption_column) or "") for r in records], channel_order="bgr")
     punsafe = nsfw.punsafe(scores.image_embedding) if nsfw is not None else None
     out = []
@@ -219,7 +236,6 @@ class _ModelStageFn(beam.DoFn):
             stage = self.stages[0]
             results = [(r, Reject(stage, f"{stage}_error", f"{type(err).__name__}: {err}")) for r in batch]
             for r, _ in results:
-                r.pop("_pixels", None)
                 r.pop("_t5", None)
         self.counters[self.stages[0]].busy_ms.inc(int((time.perf_counter() - t0) * 1000))
         for record, rej in results:

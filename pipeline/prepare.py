@@ -31,7 +31,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipeline import __version__
 from pipeline.beam_yaml import hinted, model_stage_hints
-from pipeline.decode import Decode, DecodeConfig, Resize, ResizeStageConfig
+from pipeline.decode import Decode, DecodeConfig, Resize
 from pipeline.finalize import AccountingError, build_manifest, check_accounting, count_input_rows, funnel_from, match, read_footers, write_json
 from pipeline.image import ResizeConfig
 from pipeline.options import RESULT_FLAGS
@@ -207,8 +207,7 @@ def build_pipeline(p, args, input_schema, done_shards: frozenset, fingerprint: s
         stage_rejects.append(toxicity["rejects"])
     downloaded = to_download | "Download" >> _download(args)
     decoded = downloaded["main"] | "Decode" >> Decode(decode_cfg, threads=args.decode_threads)
-    resize_stage = ResizeStageConfig(resize_cfg, keep_pixels=args.clip != "off")
-    resized = decoded["main"] | "Resize" >> Resize(resize_stage, threads=args.decode_threads)
+    resized = decoded["main"] | "Resize" >> Resize(resize_cfg, threads=args.decode_threads)
     stage_rejects += [downloaded["rejects"], decoded["rejects"], resized["rejects"]]
     kept = resized["main"]
     if args.clip != "off":
