@@ -14,10 +14,11 @@ from dataclasses import dataclass, field
 
 import apache_beam as beam
 import numpy as np
+from apache_beam.metrics import Metrics
 from apache_beam.utils import shared
 
 from pipeline.records import STAGE_CLIP, STAGE_NSFW, STAGE_T5, STAGE_TOXICITY, Reject
-from pipeline.stage import StageCounters, to_reject
+from pipeline.stage import SCORE_FIELDS, StageCounters, to_reject
 
 FILTER_MODES = ("filter", "score", "off")
 
@@ -227,6 +228,9 @@ class _ModelStageFn(beam.DoFn):
             # One model per worker process: every DoFn instance (thread) in it gets the same object.
             self.model = self.handle.acquire(lambda: _Holder(loader(cfg)), tag=self.tag).model
         self.counters = {s: StageCounters(s) for s in self.stages}
+        # Beam distributions hold integers: scores in thousandths, so Dataflow's UI shows their
+        # min / mean / max live (e.g. score/clip_similarity_milli).
+        self.score_dists = {name: Metrics.distribution("kiln", f"score/{name}_milli") for name in SCORE_FIELDS}
 
     def process(self, batch):
         t0 = time.perf_counter()
@@ -239,6 +243,9 @@ class _ModelStageFn(beam.DoFn):
                 r.pop("_t5", None)
         self.counters[self.stages[0]].busy_ms.inc(int((time.perf_counter() - t0) * 1000))
         for record, rej in results:
+            for name, dist in self.score_dists.items():
+                if record.get(name) is not None:
+                    dist.update(int(round(record[name] * 1000)))
             for stage in self.stages:
                 c = self.counters[stage]
                 c.n_in.inc()
