@@ -1,0 +1,133 @@
+"""Shards for the trainer's tests.
+
+`small_shards` (fast tests): a hand-written dataset in the SHARDS.md layout -- two tars with
+KEY.jpg / KEY.json / KEY.t5.npy / KEY.txt members in uid order, meta parquet files with the
+columns the trainer reads, a manifest -- with images of known pixels at several stored sizes and
+random float16 "T5" arrays of known lengths. Built in well under a second.
+
+`synth_dataset` (slow tests): the real thing, built ONCE per session by the project's own
+pipeline: `pipeline.synth.synthesize` draws a synthetic web, `SynthServer` serves it on
+127.0.0.1, `pipeline.prepare.run` downloads, resizes (128 px), embeds the captions with the tiny
+local T5 (`cached_test_models`) and writes shards -- the same path a user's data takes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+SMALL_D_MODEL = 8
+# stored side -> how many samples: 48 px ones must be skipped by a 64 px stage.
+SMALL_SIZES = {48: 4, 64: 10, 96: 6, 128: 4}
+
+
+def _uid(i: int) -> str:
+    return hashlib.sha256(f"small-{i}".encode()).hexdigest()[:32]
+
+
+def small_image(i: int, side: int) -> Image.Image:
+    """A picture whose pixels a test can predict: a horizontal gradient in red, a vertical one in
+    green, blue fixed per sample; PNG-encoded, so lossless."""
+    x = np.linspace(0, 255, side, dtype=np.float32)
+    img = np.zeros((side, side, 3), dtype=np.uint8)
+    img[..., 0] = x[None, :].round().astype(np.uint8)
+    img[..., 1] = x[:, None].round().astype(np.uint8)
+    img[..., 2] = (37 * i) % 256
+    return Image.fromarray(img)
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = len(data), 946684800, 0o444
+    tar.addfile(info, io.BytesIO(data))
+
+
+def write_small_dataset(root: Path, d_model: int = SMALL_D_MODEL, shards: int = 2) -> list[dict]:
+    """Write the dataset; returns one dict per sample (uid, side, t5 array, caption), uid order."""
+    rng = np.random.default_rng(0)
+    samples = []
+    i = 0
+    for side, n in SMALL_SIZES.items():
+        for _ in range(n):
+            t5_len = int(rng.integers(2, 12))
+            samples.append({
+                "uid": _uid(i), "index": i, "side": side,
+                "t5": rng.standard_normal((t5_len, d_model)).astype(np.float16),
+                "caption": f"sample {i} at {side} px",
+            })
+            i += 1
+    samples.sort(key=lambda s: s["uid"])
+    (root / "shards").mkdir(parents=True)
+    (root / "meta").mkdir()
+    per = -(-len(samples) // shards)
+    manifest = {"format": "kiln-shards/1", "num_shards": shards, "samples": len(samples), "shards": []}
+    for k in range(shards):
+        part = samples[k * per : (k + 1) * per]
+        tar_path = root / "shards" / f"{k:06d}.tar"
+        rows = []
+        with tarfile.open(tar_path, "w", format=tarfile.USTAR_FORMAT) as tar:
+            for s in part:
+                buf = io.BytesIO()
+                small_image(s["index"], s["side"]).save(buf, "PNG")
+                meta = {"uid": s["uid"], "TEXT": s["caption"], "stored_width": s["side"], "stored_height": s["side"],
+                        "t5_len": len(s["t5"]), "t5_truncated": False}
+                npy = io.BytesIO()
+                np.save(npy, s["t5"].astype("<f2"))
+                # SHARDS.md member order: .jpg/.png, .json, .t5.npy, .txt (a PNG here: lossless pixels)
+                _add(tar, f"{s['uid']}.png", buf.getvalue())
+                _add(tar, f"{s['uid']}.json", json.dumps(meta, sort_keys=True).encode())
+                _add(tar, f"{s['uid']}.t5.npy", npy.getvalue())
+                _add(tar, f"{s['uid']}.txt", s["caption"].encode())
+                rows.append({"uid": s["uid"], "TEXT": s["caption"], "stored_width": s["side"], "stored_height": s["side"]})
+        schema = pa.schema([("uid", pa.string()), ("TEXT", pa.string()), ("stored_width", pa.int32()), ("stored_height", pa.int32())])
+        pq.write_table(pa.Table.from_pylist(rows, schema=schema), root / "meta" / f"{k:06d}.parquet")
+        manifest["shards"].append({"shard": k, "tar": f"shards/{k:06d}.tar", "samples": len(part), "meta": f"meta/{k:06d}.parquet"})
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    (root / "_SUCCESS").write_text("")
+    return samples
+
+
+@pytest.fixture(scope="session")
+def small_shards(tmp_path_factory):
+    root = tmp_path_factory.mktemp("small_shards")
+    samples = write_small_dataset(root)
+    return root, samples
+
+
+# --------------------------------------------------------------------------------------------
+# The pipeline-built dataset (slow tests)
+
+SYNTH_ROWS = 4000
+SYNTH_SEED = 11
+
+
+@pytest.fixture(scope="session")
+def synth_dataset(tmp_path_factory):
+    """(dataset dir, models) from `kiln prepare` over a served synthetic web; built once."""
+    from pipeline.demo import prepare_args
+    from pipeline.prepare import run
+    from pipeline.synth import SynthServer, synthesize
+    from pipeline.testmodels import cached_test_models
+
+    models = cached_test_models()
+    root = tmp_path_factory.mktemp("synth")
+    # Longer side 240-400 px: every stored image reaches the 128 px --image-size; PNG keeps the
+    # drawn colours exact before the pipeline's own JPEG encode.
+    web = synthesize(root / "web", rows=SYNTH_ROWS, seed=SYNTH_SEED, failure_rate=0.0, size_range=(240, 400),
+                     formats=("png",))
+    out = root / "dataset"
+    with SynthServer(web) as server:
+        args = prepare_args(str(web.metadata_path), str(out), server.allow_hosts, "--quiet", "--image-size", "128",
+                            "--toxicity", "off", "--clip", "off", "--nsfw", "off", "--t5-model", f"local:{models['t5']}",
+                            "--samples-per-shard", "1000")
+        run(args, [])
+    return out, models

@@ -1,0 +1,279 @@
+"""train/trainer.py: schedule, EMA, checkpoints, gradient accumulation, the loop, resume, DDP, CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.train.conftest import SMALL_D_MODEL
+from train.config import config_to_dict, load_config
+from train.trainer import (
+    Trainer,
+    ema_update,
+    latest_checkpoint,
+    load_checkpoint,
+    load_stage,
+    lr_factor,
+    save_checkpoint,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+
+# A U-Net small enough that a step takes milliseconds, reading the 8-dim test "T5".
+MICRO = {
+    "unet.dim": 8, "unet.dim_mults": [1, 2], "unet.num_res_blocks": [1, 1], "unet.attn_levels": [False, True],
+    "unet.cross_attn_levels": [False, False], "unet.heads": 2, "unet.head_dim": 8, "unet.text_dim": SMALL_D_MODEL,
+    "unet.cond_dim": 16, "data.resolution": 16, "data.text_max_len": 6, "data.min_stored_size": 64,
+    "train.batch_size": 4, "train.warmup_steps": 3, "train.log_every": 2, "train.sample_every": 0,
+    "train.ckpt_every": 0, "train.ema_start": 1, "train.ema_decay": 0.9,
+}
+
+
+def micro_cfg(**extra):
+    return load_config("tiny-base", {**MICRO, **extra})
+
+
+def micro_sr_cfg(**extra):
+    return load_config("tiny-sr", {**MICRO, "unet.lowres_cond": True, "data.lowres_resolution": 8, **extra})
+
+
+def params(model) -> dict:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_warmup_then_constant_or_cosine():
+    assert [lr_factor(s, 4) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    assert lr_factor(0, 0) == 1.0
+    assert lr_factor(4, 4, 14, "cosine") == 1.0
+    assert lr_factor(9, 4, 14, "cosine") == pytest.approx(0.5)
+    assert lr_factor(14, 4, 14, "cosine") == pytest.approx(0.0)
+
+
+def test_trainer_applies_the_warmup(small_shards, tmp_path):
+    root, _ = small_shards
+    cfg = micro_cfg(**{"train.lr": 1e-2})
+    t = Trainer(cfg, root, tmp_path, log=None)
+    lrs = [t.train_step()["lr"] for _ in range(5)]
+    assert lrs == pytest.approx([1e-2 / 3, 2e-2 / 3, 1e-2, 1e-2, 1e-2])
+
+
+def test_ema_update_math():
+    model = torch.nn.Linear(3, 2)
+    ema = {k: torch.zeros_like(v) for k, v in model.state_dict().items()}
+    ema_update(ema, model, decay=0.9, step=1, ema_start=1)  # up to ema_start: a copy
+    assert all(torch.equal(ema[k], v) for k, v in model.state_dict().items())
+    before = {k: v.clone() for k, v in ema.items()}
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    ema_update(ema, model, decay=0.9, step=2, ema_start=1)
+    torch.testing.assert_close(ema["weight"], 0.9 * before["weight"] + 0.1 * model.weight.detach())
+    torch.testing.assert_close(ema["bias"], before["bias"])  # unchanged weights stay put
+
+
+def test_checkpoint_round_trip(tmp_path):
+    cfg = micro_cfg()
+    model_state = {"a.weight": torch.randn(3, 4), "b": torch.arange(5)}
+    ema_state = {"a.weight": torch.randn(3, 4), "b": torch.arange(5)}
+    path = save_checkpoint(tmp_path / "c.safetensors", cfg, 17, model_state, ema_state, {"holdout_fraction": 0.25})
+    assert [p.name for p in tmp_path.iterdir()] == ["c.safetensors"]  # no temporary file left behind
+    ck = load_checkpoint(path)
+    assert ck["step"] == 17 and config_to_dict(ck["config"]) == config_to_dict(cfg)
+    assert ck["metadata"]["holdout_fraction"] == "0.25"
+    for k in model_state:
+        assert torch.equal(ck["model"][k], model_state[k]) and torch.equal(ck["ema"][k], ema_state[k])
+
+
+def test_train_writes_checkpoints_metrics_samples_and_resumes(small_shards, tmp_path):
+    root, _ = small_shards
+    cfg = micro_cfg(**{"train.ckpt_every": 2, "train.sample_every": 4, "sample.steps": 2})
+    t = Trainer(cfg, root, tmp_path, log=None)
+    summary = t.train(max_steps=4)
+    assert summary["step"] == 4
+    ckdir = tmp_path / "checkpoints"
+    assert json.loads((ckdir / "latest.json").read_text())["step"] == 4
+    assert sorted(p.name for p in ckdir.glob("step_*")) == [
+        "step_00000002.safetensors", "step_00000002.state.pt", "step_00000004.safetensors", "step_00000004.state.pt"]
+    state = torch.load(ckdir / "step_00000004.state.pt", weights_only=True)  # plain containers + tensors
+    assert state["step"] == 4 and state["data"]["position"] == 4 and "generator" in state["rng"]
+    metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [2, 4]
+    assert {"loss", "lr", "grad_norm", "img_s"} <= set(metrics[0])
+    assert (tmp_path / "samples" / "step_00000004.png").exists()
+    assert json.loads((tmp_path / "config.json").read_text()) == config_to_dict(cfg)
+
+    # EMA weights are what load_stage returns by default.
+    model, cfg2, step = load_stage(latest_checkpoint(tmp_path)[0])
+    assert step == 4 and all(torch.equal(v, t.ema[k]) for k, v in model.state_dict().items())
+    raw, _, _ = load_stage(latest_checkpoint(tmp_path)[0], weights="model")
+    assert all(torch.equal(v, t.model.state_dict()[k]) for k, v in raw.state_dict().items())
+
+    resumed = Trainer(cfg, root, tmp_path, resume=True, log=None)
+    assert resumed.step == 4 and resumed.source.position == 4
+    assert resumed.train(max_steps=6)["step"] == 6
+
+
+def test_resume_refuses_another_holdout(small_shards, tmp_path):
+    root, _ = small_shards
+    cfg = micro_cfg()
+    Trainer(cfg, root, tmp_path, log=None, holdout_fraction=0.2).train(max_steps=1)
+    with pytest.raises(ValueError, match="holdout_fraction"):
+        Trainer(cfg, root, tmp_path, resume=True, log=None, holdout_fraction=0.0)
+
+
+def _deterministic_loss(model, batch, cfg, generator):
+    """A loss with no randomness: fixed noise level and noise per sample (from its pixels)."""
+    x = batch["image"]
+    logsnr = torch.tensor([float(int(k[:4], 16) % 7 - 3) for k in batch["key"]])
+    z = 0.8 * x + 0.6 * torch.sin(7 * x)
+    out = model(z, logsnr, batch["text"], batch["text_mask"])
+    loss = (out - x).pow(2).flatten(1).mean(1).mean()
+    return loss, {}
+
+
+def test_grad_accumulation_matches_a_bigger_batch(small_shards, tmp_path):
+    root, _ = small_shards
+    grads = {}
+    for name, overrides in {"accum": {"train.batch_size": 4, "train.grad_accum": 2},
+                            "big": {"train.batch_size": 8, "train.grad_accum": 1}}.items():
+        cfg = micro_cfg(**{**overrides, "train.grad_clip": 0.0, "diffusion.cond_drop_prob": 0.0})
+        t = Trainer(cfg, root, tmp_path / name, log=None, loss_fn=_deterministic_loss)
+        with torch.no_grad():  # a non-zero output layer, so every parameter gets a gradient
+            t.model.out_conv.weight.normal_(0, 0.1)
+
+        def capture(optimizer, args, kwargs, _name=name, _t=t):
+            grads[_name] = {n: p.grad.clone() for n, p in _t.model.named_parameters()}
+
+        t.optimizer.register_step_pre_hook(capture)
+        logs = t.train_step()
+        assert logs["images"] == 8
+    for n, g in grads["big"].items():
+        torch.testing.assert_close(grads["accum"][n], g, rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_sr_stage_trains_and_adafactor_and_bf16_on_cpu(small_shards, tmp_path):
+    root, _ = small_shards
+    cfg = micro_sr_cfg(**{"train.optimizer": "adafactor", "train.precision": "bf16"})
+    t = Trainer(cfg, root, tmp_path, log=None)
+    before = params(t.model)
+    logs = t.train_step()
+    assert torch.isfinite(torch.tensor(logs["loss"]))
+    assert isinstance(t.optimizer, torch.optim.Adafactor)
+    assert any(not torch.equal(before[k], v) for k, v in t.model.state_dict().items())
+    assert all(p.dtype == torch.float32 for p in t.model.parameters())  # bf16 autocast is CUDA-only
+
+
+def test_ddp_two_ranks_on_cpu(small_shards, tmp_path):
+    """torchrun-style env, gloo on 127.0.0.1: both ranks end with the same weights, rank 0 writes."""
+    root, _ = small_shards
+    script = tmp_path / "ddp.py"
+    script.write_text(
+        "import json, os, sys, torch\n"
+        f"sys.path.insert(0, {str(REPO)!r})\n"
+        "from tests.train.test_trainer import micro_cfg\n"
+        "from train.trainer import Trainer\n"
+        "torch.set_num_threads(1)\n"
+        f"t = Trainer(micro_cfg(), {str(root)!r}, {str(tmp_path / 'run')!r}, log=None)\n"
+        "t.train(max_steps=2)\n"
+        "flat = torch.cat([p.detach().flatten() for p in t.model.parameters()])\n"
+        f"torch.save(flat, {str(tmp_path)!r} + f'/rank{{t.rank}}.pt')\n"
+    )
+    port = 29500 + os.getpid() % 1000
+    procs = []
+    for rank in range(2):
+        env = {**os.environ, "WORLD_SIZE": "2", "RANK": str(rank), "LOCAL_RANK": str(rank),
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        procs.append(subprocess.Popen([sys.executable, str(script)], env=env, cwd=REPO,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outs = [p.communicate(timeout=240)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    w0, w1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    assert torch.equal(w0, w1)
+    assert (tmp_path / "run" / "checkpoints" / "latest.json").exists()
+
+
+def test_cli_train_then_sample(small_shards, tmp_path):
+    """kiln train / kiln sample through train.cli's entry points (the kiln CLI wires these in)."""
+    import argparse
+
+    from train.cli import add_sample_args, add_train_args, main_sample, main_train, parse_overrides
+
+    assert parse_overrides(["train.lr=3e-4", "unet.dim_mults=[1,2]", "name=x y"]) == {
+        "train.lr": 3e-4, "unet.dim_mults": [1, 2], "name": "x y"}
+    root, _ = small_shards
+    p = argparse.ArgumentParser()
+    add_train_args(p)
+    over = [f"{k}={json.dumps(v)}" for k, v in MICRO.items()]
+    base = tmp_path / "base"
+    args = p.parse_args(["--config", "tiny-base", "--data", str(root), "--workdir", str(base), "--max-steps", "2",
+                         "--holdout-fraction", "0.3", *sum((["--override", o] for o in over), [])])
+    assert main_train(args) == 0
+    sr = tmp_path / "sr"
+    sr_over = over + ["unet.lowres_cond=true", "data.lowres_resolution=8", "data.resolution=32", "data.min_stored_size=64"]
+    args = p.parse_args(["--config", "tiny-sr", "--data", str(root), "--workdir", str(sr), "--max-steps", "1",
+                         *sum((["--override", o] for o in sr_over), [])])
+    assert main_train(args) == 0
+
+    q = argparse.ArgumentParser()
+    add_sample_args(q)
+    out = tmp_path / "grid.png"
+    args = q.parse_args(["--base", str(latest_checkpoint(base)[0]), "--sr256", str(latest_checkpoint(sr)[0]),
+                         "--from-shards", str(root), "--n", "3", "--out", str(out), "--steps", "2", "2",
+                         "--guidance", "3", "1"])
+    assert main_sample(args) == 0
+    from PIL import Image
+
+    with Image.open(out) as im:
+        assert im.size[0] > 3 * 128  # three columns of at least 128 px
+    bad = q.parse_args(["--base", str(latest_checkpoint(base)[0]), "--from-shards", str(root), "--out", str(out),
+                        "--steps", "2", "2"])
+    assert main_sample(bad) == 2  # two step counts for a one-stage cascade
+
+
+def test_sample_from_embed_prompts_parquet(small_shards, tmp_path):
+    """A prompts file in `kiln embed-prompts`' format (written here with pyarrow, as its docs say)."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from train.sample import Stage, load_prompts, run_cascade
+
+    root, _ = small_shards
+    Trainer(micro_cfg(), root, tmp_path / "base", log=None).train(max_steps=1)
+    rng = np.random.default_rng(0)
+    arrays = [rng.standard_normal((n, SMALL_D_MODEL)).astype(np.float16) for n in (3, 9)]
+    table = pa.table({"prompt": ["a red circle", "a blue star"], "prompt_clean": ["a red circle", "a blue star"],
+                      "t5_len": pa.array([3, 9], pa.int32()), "t5_truncated": [False, False],
+                      "t5": [a.astype("<f2").tobytes() for a in arrays]})
+    table = table.replace_schema_metadata({b"kiln.t5": json.dumps({"d_model": SMALL_D_MODEL}).encode()})
+    pq.write_table(table, tmp_path / "p.parquet")
+    prompts, got, info = load_prompts(tmp_path / "p.parquet")
+    assert prompts == ["a red circle", "a blue star"] and all(np.array_equal(a, b) for a, b in zip(got, arrays))
+    stage = Stage.load(latest_checkpoint(tmp_path / "base")[0], steps=2)
+    (images,) = run_cascade([stage], got, seed=0)
+    assert images.shape == (2, 3, 16, 16) and images.abs().max() <= 1
+    (again,) = run_cascade([stage], got, seed=0)
+    assert torch.equal(images, again)
+
+
+def test_train_imports_no_text_encoder():
+    """DESIGN.md: the trainer never loads a text encoder (nor transformers, nor pipeline/filters/embed)."""
+    code = (
+        "import sys, train.trainer, train.sample, train.data, train.evaluate, train.cli\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('transformers', 'pipeline', 'filters', 'embed', 'open_clip', 'detoxify'))\n"
+        "print(bad)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_palette_matches_the_synthetic_web():
+    from pipeline.synth import COLOURS, SHAPES
+    from train import evaluate
+
+    assert evaluate.COLOURS == COLOURS and evaluate.SHAPES == SHAPES

@@ -1,0 +1,503 @@
+"""The trainer's shard reader: webdataset tars (SHARDS.md) -> batches for one cascade stage.
+
+Each sample of `DATASET/shards/NNNNNN.tar` becomes
+
+    image      float32 [3, R, R] in [-1, 1]: the stored image, shorter side resized to R =
+               data.resolution and center-cropped (the 1024 stage then takes a random
+               data.crop_size crop of it: Imagen App. F trains the 1024 model on 256² crops)
+    lowres     SR stages only: the SAME pixels area-downsampled by resolution / lowres_resolution
+               (so a crop's low-res twin covers exactly the crop)
+    text       float32 [text_max_len, d_model]: KEY.t5.npy padded with zeros or cut (train.text)
+    text_mask  bool [text_max_len], True on real tokens
+
+Samples are skipped (and counted, `SkipCounts`) when their stored side is below
+data.min_stored_size (from KEY.json: a stage never learns from upscaled pixels, DESIGN.md), when
+they fall in the other split, or when a caller's `keep(meta, caption)` says no.
+
+Splits: a sample is held out when hash(uid) < holdout_fraction (`holdout_value`), so the same
+fraction of the same uids is held out on every run, by every reader, whatever the shard layout.
+Training uses split="train", evaluation split="holdout": samples the model never saw.
+
+Two batch sources, both infinite, both deterministic for a seed and both resumable exactly:
+
+    CachedSource     decodes the split once into memory (uint8) and draws batch k (micro-step k of
+                     the whole run) from a per-epoch seeded permutation: its position is just k,
+                     so resuming at step N continues bit-for-bit. Used when the split fits in
+                     `cache_max_bytes` (tests, tiny presets, small fine-tuning sets).
+    StreamingSource  wds.WebDataset over the shard list, re-shuffled per epoch (seeded), split
+                     over DDP ranks (wds.split_by_node) and DataLoader workers
+                     (wds.split_by_worker), a seeded shuffle buffer; resumes by skipping the
+                     batches already consumed (exact, costs decoding them again).
+
+    source = make_source(cfg, "DATASET", seed=0)          # picks one; cfg = train.config.Config
+    batch = source.next()    # {"image", "text", "text_mask", ["lowres"], "caption", "key"}
+    state = source.state_dict(); ...; source.load_state_dict(state)
+
+No text encoder here: the T5 arrays were computed by `kiln prepare` (DESIGN.md).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import io
+import json
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from itertools import count, islice
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import webdataset as wds
+from PIL import Image
+
+from train.text import collate_text
+
+__all__ = [
+    "CachedSource",
+    "ImageSpec",
+    "SkipCounts",
+    "StreamingSource",
+    "collate_examples",
+    "decode_record",
+    "holdout_value",
+    "in_split",
+    "load_records",
+    "make_example",
+    "make_source",
+    "shard_urls",
+]
+
+IMAGE_EXTENSIONS = ("jpg", "png", "webp")  # `kiln prepare --encode-format`
+SPLITS = ("train", "holdout", "all")
+DEFAULT_CACHE_MAX_BYTES = 2 * 2**30  # decoded uint8 pixels a CachedSource may hold
+
+
+# --------------------------------------------------------------------------------------------
+# What to read
+
+
+def shard_urls(data_dir: str | Path) -> list[str]:
+    """The dataset's tar paths in shard order: from manifest.json when present, else shards/*.tar."""
+    root = Path(data_dir)
+    manifest = root / "manifest.json"
+    if manifest.exists():
+        shards = json.loads(manifest.read_text())["shards"]
+        urls = [str(root / s["tar"]) for s in shards if s.get("samples", 1)]
+    else:
+        urls = [str(p) for p in sorted((root / "shards").glob("*.tar"))]
+    if not urls:
+        raise FileNotFoundError(f"no shards in {root} (expected {root}/shards/NNNNNN.tar, SHARDS.md)")
+    return urls
+
+
+def holdout_value(uid: str) -> float:
+    """A number in [0, 1) fixed by the uid alone: the sample is held out when it is < the fraction.
+
+    Hashed again (not uid[:16], which picks the shard) so the held-out set spreads over all shards."""
+    digest = hashlib.sha256(b"kiln-holdout:" + uid.encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def in_split(uid: str, split: str, holdout_fraction: float) -> bool:
+    if split == "all":
+        return True
+    held = holdout_value(uid) < holdout_fraction
+    return held if split == "holdout" else not held
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    """The pixel side of a stage's DataConfig (resolution, low-res side, crops, text length)."""
+
+    resolution: int
+    lowres_resolution: int | None = None  # None: a base stage, no conditioning image
+    random_crop: bool = False
+    crop_size: int | None = None
+    text_max_len: int = 128
+    min_stored_size: int = 0
+
+    @classmethod
+    def from_config(cls, cfg) -> ImageSpec:
+        d = cfg.data
+        return cls(
+            resolution=d.resolution,
+            lowres_resolution=d.lowres_resolution if cfg.stage == "sr" else None,
+            random_crop=bool(d.random_crop),
+            crop_size=d.crop_size,
+            text_max_len=d.text_max_len,
+            min_stored_size=d.min_stored_size if d.min_stored_size is not None else d.resolution,
+        )
+
+    @property
+    def output_size(self) -> int:
+        """Side of the `image` tensor: the crop size when cropping, else the resolution."""
+        return self.crop_size if self.random_crop else self.resolution
+
+    @property
+    def lowres_size(self) -> int | None:
+        """Side of the `lowres` tensor (a crop's low-res twin is proportionally smaller)."""
+        if self.lowres_resolution is None:
+            return None
+        return self.output_size * self.lowres_resolution // self.resolution
+
+
+@dataclass
+class SkipCounts:
+    """What a reader saw and why samples did not reach a batch."""
+
+    seen: int = 0
+    kept: int = 0
+    other_split: int = 0
+    too_small: int = 0  # stored side < data.min_stored_size
+    filtered: int = 0  # the caller's keep() said no
+    no_text: int = 0  # no KEY.t5.npy (a dataset made with --t5 off)
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+# --------------------------------------------------------------------------------------------
+# One sample
+
+
+def _resize_center_crop(img: Image.Image, size: int) -> Image.Image:
+    """Shorter side to `size` (area averaging when shrinking, bicubic when enlarging), centre square."""
+    w, h = img.size
+    scale = size / min(w, h)
+    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+    if (nw, nh) != (w, h):
+        img = img.resize((nw, nh), Image.Resampling.BOX if scale < 1 else Image.Resampling.BICUBIC)
+    left, top = (nw - size) // 2, (nh - size) // 2
+    return img.crop((left, top, left + size, top + size)) if (nw, nh) != (size, size) else img
+
+
+@dataclass
+class Record:
+    """A decoded sample before per-step randomness: uint8 pixels at the stage resolution + raw T5."""
+
+    key: str
+    image: torch.Tensor  # uint8 [3, R, R]
+    text: np.ndarray  # float16 [t5_len, d_model], unpadded
+    caption: str
+    meta: dict = field(repr=False)
+
+
+def decode_record(
+    sample: dict,
+    spec: ImageSpec,
+    *,
+    split: str = "train",
+    holdout_fraction: float = 0.0,
+    keep: Callable[[dict, str], bool] | None = None,
+    counts: SkipCounts | None = None,
+) -> Record | None:
+    """A webdataset sample dict (raw bytes per extension) -> Record, or None if it is skipped."""
+    counts = counts if counts is not None else SkipCounts()
+    counts.seen += 1
+    key = sample["__key__"]
+    meta = json.loads(sample["json"])
+    uid = meta.get("uid", key)
+    if not in_split(uid, split, holdout_fraction):
+        counts.other_split += 1
+        return None
+    side = min(int(meta.get("stored_width", 0)), int(meta.get("stored_height", 0)))
+    if side < spec.min_stored_size:
+        counts.too_small += 1
+        return None
+    caption = sample["txt"].decode("utf-8") if "txt" in sample else meta.get("TEXT", "")
+    if keep is not None and not keep(meta, caption):
+        counts.filtered += 1
+        return None
+    if "t5.npy" not in sample:
+        counts.no_text += 1
+        return None
+    ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
+    if ext is None:
+        raise ValueError(f"sample {key} has no image member (one of {IMAGE_EXTENSIONS})")
+    with Image.open(io.BytesIO(sample[ext])) as im:
+        img = _resize_center_crop(im.convert("RGB"), spec.resolution)
+    pixels = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
+    text = np.load(io.BytesIO(sample["t5.npy"]), allow_pickle=False)
+    if text.ndim != 2:
+        raise ValueError(f"sample {key}: t5.npy must be [t5_len, d_model], got shape {text.shape}")
+    counts.kept += 1
+    return Record(key=key, image=pixels, text=text, caption=caption, meta=meta)
+
+
+def make_example(record: Record, spec: ImageSpec, rng: np.random.Generator | None = None) -> dict:
+    """A Record -> training example: [-1, 1] float image (cropped if the stage crops), the low-res
+    twin of exactly those pixels for SR, and the raw T5 array (padded per batch by collate)."""
+    image = record.image
+    if spec.random_crop:
+        c, r = spec.crop_size, spec.resolution
+        rng = rng if rng is not None else np.random.default_rng(0)
+        top, left = (int(v) for v in rng.integers(0, r - c + 1, size=2))
+        image = image[:, top : top + c, left : left + c]
+    x = image.float().div(127.5).sub(1.0)
+    out = {"image": x, "text": record.text, "caption": record.caption, "key": record.key}
+    if spec.lowres_size is not None:
+        # Area averaging (an exact box filter for integer factors): the stage's conditioning image
+        # is the same picture at lower resolution, as the base stage would have drawn it.
+        out["lowres"] = F.interpolate(x[None], size=(spec.lowres_size,) * 2, mode="area")[0]
+    return out
+
+
+def collate_examples(examples: list[dict], text_max_len: int) -> dict:
+    """Stack examples into a batch; T5 arrays padded/cut to text_max_len with their mask."""
+    text, mask = collate_text([e["text"] for e in examples], text_max_len)
+    batch = {
+        "image": torch.stack([e["image"] for e in examples]),
+        "text": text,
+        "text_mask": mask,
+        "caption": [e["caption"] for e in examples],
+        "key": [e["key"] for e in examples],
+    }
+    if "lowres" in examples[0]:
+        batch["lowres"] = torch.stack([e["lowres"] for e in examples])
+    return batch
+
+
+def _raw_samples(urls: list[str], nodesplitter=None, workersplitter=None) -> Iterator[dict]:
+    """Raw sample dicts in tar order (no shuffling, no decoding). Without splitters every caller
+    reads every shard (a CachedSource then slices batches by rank itself)."""
+    ds = wds.WebDataset(
+        urls,
+        shardshuffle=False,
+        nodesplitter=nodesplitter or (lambda src: src),
+        workersplitter=workersplitter or (lambda src: src),
+        empty_check=False,
+    )
+    return iter(ds)
+
+
+def load_records(
+    data_dir: str | Path,
+    spec: ImageSpec,
+    *,
+    split: str = "all",
+    holdout_fraction: float = 0.0,
+    keep: Callable[[dict, str], bool] | None = None,
+    limit: int | None = None,
+    counts: SkipCounts | None = None,
+) -> list[Record]:
+    """Every (or the first `limit`) kept sample of a split, in shard order (sorted by uid)."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    counts = counts if counts is not None else SkipCounts()
+    out = []
+    for sample in _raw_samples(shard_urls(data_dir)):
+        rec = decode_record(sample, spec, split=split, holdout_fraction=holdout_fraction, keep=keep, counts=counts)
+        if rec is not None:
+            out.append(rec)
+            if limit is not None and len(out) >= limit:
+                break
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Batch sources
+
+
+class CachedSource:
+    """An in-memory split; micro-batch k is a pure function of (seed, k, rank): exact resume.
+
+    Position p = (k * world_size + rank) * batch_size + i of the run's sample stream is sample
+    perm_e[p mod N] with e = p // N and perm_e a permutation seeded by (seed, e); a random crop
+    of position p draws from a generator seeded by (seed, p). So ranks read disjoint slices of
+    each global batch, every epoch visits every sample once, and no state but k is needed."""
+
+    kind = "cached"
+
+    def __init__(self, records: list[Record], spec: ImageSpec, batch_size: int, *, seed: int = 0,
+                 rank: int = 0, world_size: int = 1, counts: SkipCounts | None = None):
+        if not records:
+            raise ValueError("no samples to train on (every sample was skipped: see the skip counts)")
+        self.records, self.spec, self.batch_size = records, spec, batch_size
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.counts = counts or SkipCounts(seen=len(records), kept=len(records))
+        self.position = 0  # micro-batches consumed
+        self._perm_epoch, self._perm = -1, None
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def _index(self, p: int) -> int:
+        epoch, i = divmod(p, len(self.records))
+        if epoch != self._perm_epoch:
+            self._perm = np.random.default_rng([self.seed, epoch]).permutation(len(self.records))
+            self._perm_epoch = epoch
+        return int(self._perm[i])
+
+    def batch_at(self, k: int) -> dict:
+        start = (k * self.world_size + self.rank) * self.batch_size
+        examples = []
+        for p in range(start, start + self.batch_size):
+            rng = np.random.default_rng([self.seed, 1, p]) if self.spec.random_crop else None
+            examples.append(make_example(self.records[self._index(p)], self.spec, rng))
+        return collate_examples(examples, self.spec.text_max_len)
+
+    def next(self) -> dict:
+        batch = self.batch_at(self.position)
+        self.position += 1
+        return batch
+
+    def state_dict(self) -> dict:
+        return {"kind": self.kind, "position": self.position, "seed": self.seed, "samples": len(self.records)}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("kind") != self.kind or state.get("samples") != len(self.records):
+            raise ValueError(f"data state {state} does not match this source ({self.kind}, {len(self.records)} samples): "
+                             "resume with the same dataset, split and filters")
+        self.position = int(state["position"])
+
+
+class _StreamDataset(torch.utils.data.IterableDataset):
+    """Infinite examples for one DDP rank; inside a DataLoader worker, that worker's share.
+
+    Epoch e: the shard list permuted by (seed, e), split over ranks, then over workers (by shard
+    when there are enough shards for everyone, else by sample), samples through a shuffle buffer
+    seeded by (seed, e, rank, worker)."""
+
+    def __init__(self, urls, spec, *, seed, rank, world_size, split, holdout_fraction, keep, shuffle_buffer):
+        self.urls, self.spec, self.seed = list(urls), spec, seed
+        self.rank, self.world_size = rank, world_size
+        self.split, self.holdout_fraction, self.keep = split, holdout_fraction, keep
+        self.shuffle_buffer = shuffle_buffer
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        readers = self.world_size * workers
+        me = self.rank * workers + worker
+        by_shard = len(self.urls) >= readers
+        yielded = False
+        for epoch in count():
+            order = np.random.default_rng([self.seed, epoch]).permutation(len(self.urls))
+            urls = [self.urls[i] for i in order]
+            rng = np.random.default_rng([self.seed, epoch, self.rank, worker])
+            if by_shard:
+                # wds's own splitters, given the rank/worker we computed (torch.distributed need not
+                # be initialised in tests that fake a rank).
+                samples = _raw_samples(urls, nodesplitter=lambda s: islice(s, self.rank, None, self.world_size),
+                                       workersplitter=lambda s: islice(s, worker, None, workers))
+            else:
+                samples = islice(_raw_samples(urls), me, None, readers)
+            counts = SkipCounts()
+            decoded = (decode_record(s, self.spec, split=self.split, holdout_fraction=self.holdout_fraction,
+                                     keep=self.keep, counts=counts) for s in samples)
+            for rec in _shuffled((r for r in decoded if r is not None), self.shuffle_buffer, rng):
+                yielded = True
+                yield make_example(rec, self.spec, rng)
+            if not yielded:
+                raise ValueError(f"reader {me} of {readers} found no samples in an epoch: {counts.as_dict()}")
+
+
+def _shuffled(items: Iterator, buffer_size: int, rng: np.random.Generator) -> Iterator:
+    """A seeded shuffle buffer (webdataset-style): fill, then emit a random slot per new item."""
+    buf = []
+    for item in items:
+        if len(buf) < buffer_size:
+            buf.append(item)
+            continue
+        j = int(rng.integers(len(buf)))
+        buf[j], item = item, buf[j]
+        yield item
+    rng.shuffle(buf)
+    yield from buf
+
+
+class StreamingSource:
+    """Batches streamed from the shards (any dataset size), with DataLoader workers."""
+
+    kind = "stream"
+
+    def __init__(self, urls, spec: ImageSpec, batch_size: int, *, seed=0, rank=0, world_size=1, split="train",
+                 holdout_fraction=0.0, keep=None, num_workers=0, shuffle_buffer=1000, counts: SkipCounts | None = None):
+        self.spec, self.batch_size, self.seed, self.num_workers = spec, batch_size, seed, num_workers
+        self.counts = counts or SkipCounts()
+        self.dataset = _StreamDataset(urls, spec, seed=seed, rank=rank, world_size=world_size, split=split,
+                                      holdout_fraction=holdout_fraction, keep=keep, shuffle_buffer=shuffle_buffer)
+        self.position = 0
+        self._iter = None
+
+    def _loader(self):
+        return iter(torch.utils.data.DataLoader(
+            self.dataset, batch_size=self.batch_size, num_workers=self.num_workers,
+            collate_fn=functools.partial(collate_examples, text_max_len=self.spec.text_max_len),
+            persistent_workers=False, prefetch_factor=2 if self.num_workers else None,
+        ))
+
+    def next(self) -> dict:
+        if self._iter is None:
+            self._iter = self._loader()
+            for _ in range(self.position):  # resume: skip what was consumed (same seeded stream)
+                next(self._iter)
+        self.position += 1
+        return next(self._iter)
+
+    def state_dict(self) -> dict:
+        return {"kind": self.kind, "position": self.position, "seed": self.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("kind") != self.kind:
+            raise ValueError(f"data state {state} was saved by a {state.get('kind')} source, this one streams")
+        self.position, self._iter = int(state["position"]), None
+
+
+def scan_meta(data_dir: str | Path, spec: ImageSpec, split: str = "train", holdout_fraction: float = 0.0) -> SkipCounts:
+    """Skip counts from meta/*.parquet alone (no pixels): what a streaming reader will skip."""
+    import pyarrow.parquet as pq
+
+    counts = SkipCounts()
+    for path in sorted((Path(data_dir) / "meta").glob("*.parquet")):
+        t = pq.read_table(path, columns=["uid", "stored_width", "stored_height"]).to_pydict()
+        for uid, w, h in zip(t["uid"], t["stored_width"], t["stored_height"]):
+            counts.seen += 1
+            if not in_split(uid, split, holdout_fraction):
+                counts.other_split += 1
+            elif min(w, h) < spec.min_stored_size:
+                counts.too_small += 1
+            else:
+                counts.kept += 1
+    return counts
+
+
+def make_source(
+    cfg,
+    data_dir: str | Path,
+    *,
+    seed: int | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+    split: str = "train",
+    holdout_fraction: float = 0.0,
+    keep: Callable[[dict, str], bool] | None = None,
+    cache: str = "auto",
+    cache_max_bytes: int = DEFAULT_CACHE_MAX_BYTES,
+    batch_size: int | None = None,
+):
+    """A batch source for `cfg` (a train.config.Config) over `data_dir`'s shards.
+
+    cache: "auto" caches the split in memory when its decoded pixels fit in `cache_max_bytes`
+    (judged from manifest.json's sample count), "always" / "never" force it."""
+    spec = ImageSpec.from_config(cfg)
+    seed = cfg.train.seed if seed is None else seed
+    batch_size = batch_size or cfg.train.batch_size
+    urls = shard_urls(data_dir)
+    if cache not in ("auto", "always", "never"):
+        raise ValueError(f"cache must be auto/always/never, got {cache!r}")
+    if cache == "auto":
+        manifest = Path(data_dir) / "manifest.json"
+        n = json.loads(manifest.read_text())["samples"] if manifest.exists() else math.inf
+        cache = "always" if n * 3 * spec.resolution**2 <= cache_max_bytes else "never"
+    if cache == "always":
+        counts = SkipCounts()
+        records = load_records(data_dir, spec, split=split, holdout_fraction=holdout_fraction, keep=keep, counts=counts)
+        return CachedSource(records, spec, batch_size, seed=seed, rank=rank, world_size=world_size, counts=counts)
+    counts = scan_meta(data_dir, spec, split, holdout_fraction)
+    return StreamingSource(urls, spec, batch_size, seed=seed, rank=rank, world_size=world_size, split=split,
+                           holdout_fraction=holdout_fraction, keep=keep, num_workers=cfg.train.num_workers, counts=counts)
