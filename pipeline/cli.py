@@ -122,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--workdir", default="build/demo", help="where the web and the dataset go [build/demo]")
     d.add_argument("--rows", type=int, default=500)
     d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--train-s", type=float, default=240.0, help="seconds of tiny-cascade training after prepare; 0 skips [240]")
     d.set_defaults(func=_demo, beam_args=True)
     return parser
 

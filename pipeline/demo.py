@@ -43,5 +43,38 @@ def main(args: argparse.Namespace, beam_argv: list[str]) -> int:
                              "--overwrite", "--download-timeout", "4", "--samples-per-shard", "200",
                              *prepare_flags(models))
         run(pargs, beam_argv)
+    if args.train_s > 0:
+        _train_and_sample(work, out_dir, models, args.train_s)
     print(f"\nkiln demo: done. Read a shard with: tar tvf {out_dir}/shards/000000.tar | head")
     return 0
+
+
+DEMO_PROMPTS = (
+    "a red circle in the center on a grey background",
+    "a blue square on the left on a white background",
+    "a yellow triangle at the top on a black background",
+    "a green circle on the right on a purple background",
+)
+
+
+def _train_and_sample(work: Path, data: Path, models: dict, budget_s: float) -> None:
+    """The tiny cascade on the demo shards for a bounded time, then a sample grid for a few prompts."""
+    from pipeline.cli import main as kiln
+
+    runs = work / "runs"
+    base_s, sr_s = budget_s * 2 / 3, budget_s / 3
+    print(f"\nkiln demo: training tiny-base for {base_s:.0f}s and tiny-sr for {sr_s:.0f}s on {data} (CPU)")
+    for preset, seconds in (("tiny-base", base_s), ("tiny-sr", sr_s)):
+        kiln(["train", "--config", preset, "--data", str(data), "--workdir", str(runs / preset),
+              "--time-budget-s", str(seconds), "--override", "train.sample_every=0"])
+    prompts = work / "prompts.txt"
+    prompts.write_text("\n".join(DEMO_PROMPTS) + "\n")
+    kiln(["embed-prompts", str(prompts), "-o", str(work / "prompts.parquet"), "--t5-model", f"local:{models['t5']}"])
+
+    def newest(run):
+        return str(sorted((runs / run / "checkpoints").glob("*.safetensors"))[-1])
+
+    kiln(["sample", "--base", newest("tiny-base"), "--sr256", newest("tiny-sr"),
+          "--prompts", str(work / "prompts.parquet"), "--out", str(work / "samples.png")])
+    print(f"kiln demo: sample grid for {len(DEMO_PROMPTS)} prompts at {work / 'samples.png'} "
+          f"(a few CPU minutes of training: expect colours and blobs, not pictures)")
