@@ -277,3 +277,25 @@ def test_palette_matches_the_synthetic_web():
     from train import evaluate
 
     assert evaluate.COLOURS == COLOURS and evaluate.SHAPES == SHAPES
+
+
+def test_resume_continues_exactly(small_shards, tmp_path):
+    """N steps, stop, resume to 2N == 2N in one go: weights, EMA and Adam moments bit for bit."""
+    root, _ = small_shards
+    cfg = micro_cfg(**{"train.ckpt_every": 0})
+    straight = Trainer(cfg, root, tmp_path / "straight", log=None)
+    straight.train(max_steps=6)
+    first = Trainer(cfg, root, tmp_path / "resumed", log=None)
+    first.train(max_steps=3)
+    del first
+    second = Trainer(cfg, root, tmp_path / "resumed", resume=True, log=None)
+    assert second.step == 3
+    second.train(max_steps=6)
+    for k, v in straight.model.state_dict().items():
+        assert torch.equal(v, second.model.state_dict()[k]), k
+    for k, v in straight.ema.items():
+        assert torch.equal(v, second.ema[k]), k
+    a, b = straight.optimizer.state_dict()["state"], second.optimizer.state_dict()["state"]
+    assert a and all(torch.equal(a[i]["exp_avg_sq"], b[i]["exp_avg_sq"]) for i in a)
+    fresh = Trainer(cfg, root, tmp_path / "fresh", log=None)
+    assert not all(torch.equal(v, fresh.model.state_dict()[k]) for k, v in straight.model.state_dict().items())
