@@ -262,7 +262,7 @@ def test_embed_result_fields(embedder):
         ("caf&eacute; &#39;latte&#39;", "café 'latte'"),
         ("caf&Atilde;&copy;", "café"),  # entity-encoded mojibake
         ("&lt;b&gt;bold&lt;/b&gt; move", "bold move"),  # escaped formatting tags
-        ('<a href="https://x.org/a">link</a> text', "link text"),
+        ('<a href="https://x.example.org/a">link</a> text', "link text"),
         ("line one<br/>line two<BR>three", "line one line two three"),
         ("<3 you", "<3 you"),  # not markup: left alone
         ("a < b > c", "a < b > c"),
