@@ -57,11 +57,17 @@ class UNetConfig:
     cond_dim: int  # width of the timestep + pooled-text (+ aug level) conditioning vector
     channels: int = 3
     lowres_cond: bool = False  # super-resolution stage: the upsampled low-res image is concatenated
+    # SR: the output is read relative to the (noise-augmented, upsampled) low-res image, so an
+    # untrained network already predicts x0 ~ that image instead of noise: the assumed std of
+    # x0 minus that image (diffusion.lowres_skip); None = plain output.
+    lowres_skip_std: float | None = None
     dropout: float = 0.0
     grad_checkpoint: bool = False  # recompute block activations in backward (sr1024 memory)
 
     def __post_init__(self):
         n = len(self.dim_mults)
+        if self.lowres_skip_std is not None and not (self.lowres_cond and 0 < self.lowres_skip_std <= 1):
+            raise ValueError("unet.lowres_skip_std needs unet.lowres_cond and must be in (0, 1]")
         for name in ("num_res_blocks", "attn_levels", "cross_attn_levels"):
             if len(getattr(self, name)) != n:
                 raise ValueError(f"unet.{name} has {len(getattr(self, name))} entries but dim_mults has {n}")

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from train.config import DiffusionConfig
+from train.unet import CLEAN_AUG_LOGSNR
 
 __all__ = [
     "alpha_sigma",
@@ -32,6 +33,8 @@ __all__ = [
     "dynamic_threshold",
     "logsnr_cosine",
     "loss_weight",
+    "lowres_skip",
+    "model_output",
     "noise_augment",
     "predict_x0_eps",
     "q_sample",
@@ -99,6 +102,48 @@ def predict_x0_eps(z: torch.Tensor, model_out: torch.Tensor, logsnr: torch.Tenso
     if prediction == "v":
         return alpha * z - sigma * model_out, sigma * z + alpha * model_out
     raise ValueError(f"prediction must be 'eps' or 'v', got {prediction!r}")
+
+
+def lowres_skip(z: torch.Tensor, logsnr: torch.Tensor, lowres: torch.Tensor, aug_logsnr: torch.Tensor,
+                prediction: str, std: float) -> torch.Tensor:
+    """The eps / v an SR network with `unet.lowres_skip_std` adds to its own output: the exact
+    denoiser for x0 ~ N(a, std^2 I), where a = alpha_aug * lowres is the best linear guess of the
+    clean upsampled low-res image from its noise-augmented version (= it at aug_level 0, 0 at 1):
+
+        x0_hat = (sigma^2 a + alpha std^2 z) / D,   D = alpha^2 std^2 + sigma^2
+        v      = sigma (alpha (1 - std^2) z - a) / D,   eps = sigma (z - alpha a) / D
+
+    bounded at every noise level (D >= min(std^2, 1)). x0_hat moves from a (pure noise) to z
+    (clean), so an untrained network already samples "the upsampled low-res image plus std-sized
+    detail", and training learns the detail. The diffusion process, the loss, guidance and the
+    samplers are unchanged: only what the network's raw output means is, as EDM's c_skip
+    (Karras et al. 2022, section 5). Why: without it a freshly initialised SR U-Net predicts
+    noise-coloured x0 at high noise levels and, on a CPU budget, its samples drift far from the
+    low-res image (held-out PSNR ~20 dB after 170 steps where plain bicubic upsampling gets 36)."""
+    alpha, sigma = (_bcast(v, z) for v in alpha_sigma(logsnr))
+    a = _bcast(alpha_sigma(aug_logsnr)[0], z) * lowres
+    s2 = float(std) ** 2
+    d = alpha * alpha * s2 + sigma * sigma
+    if prediction == "v":
+        return sigma * (alpha * (1.0 - s2) * z - a) / d
+    if prediction == "eps":
+        return sigma * (z - alpha * a) / d
+    raise ValueError(f"prediction must be 'eps' or 'v', got {prediction!r}")
+
+
+def model_output(model, z: torch.Tensor, logsnr: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor,
+                 prediction: str, lowres: torch.Tensor | None = None, aug_logsnr: torch.Tensor | None = None):
+    """The network's eps / v at z: its own output plus `lowres_skip` where its config asks for it."""
+    kwargs = {} if lowres is None else {"lowres": lowres, "aug_logsnr": aug_logsnr}
+    out = model(z, logsnr, text, text_mask, **kwargs)
+    ucfg = getattr(getattr(model, "module", model), "cfg", None)
+    std = getattr(ucfg, "lowres_skip_std", None)
+    if lowres is not None and std:
+        b = z.shape[0]
+        aug = aug_logsnr if aug_logsnr is not None else torch.full((b,), CLEAN_AUG_LOGSNR, device=z.device)
+        out = out + lowres_skip(z, logsnr.expand(b) if logsnr.dim() == 0 else logsnr, lowres,
+                                aug.expand(b) if aug.dim() == 0 else aug, prediction, std).to(out.dtype)
+    return out
 
 
 def loss_weight(logsnr: torch.Tensor, cfg: DiffusionConfig) -> torch.Tensor:
@@ -170,7 +215,7 @@ def training_loss(model, x0: torch.Tensor, text: torch.Tensor, text_mask: torch.
                                            cfg.logsnr_min, cfg.logsnr_max)
         kwargs = {"lowres": lowres, "aug_logsnr": aug_logsnr}
 
-    out = model(z, logsnr, text, text_mask, **kwargs)
+    out = model_output(model, z, logsnr, text, text_mask, cfg.prediction, **kwargs)
     target = training_target(x0, noise, logsnr, cfg.prediction)
     mse = (out.float() - target.float()).pow(2).flatten(1).mean(1)
     weight = loss_weight(logsnr, cfg)
@@ -261,10 +306,11 @@ def sample(model, shape, text: torch.Tensor, text_mask: torch.Tensor, *, steps: 
         lam, lam_next = logsnrs[i], logsnrs[i + 1]
         lam_b = lam.expand(b)
         if guided:
-            out = model(torch.cat([z, z]), lam.expand(2 * b), text_in, mask_in, **kwargs).float()
+            out = model_output(model, torch.cat([z, z]), lam.expand(2 * b), text_in, mask_in, cfg.prediction,
+                               **kwargs).float()
             out = cfg_combine(out[:b], out[b:], guidance_weight)
         else:
-            out = model(z, lam_b, text_in, mask_in, **kwargs).float()
+            out = model_output(model, z, lam_b, text_in, mask_in, cfg.prediction, **kwargs).float()
         x0, _ = predict_x0_eps(z, out, lam_b, cfg.prediction)
         if threshold == "dynamic":
             x0 = dynamic_threshold(x0, dynamic_threshold_percentile)

@@ -10,7 +10,9 @@ How the text reaches the network (Imagen §2.4, App. B):
   stage, which has no self-attention). A learned null token is always among the keys, so a fully
   masked (unconditional) row attends to something well-defined.
 - SR stages concatenate the (already upsampled, noise-augmented) low-res image to the input and
-  add an embedding of its augmentation level to the conditioning vector (Imagen §2.5).
+  add an embedding of its augmentation level to the conditioning vector (Imagen §2.5). With
+  `lowres_skip_std` their output is read relative to that image (train.diffusion.lowres_skip,
+  applied by diffusion.model_output), so a fresh SR model already samples the upsampled input.
 
 Efficient U-Net habits: more residual blocks at low resolution (cheap there), skip connections
 scaled by 1/sqrt(2), downsampling before a down level's convolutions and upsampling after an up

@@ -19,6 +19,7 @@ from train.diffusion import (
     dynamic_threshold,
     logsnr_cosine,
     loss_weight,
+    lowres_skip,
     noise_augment,
     predict_x0_eps,
     q_sample,
@@ -41,10 +42,10 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
-def tiny_unet(lowres_cond=False, seed=0, nonzero_out=False):
+def tiny_unet(lowres_cond=False, seed=0, nonzero_out=False, lowres_skip_std=None):
     cfg = UNetConfig(dim=8, dim_mults=(1, 2), num_res_blocks=(1, 1), attn_levels=(False, True),
                      cross_attn_levels=(False, False), heads=2, head_dim=8, text_dim=16, cond_dim=32,
-                     lowres_cond=lowres_cond)
+                     lowres_cond=lowres_cond, lowres_skip_std=lowres_skip_std)
     torch.manual_seed(seed)
     model = EfficientUNet(cfg).eval()
     if nonzero_out:
@@ -372,3 +373,58 @@ def test_progress_and_argument_checks():
         sample(Oracle(torch.zeros(1, 3, 4, 4), "v"), (1, 3, 4, 4), text, mask, sampler="euler")
     with pytest.raises(ValueError, match="threshold"):
         sample(Oracle(torch.zeros(1, 3, 4, 4), "v"), (1, 3, 4, 4), text, mask, threshold="soft")
+
+
+# --- SR low-res skip ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+@pytest.mark.parametrize("std", [0.05, 0.3, 1.0])
+def test_lowres_skip_is_the_gaussian_denoiser(prediction, std):
+    """The skip's x0 is the posterior mean of x0 ~ N(a, std^2) given z, at every noise level,
+    for both parameterisations; finite at the schedule's ends; a at pure noise, z when clean."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.rand(4, 3, 8, 8, generator=g, dtype=torch.float64) * 2 - 1
+    z = torch.randn(4, 3, 8, 8, generator=g, dtype=torch.float64)
+    clean = torch.full((4,), 15.0, dtype=torch.float64)  # aug_level 0: alpha_aug ~ 1
+    for lam in (-15.0, -3.0, 0.0, 2.5, 15.0):
+        logsnr = torch.full((4,), lam, dtype=torch.float64)
+        out = lowres_skip(z, logsnr, a, clean, prediction, std)
+        assert torch.isfinite(out).all() and out.abs().max() < 10 / std
+        x0, _ = predict_x0_eps(z, out, logsnr, prediction)
+        alpha, sigma = (v[0].item() for v in alpha_sigma(logsnr))
+        a_hat = a * alpha_sigma(clean)[0][0]
+        d = alpha**2 * std**2 + sigma**2
+        torch.testing.assert_close(x0, (sigma**2 * a_hat + alpha * std**2 * z) / d, rtol=1e-6, atol=1e-6 / alpha)
+    lo, hi = torch.full((4,), -15.0, dtype=torch.float64), torch.full((4,), 15.0, dtype=torch.float64)
+    torch.testing.assert_close(predict_x0_eps(z, lowres_skip(z, lo, a, clean, prediction, std), lo, prediction)[0],
+                               a, atol=5e-3, rtol=0)
+    torch.testing.assert_close(predict_x0_eps(z, lowres_skip(z, hi, a, clean, prediction, std), hi, prediction)[0],
+                               z, atol=1e-3, rtol=0)
+    # A fully augmented low-res image (aug_level 1) carries nothing: the skip guesses a = 0.
+    noisy = torch.full((4,), -15.0, dtype=torch.float64)
+    x0 = predict_x0_eps(z, lowres_skip(z, lo, a, noisy, prediction, std), lo, prediction)[0]
+    assert x0.abs().max() < 0.01
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
+def test_fresh_sr_unet_with_lowres_skip_samples_the_upsampled_lowres(sampler):
+    """A fresh SR U-Net (zero output conv) with the skip samples N(upsampled low-res, std^2):
+    at a small std that is the upsampled input; without the skip it is noise-coloured."""
+    g = torch.Generator().manual_seed(1)
+    lowres = torch.rand(2, 3, 4, 4, generator=g) * 1.6 - 0.8
+    text, mask = text_batch(2)
+    up = upsample_lowres(lowres, 8)
+    kw = dict(steps=20, sampler=sampler, lowres=lowres, aug_level=0.0, threshold="none")
+    with_skip = sample(tiny_unet(lowres_cond=True, lowres_skip_std=0.01), (2, 3, 8, 8), text, mask,
+                       generator=torch.Generator().manual_seed(0), **kw)
+    plain = sample(tiny_unet(lowres_cond=True), (2, 3, 8, 8), text, mask, generator=torch.Generator().manual_seed(0), **kw)
+    assert (with_skip - up).abs().max() < 0.06
+    assert (plain - up).abs().mean() > 0.3
+
+
+def test_lowres_skip_is_an_sr_option():
+    with pytest.raises(ValueError, match="lowres_skip_std"):
+        tiny_unet(lowres_cond=False, lowres_skip_std=0.1)
+    with pytest.raises(ValueError, match="lowres_skip_std"):
+        tiny_unet(lowres_cond=True, lowres_skip_std=0.0)

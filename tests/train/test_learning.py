@@ -1,0 +1,155 @@
+"""Evidence that the trainer learns, on shards made by the project's own pipeline (conftest.py).
+
+- the tiny base stage, trained for a fixed CPU budget, draws the colour the prompt names for
+  HELD-OUT prompts: (colour, shape, background) combinations that no training caption has;
+- the tiny SR stage's samples stay faithful to their held-out low-res input (its PSNR against the
+  true high-res image is printed next to bicubic's; it does not beat bicubic on this budget);
+- N steps, stop, resume to 2N equals 2N steps in one go, bit for bit (CPU, fixed seeds).
+
+Bounded: about 6 minutes on 2 idle CPU cores (the base stage's 600 steps are ~3 of them).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from train.config import load_config
+from train.data import ImageSpec, collate_examples, load_records, make_example
+from train.diffusion import sample
+from train.evaluate import COLOURS, colour_accuracy, parse_scene, psnr
+from train.text import collate_text
+from train.trainer import Trainer
+
+pytestmark = pytest.mark.slow
+
+HELDOUT_COMBOS = 0.2  # share of (colour, shape, background) combinations no training caption has
+# The fixed CPU budget: 600 optimizer steps of the tiny-base preset (batch 16, 9,600 images),
+# about 4 minutes on 2 cores. A step count, not a wall-clock budget, so that a busy CI machine
+# gets the same model, only later.
+BASE_STEPS = 600
+BASE_OVERRIDES: dict = {"train.log_every": 100, "train.sample_every": 0, "train.ckpt_every": 0}
+SR_BUDGET_S = 60.0
+EVAL_PROMPTS = 96
+# The colours a shape can have in conftest.unambiguous_scene (backgrounds are white/black/grey).
+CHROMATIC = tuple(c for c in COLOURS if c not in ("white", "black", "grey"))
+
+
+def combo_held_out(scene: dict) -> bool:
+    key = f"{scene['colour']}|{scene['shape']}|{scene['background']}".encode()
+    return hashlib.sha256(key).digest()[0] < 256 * HELDOUT_COMBOS
+
+
+def keep_train(meta: dict, caption: str) -> bool:
+    """Single-shape captions (their foreground colour is one word) of combinations not held out."""
+    scene = parse_scene(caption)
+    return scene is not None and not combo_held_out(scene)
+
+
+def keep_heldout(meta: dict, caption: str) -> bool:
+    scene = parse_scene(caption)
+    return scene is not None and combo_held_out(scene)
+
+
+def test_base_stage_follows_colour_words_of_heldout_prompts(synth_dataset, tmp_path):
+    data, _ = synth_dataset
+    torch.manual_seed(0)
+    cfg = load_config("tiny-base", BASE_OVERRIDES)
+    trainer = Trainer(cfg, data, tmp_path, keep=keep_train, cache="always")
+    t0 = time.monotonic()
+    summary = trainer.train(max_steps=BASE_STEPS)
+    train_s = time.monotonic() - t0
+
+    spec = ImageSpec.from_config(cfg)
+    records = load_records(data, spec, keep=keep_heldout, limit=EVAL_PROMPTS)
+    assert len(records) == EVAL_PROMPTS
+    train_combos = {tuple(parse_scene(r.caption).values()) for r in trainer.source.records}
+    assert not train_combos & {tuple(parse_scene(r.caption).values()) for r in records}  # truly unseen
+    text, mask = collate_text([r.text for r in records], cfg.data.text_max_len)
+    model = trainer.ema_model()
+    rates = {}
+    for w in (1.0, 3.0):
+        g = torch.Generator().manual_seed(0)
+        images = sample(model, (len(records), 3, 32, 32), text, mask, steps=cfg.sample["steps"], guidance_weight=w,
+                        generator=g, diffusion=cfg.diffusion)
+        rates[w] = colour_accuracy(list(images), [r.caption for r in records])["accuracy"]
+    chance = 1 / len(CHROMATIC)
+    print(f"\nbase: {summary['step']} steps in {train_s:.0f}s; held-out colour accuracy w=1: {rates[1.0]:.0%}, "
+          f"w=3: {rates[3.0]:.0%} (chance {chance:.0%}: {len(CHROMATIC)} shape colours)")
+    assert rates[3.0] >= 0.8, rates  # the issue's bar, with guidance
+    assert rates[1.0] >= 2 * chance, rates  # and the conditional model alone follows the text too
+
+
+SR_STEPS = 150  # about 2 minutes of tiny-sr on 2 cores
+# Measured here: 29.2 dB after 150 steps with unet.lowres_skip_std; the plain parameterisation's
+# samples drift to ~19-21 dB against the true image after as many steps (see diffusion.lowres_skip).
+CONSISTENCY_MIN_DB = 26.0
+
+
+def test_sr_stage_stays_faithful_to_the_lowres_image(synth_dataset, tmp_path):
+    """The tiny SR stage's samples, downsampled back, reproduce their held-out low-res input.
+
+    Also measured and printed, NOT asserted, because it does not hold on this budget: PSNR against
+    the true 64 px image next to bicubic and nearest upsampling. On these flat synthetic images
+    bicubic is already 36.6 dB (RMS error 1.5%); after 150 CPU steps the samples are at 27.6 dB,
+    below nearest (33.4) and below the untrained model with the skip (32.3). Issue 5 stays open
+    on exactly this."""
+    data, _ = synth_dataset
+    cfg = load_config("tiny-sr", {"train.log_every": 50, "train.sample_every": 0, "train.ckpt_every": 0})
+    trainer = Trainer(cfg, data, tmp_path, holdout_fraction=0.1, cache="always")
+    summary = trainer.train(max_steps=SR_STEPS)
+
+    spec = ImageSpec.from_config(cfg)
+    records = load_records(data, spec, split="holdout", holdout_fraction=0.1, limit=32)
+    batch = collate_examples([make_example(r, spec) for r in records], spec.text_max_len)
+    g = torch.Generator().manual_seed(0)
+    sr = sample(trainer.ema_model(), tuple(batch["image"].shape), batch["text"], batch["text_mask"],
+                steps=cfg.sample["steps"], guidance_weight=1.0, lowres=batch["lowres"], aug_level=0.0,
+                generator=g, diffusion=cfg.diffusion)
+    low = batch["lowres"]
+    bicubic = F.interpolate(low, size=batch["image"].shape[-2:], mode="bicubic", align_corners=False).clamp(-1, 1)
+    nearest = F.interpolate(low, size=batch["image"].shape[-2:], mode="nearest")
+    p_sr, p_bic, p_near = (psnr(x, batch["image"]).mean().item() for x in (sr, bicubic, nearest))
+    consistency = psnr(F.interpolate(sr, size=low.shape[-2:], mode="area"), low).mean().item()
+    print(f"\nsr: {summary['step']} steps; held-out PSNR vs the true 64 px image: sample {p_sr:.2f} dB, "
+          f"bicubic {p_bic:.2f} dB, nearest {p_near:.2f} dB; sample downsampled vs its 32 px input {consistency:.2f} dB")
+    assert consistency >= CONSISTENCY_MIN_DB, consistency
+
+
+RESUME_OVERRIDES = {
+    "unet.dim": 8, "unet.dim_mults": [1, 2], "unet.num_res_blocks": [1, 1], "unet.attn_levels": [False, True], "unet.cross_attn_levels": [False, False],
+    "unet.heads": 2, "unet.head_dim": 8, "unet.cond_dim": 32, "data.resolution": 16, "train.batch_size": 4,
+    "train.grad_accum": 2, "train.warmup_steps": 3, "train.ema_start": 2, "train.ema_decay": 0.9,
+    "train.log_every": 0, "train.sample_every": 0, "train.ckpt_every": 0, "diffusion.cond_drop_prob": 0.3,
+    "unet.dropout": 0.1,
+}
+
+
+def test_resume_is_exact(synth_dataset, tmp_path):
+    """N steps, stop, resume to 2N == 2N uninterrupted: every weight, EMA weight and Adam moment."""
+    data, _ = synth_dataset
+    cfg = load_config("tiny-base", RESUME_OVERRIDES)
+    n = 4
+    straight = Trainer(cfg, data, tmp_path / "straight", log=None, holdout_fraction=0.1)
+    straight.train(max_steps=2 * n)
+    first = Trainer(cfg, data, tmp_path / "resumed", log=None, holdout_fraction=0.1)
+    first.train(max_steps=n)
+    del first
+    second = Trainer(cfg, data, tmp_path / "resumed", resume=True, log=None, holdout_fraction=0.1)
+    assert second.step == n
+    second.train(max_steps=2 * n)
+    for k, v in straight.model.state_dict().items():
+        assert torch.equal(v, second.model.state_dict()[k]), k
+    for k, v in straight.ema.items():
+        assert torch.equal(v, second.ema[k]), k
+    a, b = straight.optimizer.state_dict()["state"], second.optimizer.state_dict()["state"]
+    assert all(torch.equal(a[i]["exp_avg_sq"], b[i]["exp_avg_sq"]) for i in a)
+    # ... and the runs did move: this is not two untouched initialisations.
+    fresh = Trainer(cfg, data, tmp_path / "fresh", log=None, holdout_fraction=0.1)
+    assert not all(torch.equal(v, fresh.model.state_dict()[k]) for k, v in straight.model.state_dict().items())
+    assert np.isfinite(straight.last_logs["loss"])
