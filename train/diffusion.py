@@ -107,13 +107,14 @@ def predict_x0_eps(z: torch.Tensor, model_out: torch.Tensor, logsnr: torch.Tenso
 def lowres_skip(z: torch.Tensor, logsnr: torch.Tensor, lowres: torch.Tensor, aug_logsnr: torch.Tensor,
                 prediction: str, std: float) -> torch.Tensor:
     """The eps / v an SR network with `unet.lowres_skip_std` adds to its own output: the exact
-    denoiser for x0 ~ N(a, std^2 I), where a = alpha_aug * lowres is the best linear guess of the
-    clean upsampled low-res image from its noise-augmented version (= it at aug_level 0, 0 at 1):
+    denoiser for x0 ~ N(a, s^2 I), where a = alpha_aug * lowres is the best linear guess of the
+    clean upsampled low-res image from its noise-augmented version (= it at aug_level 0, 0 at 1)
+    and s^2 = std^2 + sigma_aug^2:
 
-        x0_hat = (sigma^2 a + alpha std^2 z) / D,   D = alpha^2 std^2 + sigma^2
-        v      = sigma (alpha (1 - std^2) z - a) / D,   eps = sigma (z - alpha a) / D
+        x0_hat = (sigma^2 a + alpha s^2 z) / D,   D = alpha^2 s^2 + sigma^2
+        v      = sigma (alpha (1 - s^2) z - a) / D,   eps = sigma (z - alpha a) / D
 
-    bounded at every noise level (D >= min(std^2, 1)). x0_hat moves from a (pure noise) to z
+    bounded at every noise level (D >= min(s^2, 1)). x0_hat moves from a (pure noise) to z
     (clean), so an untrained network already samples "the upsampled low-res image plus std-sized
     detail", and training learns the detail. The diffusion process, the loss, guidance and the
     samplers are unchanged: only what the network's raw output means is, as EDM's c_skip
@@ -121,8 +122,12 @@ def lowres_skip(z: torch.Tensor, logsnr: torch.Tensor, lowres: torch.Tensor, aug
     noise-coloured x0 at high noise levels and, on a CPU budget, its samples drift far from the
     low-res image (held-out PSNR ~20 dB after 170 steps where plain bicubic upsampling gets 36)."""
     alpha, sigma = (_bcast(v, z) for v in alpha_sigma(logsnr))
-    a = _bcast(alpha_sigma(aug_logsnr)[0], z) * lowres
-    s2 = float(std) ** 2
+    alpha_aug, sigma_aug = (_bcast(v, z) for v in alpha_sigma(aug_logsnr))
+    a = alpha_aug * lowres
+    # The guess a is itself uncertain by sigma_aug (the augmentation noise): the prior's variance
+    # is std^2 + sigma_aug^2, so a destroyed low-res image (aug_level 1) gives the plain N(0, 1)
+    # prior instead of a confident wrong one.
+    s2 = float(std) ** 2 + sigma_aug * sigma_aug
     d = alpha * alpha * s2 + sigma * sigma
     if prediction == "v":
         return sigma * (alpha * (1.0 - s2) * z - a) / d

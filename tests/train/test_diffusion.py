@@ -394,17 +394,23 @@ def test_lowres_skip_is_the_gaussian_denoiser(prediction, std):
         x0, _ = predict_x0_eps(z, out, logsnr, prediction)
         alpha, sigma = (v[0].item() for v in alpha_sigma(logsnr))
         a_hat = a * alpha_sigma(clean)[0][0]
-        d = alpha**2 * std**2 + sigma**2
-        torch.testing.assert_close(x0, (sigma**2 * a_hat + alpha * std**2 * z) / d, rtol=1e-6, atol=1e-6 / alpha)
+        s2 = std**2 + alpha_sigma(clean)[1][0].item() ** 2
+        d = alpha**2 * s2 + sigma**2
+        torch.testing.assert_close(x0, (sigma**2 * a_hat + alpha * s2 * z) / d, rtol=1e-6, atol=1e-6 / alpha)
     lo, hi = torch.full((4,), -15.0, dtype=torch.float64), torch.full((4,), 15.0, dtype=torch.float64)
     torch.testing.assert_close(predict_x0_eps(z, lowres_skip(z, lo, a, clean, prediction, std), lo, prediction)[0],
                                a, atol=5e-3, rtol=0)
     torch.testing.assert_close(predict_x0_eps(z, lowres_skip(z, hi, a, clean, prediction, std), hi, prediction)[0],
                                z, atol=1e-3, rtol=0)
-    # A fully augmented low-res image (aug_level 1) carries nothing: the skip guesses a = 0.
+    # A fully augmented low-res image (aug_level 1) carries nothing: the skip guesses a = 0 with
+    # the plain N(0, 1 + std^2) prior's uncertainty, not std's.
     noisy = torch.full((4,), -15.0, dtype=torch.float64)
     x0 = predict_x0_eps(z, lowres_skip(z, lo, a, noisy, prediction, std), lo, prediction)[0]
     assert x0.abs().max() < 0.01
+    mid = torch.zeros(4, dtype=torch.float64)  # alpha = sigma: x0_hat = s^2 z / (alpha (1 + s^2))
+    x0 = predict_x0_eps(z, lowres_skip(z, mid, a, noisy, prediction, std), mid, prediction)[0]
+    s2 = 1 + std**2
+    torch.testing.assert_close(x0, s2 * z / (0.5**0.5 * (1 + s2)), atol=1e-3, rtol=1e-3)
 
 
 @pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
