@@ -309,6 +309,14 @@ SCORE_SPECS = {
 }
 
 
+def _read_columns(path: str, wanted):
+    """The columns of `wanted` that the Parquet file at `path` has (older outputs lack some)."""
+    with FileSystems.open(path) as f:
+        pf = pq.ParquetFile(f)
+        names = set(pf.schema_arrow.names)
+        return pf.read(columns=[c for c in wanted if c in names])
+
+
 def _sample_rank(seed: int, uid: str) -> str:
     return hashlib.sha256(f"{seed}:{uid}".encode()).hexdigest()
 
@@ -356,10 +364,7 @@ def collect(dataset_dir: str, *, seed: int = 0, n_samples: int = 16, max_sample_
         row = {"shard": name, "samples": s.get("samples"), "rejected": s.get("rejected"), "tar_bytes": s.get("bytes")}
         uids = []
         if s["meta"].rsplit("/", 1)[-1] in on_disk["meta"]:
-            with FileSystems.open(meta_path) as f:
-                pf = pq.ParquetFile(f)
-                names = set(pf.schema_arrow.names)
-                table = pf.read(columns=[c for c in META_COLUMNS if c in names])
+            table = _read_columns(meta_path, META_COLUMNS)
             if table.num_rows != s["samples"]:
                 errors.append(f"{s['meta']}: {table.num_rows} rows, manifest.json says {s['samples']} samples")
             cols = {c: table.column(c).to_pylist() for c in table.column_names}
@@ -403,10 +408,7 @@ def collect(dataset_dir: str, *, seed: int = 0, n_samples: int = 16, max_sample_
                 elif entry[0] < heap[0].entry[0]:
                     heapq.heapreplace(heap, _Neg(entry))
         if s["rejects"].rsplit("/", 1)[-1] in on_disk["rejects"]:
-            with FileSystems.open(rej_path) as f:
-                pf = pq.ParquetFile(f)
-                names = set(pf.schema_arrow.names)
-                rt = pf.read(columns=[c for c in REJECT_COLUMNS if c in names])
+            rt = _read_columns(rej_path, REJECT_COLUMNS)
             if rt.num_rows != s["rejected"]:
                 errors.append(f"{s['rejects']}: {rt.num_rows} rows, manifest.json says {s['rejected']} rejected")
             facts.rejected += rt.num_rows

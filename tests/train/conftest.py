@@ -23,9 +23,21 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 from PIL import Image
 
 SMALL_D_MODEL = 8
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """For modules of tiny tensors (`pytestmark = pytest.mark.usefixtures("one_thread")`): one
+    intra-op thread is fastest, and 2 threads on a busy 2-core box can be ~100x slower (OpenMP
+    spin-waits). Restored afterwards so other test modules are unaffected."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 # stored side -> how many samples: 48 px ones must be skipped by a 64 px stage.
 SMALL_SIZES = {48: 4, 64: 10, 96: 6, 128: 4}
 

@@ -32,14 +32,7 @@ from train.diffusion import (
 from train.unet import EfficientUNet
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is fastest, and 2 threads on a busy 2-core box can be ~100x
-    slower (OpenMP spin-waits). Restored afterwards so other test modules are unaffected."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_unet(lowres_cond=False, seed=0, nonzero_out=False, lowres_skip_std=None):

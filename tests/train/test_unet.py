@@ -11,14 +11,7 @@ import torch
 from train.config import UNetConfig, load_config
 from train.unet import SKIP_SCALE, EfficientUNet, ResBlock
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is fastest, and 2 threads on a busy 2-core box can be ~100x
-    slower (OpenMP spin-waits). Restored afterwards so other test modules are unaffected."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 SHRINK = {"unet.dim": 8, "unet.text_dim": 16, "unet.cond_dim": 32, "unet.heads": 2, "unet.head_dim": 8}
