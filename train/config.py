@@ -61,6 +61,9 @@ class UNetConfig:
     # untrained network already predicts x0 ~ that image instead of noise: the assumed std of
     # x0 minus that image (diffusion.lowres_skip); None = plain output.
     lowres_skip_std: float | None = None
+    # SR: how the low-res image is brought to the output size before it is concatenated (and read
+    # by the skip): "bilinear" or "bicubic" (sharper; its overshoot is kept, not clipped).
+    lowres_upsample: str = "bilinear"
     dropout: float = 0.0
     grad_checkpoint: bool = False  # recompute block activations in backward (sr1024 memory)
 
@@ -68,6 +71,8 @@ class UNetConfig:
         n = len(self.dim_mults)
         if self.lowres_skip_std is not None and not (self.lowres_cond and 0 < self.lowres_skip_std <= 1):
             raise ValueError("unet.lowres_skip_std needs unet.lowres_cond and must be in (0, 1]")
+        if self.lowres_upsample not in ("bilinear", "bicubic"):
+            raise ValueError(f"unet.lowres_upsample must be 'bilinear' or 'bicubic', got {self.lowres_upsample!r}")
         for name in ("num_res_blocks", "attn_levels", "cross_attn_levels"):
             if len(getattr(self, name)) != n:
                 raise ValueError(f"unet.{name} has {len(getattr(self, name))} entries but dim_mults has {n}")
@@ -93,6 +98,10 @@ class DiffusionConfig:
     logsnr_max: float = 15.0
     cond_drop_prob: float = 0.1  # Imagen §2.3: classifier-free guidance, text dropped 10% of the time
     noise_aug_train_max: float = 1.0  # SR: aug_level ~ U(0, this) during training (Imagen §2.5)
+    # SR: the probability that a training sample's low-res image is NOT augmented (aug_level 0),
+    # the rest drawn U(0, noise_aug_train_max). On a small budget a U(0, 1) draw alone spends
+    # the model on heavily corrupted inputs and its clean-input samples fall below bicubic.
+    noise_aug_clean_prob: float = 0.0
 
     def __post_init__(self):
         if self.prediction not in ("eps", "v"):
@@ -105,6 +114,8 @@ class DiffusionConfig:
             raise ValueError("diffusion.cond_drop_prob must be in [0, 1)")
         if not 0.0 <= self.noise_aug_train_max <= 1.0:
             raise ValueError("diffusion.noise_aug_train_max must be in [0, 1]")
+        if not 0.0 <= self.noise_aug_clean_prob <= 1.0:
+            raise ValueError("diffusion.noise_aug_clean_prob must be in [0, 1]")
 
 
 @dataclass

@@ -181,13 +181,20 @@ def noise_augment(lowres: torch.Tensor, aug_level, noise: torch.Tensor,
     return z, aug_logsnr
 
 
-def upsample_lowres(lowres: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
-    """The SR stage's conditioning at the output size (bilinear, as imagen-pytorch's resize);
-    a no-op when it is already that size."""
+def upsample_lowres(lowres: torch.Tensor, size: int | tuple[int, int], mode: str = "bilinear") -> torch.Tensor:
+    """The SR stage's conditioning at the output size (`mode` "bilinear" or "bicubic", the U-Net's
+    `lowres_upsample`); a no-op when it is already that size."""
     size = (size, size) if isinstance(size, int) else tuple(size)
     if tuple(lowres.shape[-2:]) == size:
         return lowres
-    return F.interpolate(lowres, size=size, mode="bilinear", align_corners=False, antialias=False)
+    if mode not in ("bilinear", "bicubic"):
+        raise ValueError(f"upsample mode must be 'bilinear' or 'bicubic', got {mode!r}")
+    return F.interpolate(lowres, size=size, mode=mode, align_corners=False, antialias=False)
+
+
+def _upsample_mode(model) -> str:
+    ucfg = getattr(getattr(model, "module", model), "cfg", None)
+    return getattr(ucfg, "lowres_upsample", "bilinear")
 
 
 def training_loss(model, x0: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor, cfg: DiffusionConfig,
@@ -199,7 +206,8 @@ def training_loss(model, x0: torch.Tensor, text: torch.Tensor, text_mask: torch.
     - classifier-free guidance training (Imagen §2.3): with prob cond_drop_prob a sample's text is
       zeroed and its mask set all-False -- exactly what the sampler feeds as "unconditional";
     - SR: the low-res image is upsampled to x0's size and noise-augmented at aug_level ~
-      U(0, noise_aug_train_max), the level passed to the model as aug_logsnr (Imagen §2.5);
+      U(0, noise_aug_train_max) -- or 0 with probability noise_aug_clean_prob -- the level passed
+      to the model as aug_logsnr (Imagen §2.5);
     - loss: per-sample MSE of the eps / v target, weighted by `loss_weight` (min-SNR-gamma)."""
     b, device = x0.shape[0], x0.device
     t = (_rand((1,), generator, device) + torch.arange(b, device=device) / b) % 1.0
@@ -214,8 +222,10 @@ def training_loss(model, x0: torch.Tensor, text: torch.Tensor, text_mask: torch.
 
     kwargs = {}
     if lowres is not None:
-        lowres = upsample_lowres(lowres, x0.shape[-2:])
+        lowres = upsample_lowres(lowres, x0.shape[-2:], _upsample_mode(model))
         aug = _rand((b,), generator, device) * cfg.noise_aug_train_max
+        if cfg.noise_aug_clean_prob > 0:
+            aug = aug.masked_fill(_rand((b,), generator, device) < cfg.noise_aug_clean_prob, 0.0)
         lowres, aug_logsnr = noise_augment(lowres, aug, _randn(lowres.shape, generator, device, lowres.dtype),
                                            cfg.logsnr_min, cfg.logsnr_max)
         kwargs = {"lowres": lowres, "aug_logsnr": aug_logsnr}
@@ -297,7 +307,7 @@ def sample(model, shape, text: torch.Tensor, text_mask: torch.Tensor, *, steps: 
         text_in, mask_in = text, text_mask
     kwargs = {}
     if lowres is not None:
-        lowres = upsample_lowres(lowres.to(device), shape[-2:])
+        lowres = upsample_lowres(lowres.to(device), shape[-2:], _upsample_mode(model))
         lowres, aug_logsnr = noise_augment(lowres, aug_level, _randn(lowres.shape, generator, device, lowres.dtype),
                                            cfg.logsnr_min, cfg.logsnr_max)
         kwargs = {"lowres": lowres, "aug_logsnr": aug_logsnr}

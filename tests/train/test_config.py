@@ -125,6 +125,10 @@ def test_bad_values_fail_clearly():
         load_config("tiny-base", {"unet.lowres_cond": True})
     with pytest.raises(ValueError, match="sampler"):
         load_config("tiny-base", {"sample.sampler": "euler"})
+    with pytest.raises(ValueError, match="lowres_upsample"):
+        load_config("tiny-sr", {"unet.lowres_upsample": "nearest"})
+    with pytest.raises(ValueError, match="noise_aug_clean_prob"):
+        load_config("tiny-sr", {"diffusion.noise_aug_clean_prob": 1.5})
     with pytest.raises(KeyError, match="missing required"):
         config_from_dict({"name": "x", "stage": "base", "data": {"resolution": 8}, "unet": {"dim": 8}})
     with pytest.raises(ValueError, match="type"):

@@ -166,6 +166,11 @@ def test_upsample_lowres():
     x = torch.randn(2, 3, 8, 8)
     assert upsample_lowres(x, 8) is x
     assert upsample_lowres(x, (16, 16)).shape == (2, 3, 16, 16)
+    for mode in ("bilinear", "bicubic"):
+        torch.testing.assert_close(upsample_lowres(x, 16, mode), torch.nn.functional.interpolate(x, size=16, mode=mode))
+    assert not torch.allclose(upsample_lowres(x, 16, "bicubic"), upsample_lowres(x, 16))
+    with pytest.raises(ValueError, match="bicubic"):
+        upsample_lowres(x, 16, "nearest")
 
 
 # --- training loss ----------------------------------------------------------------------------------
@@ -235,6 +240,45 @@ def test_training_loss_sr_noise_augmentation():
     # aug_level ~ U(0, 0.5): logsnr >= logsnr_cosine(0.5) = 0
     assert call["aug_logsnr"].min() >= -1e-4 and call["aug_logsnr"].std() > 1
     assert loss.item() < 1e-6
+
+
+class BicubicOracle(Oracle):
+    """An Oracle whose config asks for bicubic low-res upsampling, as a U-Net's would."""
+
+    cfg = UNetConfig(dim=8, dim_mults=(1,), num_res_blocks=(1,), attn_levels=(False,), cross_attn_levels=(False,),
+                     heads=1, head_dim=8, text_dim=16, cond_dim=8, lowres_cond=True, lowres_upsample="bicubic")
+
+
+def test_training_loss_and_sampler_upsample_as_the_model_asks():
+    b = 4
+    x0 = torch.rand(b, 3, 16, 16) * 2 - 1
+    low = torch.nn.functional.avg_pool2d(x0, 2)
+    text, mask = text_batch(b)
+    bicubic = torch.nn.functional.interpolate(low, size=16, mode="bicubic")
+    for oracle, want in ((BicubicOracle(x0, "v"), bicubic), (Oracle(x0, "v"), upsample_lowres(low, 16))):
+        training_loss(oracle, x0, text, mask, DiffusionConfig(noise_aug_train_max=0.0), lowres=low,
+                      generator=torch.Generator().manual_seed(0))
+        sample(oracle, x0.shape, text, mask, steps=2, lowres=low, aug_level=0.0, generator=torch.Generator().manual_seed(0))
+        for call in oracle.calls:
+            torch.testing.assert_close(call["lowres"], want)
+
+
+def test_training_loss_clean_prob_leaves_that_share_unaugmented():
+    b = 64
+    x0 = torch.rand(b, 3, 8, 8) * 2 - 1
+    low = torch.nn.functional.avg_pool2d(x0, 2)
+    up = upsample_lowres(low, 8)
+    text, mask = text_batch(b)
+    clean_logsnr = logsnr_cosine(torch.tensor(0.0))
+    for p in (0.0, 0.5, 1.0):
+        oracle = Oracle(x0, "v")
+        training_loss(oracle, x0, text, mask, DiffusionConfig(noise_aug_train_max=1.0, noise_aug_clean_prob=p),
+                      lowres=low, generator=torch.Generator().manual_seed(0))
+        call = oracle.calls[0]
+        clean = call["aug_logsnr"] == clean_logsnr
+        assert torch.equal(call["lowres"][clean], up[clean])
+        assert (call["lowres"][~clean] != up[~clean]).any(dim=(1, 2, 3)).all()
+        assert {0.0: clean.sum() == 0, 0.5: 16 < clean.sum() < 48, 1.0: clean.all()}[p], (p, clean.sum())
 
 
 def test_training_loss_deterministic_with_generator_and_backprops():
