@@ -88,7 +88,8 @@ class DiffusionConfig:
 
     prediction: str = "v"  # "eps" | "v": v (Salimans & Ho 2022) stays well-posed at both ends of
     # the schedule, where eps-prediction divides by alpha -> 0 (Imagen App. used v for the SR stages)
-    loss_weighting: str = "min_snr"  # "none" | "min_snr"
+    loss_weighting: str = "min_snr"  # "none" | "min_snr" | "edm" (SR with unet.lowres_skip_std only:
+    # the network's own output is regressed as a unit-variance target, diffusion.lowres_skip_scale)
     # Min-SNR-gamma (Hang et al. 2023, §3.3): per-noise-level loss weight min(SNR, gamma) in x0
     # space. Low-noise steps (high SNR: fine detail, no say in the prompt) otherwise dominate the
     # gradient; clamping them gave ~3.4x faster convergence in that paper, and moves the budget
@@ -106,8 +107,8 @@ class DiffusionConfig:
     def __post_init__(self):
         if self.prediction not in ("eps", "v"):
             raise ValueError(f"diffusion.prediction must be 'eps' or 'v', got {self.prediction!r}")
-        if self.loss_weighting not in ("none", "min_snr"):
-            raise ValueError(f"diffusion.loss_weighting must be 'none' or 'min_snr', got {self.loss_weighting!r}")
+        if self.loss_weighting not in ("none", "min_snr", "edm"):
+            raise ValueError(f"diffusion.loss_weighting must be 'none', 'min_snr' or 'edm', got {self.loss_weighting!r}")
         if not self.logsnr_min < self.logsnr_max:
             raise ValueError("diffusion.logsnr_min must be < logsnr_max")
         if not 0.0 <= self.cond_drop_prob < 1.0:
@@ -193,6 +194,10 @@ class Config:
             raise ValueError("a config needs a data section (data.resolution at least)")
         if (self.stage == "sr") != self.unet.lowres_cond:
             raise ValueError(f"stage {self.stage!r} needs unet.lowres_cond={self.stage == 'sr'}")
+        if self.unet.lowres_skip_std and self.diffusion.prediction != "v":
+            raise ValueError("unet.lowres_skip_std needs diffusion.prediction 'v'")
+        if self.diffusion.loss_weighting == "edm" and not self.unet.lowres_skip_std:
+            raise ValueError("diffusion.loss_weighting 'edm' needs an sr stage with unet.lowres_skip_std")
         if self.stage == "sr" and not self.data.lowres_resolution:
             raise ValueError("an sr stage needs data.lowres_resolution")
         unknown = set(self.sample) - set(SAMPLE_DEFAULTS)

@@ -34,6 +34,7 @@ __all__ = [
     "logsnr_cosine",
     "loss_weight",
     "lowres_skip",
+    "lowres_skip_scale",
     "model_output",
     "noise_augment",
     "predict_x0_eps",
@@ -116,9 +117,9 @@ def lowres_skip(z: torch.Tensor, logsnr: torch.Tensor, lowres: torch.Tensor, aug
 
     bounded at every noise level (D >= min(s^2, 1)). x0_hat moves from a (pure noise) to z
     (clean), so an untrained network already samples "the upsampled low-res image plus std-sized
-    detail", and training learns the detail. The diffusion process, the loss, guidance and the
-    samplers are unchanged: only what the network's raw output means is, as EDM's c_skip
-    (Karras et al. 2022, section 5). Why: without it a freshly initialised SR U-Net predicts
+    detail", and training learns the detail. The diffusion process, guidance and the samplers
+    are unchanged: only what the network's raw output means is, as EDM's c_skip (Karras et al.
+    2022, section 5); `model_output` scales that output by `lowres_skip_scale` (EDM's c_out). Why: without it a freshly initialised SR U-Net predicts
     noise-coloured x0 at high noise levels and, on a CPU budget, its samples drift far from the
     low-res image (held-out PSNR ~20 dB after 170 steps where plain bicubic upsampling gets 36)."""
     alpha, sigma = (_bcast(v, z) for v in alpha_sigma(logsnr))
@@ -136,18 +137,46 @@ def lowres_skip(z: torch.Tensor, logsnr: torch.Tensor, lowres: torch.Tensor, aug
     raise ValueError(f"prediction must be 'eps' or 'v', got {prediction!r}")
 
 
+def lowres_skip_scale(logsnr: torch.Tensor, aug_logsnr: torch.Tensor, std: float) -> torch.Tensor:
+    """[B] scale c on the SR network's own v output when it has the low-res skip: v = skip + c * F.
+
+    c = s / sqrt(alpha^2 s^2 + sigma^2), s^2 = std^2 + sigma_aug^2, so the x0 correction sigma * c * F
+    is in units of the Gaussian prior's posterior std -- EDM's c_out (Karras et al. 2022, Table 1
+    with sigma_data = s). Where the skip is confident (a clean low-res image, small std) a
+    half-trained network's output moves x0 by ~std, not by ~sigma: without this, the output of a
+    network still learning the heavily augmented inputs adds sigma-sized errors to the clean ones.
+    `loss_weighting: "edm"` regresses F itself (weight 1 / c^2): a unit-variance target where
+    the prior's std is right, the same footing for every noise and augmentation level."""
+    alpha, sigma = alpha_sigma(logsnr)
+    _, sigma_aug = alpha_sigma(aug_logsnr)
+    s2 = float(std) ** 2 + sigma_aug * sigma_aug
+    return (s2 / (alpha * alpha * s2 + sigma * sigma)).sqrt()
+
+
+def _unet_cfg(model):
+    return getattr(getattr(model, "module", model), "cfg", None)
+
+
+def _skip_std(model) -> float | None:
+    return getattr(_unet_cfg(model), "lowres_skip_std", None)
+
+
 def model_output(model, z: torch.Tensor, logsnr: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor,
                  prediction: str, lowres: torch.Tensor | None = None, aug_logsnr: torch.Tensor | None = None):
-    """The network's eps / v at z: its own output plus `lowres_skip` where its config asks for it."""
+    """The network's eps / v at z: its own output, or -- where its config has `lowres_skip_std` --
+    `lowres_skip` plus `lowres_skip_scale` times its own output (v-prediction only)."""
     kwargs = {} if lowres is None else {"lowres": lowres, "aug_logsnr": aug_logsnr}
     out = model(z, logsnr, text, text_mask, **kwargs)
-    ucfg = getattr(getattr(model, "module", model), "cfg", None)
-    std = getattr(ucfg, "lowres_skip_std", None)
+    std = _skip_std(model)
     if lowres is not None and std:
+        if prediction != "v":
+            raise ValueError("unet.lowres_skip_std needs diffusion.prediction 'v'")
         b = z.shape[0]
+        lam = logsnr.expand(b) if logsnr.dim() == 0 else logsnr
         aug = aug_logsnr if aug_logsnr is not None else torch.full((b,), CLEAN_AUG_LOGSNR, device=z.device)
-        out = out + lowres_skip(z, logsnr.expand(b) if logsnr.dim() == 0 else logsnr, lowres,
-                                aug.expand(b) if aug.dim() == 0 else aug, prediction, std).to(out.dtype)
+        aug = aug.expand(b) if aug.dim() == 0 else aug
+        scale = _bcast(lowres_skip_scale(lam, aug, std), z)
+        out = lowres_skip(z, lam, lowres, aug, prediction, std).to(out.dtype) + scale.to(out.dtype) * out
     return out
 
 
@@ -157,9 +186,11 @@ def loss_weight(logsnr: torch.Tensor, cfg: DiffusionConfig) -> torch.Tensor:
     Min-SNR-gamma (Hang et al. 2023, eq. 8-10) weights the x0-space error by min(SNR, gamma).
     Since ||eps - eps_hat||^2 = SNR * ||x0 - x0_hat||^2 and ||v - v_hat||^2 = (SNR + 1) *
     ||x0 - x0_hat||^2, that is min(SNR, gamma) / SNR on the eps loss and min(SNR, gamma) / (SNR + 1)
-    on the v loss."""
+    on the v loss. ("edm", for SR stages with the low-res skip, is 1 / lowres_skip_scale^2.)"""
     if cfg.loss_weighting == "none":
         return torch.ones_like(logsnr)
+    if cfg.loss_weighting == "edm":
+        raise ValueError("loss_weighting 'edm' weights by the SR skip's scale: training_loss computes it")
     snr = torch.exp(logsnr)
     clipped = snr.clamp(max=cfg.min_snr_gamma)
     return clipped / snr if cfg.prediction == "eps" else clipped / (snr + 1)
@@ -193,8 +224,7 @@ def upsample_lowres(lowres: torch.Tensor, size: int | tuple[int, int], mode: str
 
 
 def _upsample_mode(model) -> str:
-    ucfg = getattr(getattr(model, "module", model), "cfg", None)
-    return getattr(ucfg, "lowres_upsample", "bilinear")
+    return getattr(_unet_cfg(model), "lowres_upsample", "bilinear")
 
 
 def training_loss(model, x0: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor, cfg: DiffusionConfig,
@@ -208,7 +238,8 @@ def training_loss(model, x0: torch.Tensor, text: torch.Tensor, text_mask: torch.
     - SR: the low-res image is upsampled to x0's size and noise-augmented at aug_level ~
       U(0, noise_aug_train_max) -- or 0 with probability noise_aug_clean_prob -- the level passed
       to the model as aug_logsnr (Imagen §2.5);
-    - loss: per-sample MSE of the eps / v target, weighted by `loss_weight` (min-SNR-gamma)."""
+    - loss: per-sample MSE of the eps / v target, weighted by `loss_weight` (min-SNR-gamma), or
+      for "edm" by 1 / lowres_skip_scale^2 (the MSE of the network's own output F)."""
     b, device = x0.shape[0], x0.device
     t = (_rand((1,), generator, device) + torch.arange(b, device=device) / b) % 1.0
     logsnr = logsnr_cosine(t, cfg.logsnr_min, cfg.logsnr_max).to(device)
@@ -233,7 +264,13 @@ def training_loss(model, x0: torch.Tensor, text: torch.Tensor, text_mask: torch.
     out = model_output(model, z, logsnr, text, text_mask, cfg.prediction, **kwargs)
     target = training_target(x0, noise, logsnr, cfg.prediction)
     mse = (out.float() - target.float()).pow(2).flatten(1).mean(1)
-    weight = loss_weight(logsnr, cfg)
+    if cfg.loss_weighting == "edm":
+        std = _skip_std(model)
+        if lowres is None or not std:
+            raise ValueError("diffusion.loss_weighting 'edm' needs an SR model with unet.lowres_skip_std")
+        weight = lowres_skip_scale(logsnr, kwargs["aug_logsnr"], std).pow(-2)
+    else:
+        weight = loss_weight(logsnr, cfg)
     loss = (weight * mse).mean()
     logs = {"loss": loss.item(), "mse": mse.mean().item(), "cond_dropped": drop.float().mean().item()}
     return loss, logs

@@ -127,6 +127,10 @@ def test_bad_values_fail_clearly():
         load_config("tiny-base", {"sample.sampler": "euler"})
     with pytest.raises(ValueError, match="lowres_upsample"):
         load_config("tiny-sr", {"unet.lowres_upsample": "nearest"})
+    with pytest.raises(ValueError, match="'edm' needs an sr stage"):
+        load_config("tiny-base", {"diffusion.loss_weighting": "edm"})
+    with pytest.raises(ValueError, match="lowres_skip_std needs diffusion.prediction 'v'"):
+        load_config("tiny-sr", {"unet.lowres_skip_std": 0.05, "diffusion.prediction": "eps"})
     with pytest.raises(ValueError, match="noise_aug_clean_prob"):
         load_config("tiny-sr", {"diffusion.noise_aug_clean_prob": 1.5})
     with pytest.raises(KeyError, match="missing required"):

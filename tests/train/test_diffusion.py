@@ -20,6 +20,8 @@ from train.diffusion import (
     logsnr_cosine,
     loss_weight,
     lowres_skip,
+    lowres_skip_scale,
+    model_output,
     noise_augment,
     predict_x0_eps,
     q_sample,
@@ -471,3 +473,58 @@ def test_lowres_skip_is_an_sr_option():
         tiny_unet(lowres_cond=False, lowres_skip_std=0.1)
     with pytest.raises(ValueError, match="lowres_skip_std"):
         tiny_unet(lowres_cond=True, lowres_skip_std=0.0)
+
+
+def test_lowres_skip_scale_is_the_priors_posterior_std():
+    """sigma * c (the x0 correction per unit of network output) is the posterior std of x0 under
+    N(a, s^2), s^2 = std^2 + sigma_aug^2: ~std where the clean skip is confident, -> 0 at t = 0."""
+    lam = logsnr_cosine(torch.tensor([0.02, 0.1, 0.5, 0.9, 1.0]))
+    clean = torch.full((5,), 15.0)
+    for std in (0.01, 0.1):
+        alpha, sigma = alpha_sigma(lam)
+        s2 = std**2 + torch.sigmoid(torch.tensor(-15.0))  # "clean" is aug logsnr 15: sigma_aug^2 = 3e-7
+        post_std = sigma * s2.sqrt() / (alpha**2 * s2 + sigma**2).sqrt()
+        torch.testing.assert_close(sigma * lowres_skip_scale(lam, clean, std), post_std, rtol=1e-4, atol=1e-7)
+        assert (sigma * lowres_skip_scale(lam, clean, std) <= s2.sqrt() * 1.0001).all()
+    # an augmented low-res image widens the prior: aug_level 1 gives c ~ 1 (plain v-prediction)
+    torch.testing.assert_close(lowres_skip_scale(lam, logsnr_cosine(torch.ones(5)), 0.01), torch.ones(5), atol=1e-3, rtol=0)
+
+
+class SkipResidualOracle(torch.nn.Module):
+    """An SR "network" with the skip that outputs the exact residual target F* plus a known delta."""
+
+    def __init__(self, x0, std, delta):
+        super().__init__()
+        self.x0, self.delta = x0, delta
+        self.cfg = UNetConfig(dim=8, dim_mults=(1,), num_res_blocks=(1,), attn_levels=(False,), cross_attn_levels=(False,),
+                              heads=1, head_dim=8, text_dim=16, cond_dim=8, lowres_cond=True, lowres_skip_std=std)
+
+    def forward(self, z, logsnr, text, text_mask, lowres=None, aug_logsnr=None):
+        z, x0 = z.double(), self.x0.double()
+        alpha, sigma = (a.reshape(-1, 1, 1, 1) for a in alpha_sigma(logsnr.double()))
+        v = alpha * (z - alpha * x0) / sigma - sigma * x0
+        skip = lowres_skip(z, logsnr.double(), lowres.double(), aug_logsnr.double(), "v", self.cfg.lowres_skip_std)
+        c = lowres_skip_scale(logsnr.double(), aug_logsnr.double(), self.cfg.lowres_skip_std).reshape(-1, 1, 1, 1)
+        return ((v - skip) / c).float() + self.delta
+
+
+def test_edm_loss_is_the_mse_of_the_networks_own_output():
+    """loss_weighting "edm": the loss is ||F - F*||^2 whatever the noise and augmentation level."""
+    b = 16
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.rand(b, 3, 8, 8, generator=g) * 2 - 1
+    low = torch.nn.functional.avg_pool2d(x0, 2)
+    text, mask = text_batch(b)
+    cfg = DiffusionConfig(loss_weighting="edm", noise_aug_clean_prob=0.5)
+    zero = SkipResidualOracle(x0, 0.01, torch.zeros(b, 3, 8, 8))
+    loss, _ = training_loss(zero, x0, text, mask, cfg, lowres=low, generator=torch.Generator().manual_seed(1))
+    assert loss.item() < 1e-6
+    delta = torch.randn(b, 3, 8, 8, generator=g) * 0.3
+    loss, _ = training_loss(SkipResidualOracle(x0, 0.01, delta), x0, text, mask, cfg, lowres=low,
+                            generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(loss, delta.pow(2).mean(), rtol=2e-3, atol=0)
+    with pytest.raises(ValueError, match="edm"):  # a base model has no skip to weight by
+        training_loss(Oracle(x0, "v"), x0, text, mask, cfg, generator=torch.Generator().manual_seed(1))
+    with pytest.raises(ValueError, match="prediction 'v'"):
+        model_output(zero, x0, logsnr_cosine(torch.full((b,), 0.5)), text, mask, "eps", lowres=upsample_lowres(low, 8),
+                     aug_logsnr=torch.full((b,), 15.0))
