@@ -105,52 +105,51 @@ def predict_x0_eps(z: torch.Tensor, model_out: torch.Tensor, logsnr: torch.Tenso
     raise ValueError(f"prediction must be 'eps' or 'v', got {prediction!r}")
 
 
+def _skip_prior(logsnr: torch.Tensor, aug_logsnr: torch.Tensor, std: float):
+    """(alpha, sigma, alpha_aug, s^2, D) of the low-res skip's Gaussian prior, broadcastable over
+    an image batch: s^2 = std^2 + sigma_aug^2 (the guess a = alpha_aug * lowres is itself uncertain
+    by the augmentation noise, so a destroyed low-res image, aug_level 1, gives the plain N(0, 1)
+    prior instead of a confident wrong one) and D = alpha^2 s^2 + sigma^2."""
+    alpha, sigma = (v.reshape(-1, 1, 1, 1) for v in alpha_sigma(logsnr))
+    alpha_aug, sigma_aug = (v.reshape(-1, 1, 1, 1) for v in alpha_sigma(aug_logsnr))
+    s2 = float(std) ** 2 + sigma_aug * sigma_aug
+    return alpha, sigma, alpha_aug, s2, alpha * alpha * s2 + sigma * sigma
+
+
 def lowres_skip(z: torch.Tensor, logsnr: torch.Tensor, lowres: torch.Tensor, aug_logsnr: torch.Tensor,
-                prediction: str, std: float) -> torch.Tensor:
-    """The eps / v an SR network with `unet.lowres_skip_std` adds to its own output: the exact
+                std: float) -> torch.Tensor:
+    """The v an SR network with `unet.lowres_skip_std` adds to its own (scaled) output: the exact
     denoiser for x0 ~ N(a, s^2 I), where a = alpha_aug * lowres is the best linear guess of the
     clean upsampled low-res image from its noise-augmented version (= it at aug_level 0, 0 at 1)
-    and s^2 = std^2 + sigma_aug^2:
+    and s^2 = std^2 + sigma_aug^2 (`_skip_prior`):
 
-        x0_hat = (sigma^2 a + alpha s^2 z) / D,   D = alpha^2 s^2 + sigma^2
-        v      = sigma (alpha (1 - s^2) z - a) / D,   eps = sigma (z - alpha a) / D
+        x0_hat = (sigma^2 a + alpha s^2 z) / D,   v = sigma (alpha (1 - s^2) z - a) / D,
+        D = alpha^2 s^2 + sigma^2
 
     bounded at every noise level (D >= min(s^2, 1)). x0_hat moves from a (pure noise) to z
     (clean), so an untrained network already samples "the upsampled low-res image plus std-sized
     detail", and training learns the detail. The diffusion process, guidance and the samplers
-    are unchanged: only what the network's raw output means is, as EDM's c_skip (Karras et al.
-    2022, section 5); `model_output` scales that output by `lowres_skip_scale` (EDM's c_out). Why: without it a freshly initialised SR U-Net predicts
-    noise-coloured x0 at high noise levels and, on a CPU budget, its samples drift far from the
-    low-res image (held-out PSNR ~20 dB after 170 steps where plain bicubic upsampling gets 36)."""
-    alpha, sigma = (_bcast(v, z) for v in alpha_sigma(logsnr))
-    alpha_aug, sigma_aug = (_bcast(v, z) for v in alpha_sigma(aug_logsnr))
-    a = alpha_aug * lowres
-    # The guess a is itself uncertain by sigma_aug (the augmentation noise): the prior's variance
-    # is std^2 + sigma_aug^2, so a destroyed low-res image (aug_level 1) gives the plain N(0, 1)
-    # prior instead of a confident wrong one.
-    s2 = float(std) ** 2 + sigma_aug * sigma_aug
-    d = alpha * alpha * s2 + sigma * sigma
-    if prediction == "v":
-        return sigma * (alpha * (1.0 - s2) * z - a) / d
-    if prediction == "eps":
-        return sigma * (z - alpha * a) / d
-    raise ValueError(f"prediction must be 'eps' or 'v', got {prediction!r}")
+    are unchanged: only what the network's raw output means is -- EDM's c_skip (Karras et al.
+    2022, section 5), with `lowres_skip_scale` as its c_out. Why: without it a freshly initialised
+    SR U-Net predicts noise-coloured x0 at high noise levels and, on a CPU budget, its samples
+    drift far from the low-res image (held-out PSNR ~20 dB after 170 steps where bicubic gets 36).
+    v-prediction only: the eps form divides by alpha -> 0 at pure noise."""
+    alpha, sigma, alpha_aug, s2, d = _skip_prior(logsnr, aug_logsnr, std)
+    return sigma * (alpha * (1.0 - s2) * z - alpha_aug * lowres) / d
 
 
 def lowres_skip_scale(logsnr: torch.Tensor, aug_logsnr: torch.Tensor, std: float) -> torch.Tensor:
     """[B] scale c on the SR network's own v output when it has the low-res skip: v = skip + c * F.
 
-    c = s / sqrt(alpha^2 s^2 + sigma^2), s^2 = std^2 + sigma_aug^2, so the x0 correction sigma * c * F
-    is in units of the Gaussian prior's posterior std -- EDM's c_out (Karras et al. 2022, Table 1
-    with sigma_data = s). Where the skip is confident (a clean low-res image, small std) a
-    half-trained network's output moves x0 by ~std, not by ~sigma: without this, the output of a
-    network still learning the heavily augmented inputs adds sigma-sized errors to the clean ones.
-    `loss_weighting: "edm"` regresses F itself (weight 1 / c^2): a unit-variance target where
-    the prior's std is right, the same footing for every noise and augmentation level."""
-    alpha, sigma = alpha_sigma(logsnr)
-    _, sigma_aug = alpha_sigma(aug_logsnr)
-    s2 = float(std) ** 2 + sigma_aug * sigma_aug
-    return (s2 / (alpha * alpha * s2 + sigma * sigma)).sqrt()
+    c = s / sqrt(D), so the x0 correction sigma * c * F is in units of the Gaussian prior's
+    posterior std -- EDM's c_out (Karras et al. 2022, Table 1 with sigma_data = s). Where the skip
+    is confident (a clean low-res image, small std) a half-trained network's output moves x0 by
+    ~std, not by ~sigma: without this, the output of a network still learning the heavily
+    augmented inputs adds sigma-sized errors to the clean ones. `loss_weighting: "edm"` regresses
+    F itself (weight 1 / c^2): a unit-variance target where the prior's std is right, the same
+    footing for every noise and augmentation level."""
+    _, _, _, s2, d = _skip_prior(logsnr, aug_logsnr, std)
+    return (s2 / d).sqrt().flatten()
 
 
 def _unet_cfg(model):
@@ -176,21 +175,24 @@ def model_output(model, z: torch.Tensor, logsnr: torch.Tensor, text: torch.Tenso
         aug = aug_logsnr if aug_logsnr is not None else torch.full((b,), CLEAN_AUG_LOGSNR, device=z.device)
         aug = aug.expand(b) if aug.dim() == 0 else aug
         scale = _bcast(lowres_skip_scale(lam, aug, std), z)
-        out = lowres_skip(z, lam, lowres, aug, prediction, std).to(out.dtype) + scale.to(out.dtype) * out
+        out = lowres_skip(z, lam, lowres, aug, std).to(out.dtype) + scale.to(out.dtype) * out
     return out
 
 
-def loss_weight(logsnr: torch.Tensor, cfg: DiffusionConfig) -> torch.Tensor:
+def loss_weight(logsnr: torch.Tensor, cfg: DiffusionConfig, skip_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Per-sample weight on the MSE of the model's own target.
 
     Min-SNR-gamma (Hang et al. 2023, eq. 8-10) weights the x0-space error by min(SNR, gamma).
     Since ||eps - eps_hat||^2 = SNR * ||x0 - x0_hat||^2 and ||v - v_hat||^2 = (SNR + 1) *
     ||x0 - x0_hat||^2, that is min(SNR, gamma) / SNR on the eps loss and min(SNR, gamma) / (SNR + 1)
-    on the v loss. ("edm", for SR stages with the low-res skip, is 1 / lowres_skip_scale^2.)"""
+    on the v loss. "edm" (SR stages with the low-res skip) is 1 / skip_scale^2, skip_scale the
+    batch's `lowres_skip_scale`: the MSE of the network's own output."""
     if cfg.loss_weighting == "none":
         return torch.ones_like(logsnr)
     if cfg.loss_weighting == "edm":
-        raise ValueError("loss_weighting 'edm' weights by the SR skip's scale: training_loss computes it")
+        if skip_scale is None:
+            raise ValueError("diffusion.loss_weighting 'edm' needs an SR model with unet.lowres_skip_std")
+        return skip_scale.pow(-2)
     snr = torch.exp(logsnr)
     clipped = snr.clamp(max=cfg.min_snr_gamma)
     return clipped / snr if cfg.prediction == "eps" else clipped / (snr + 1)
@@ -238,8 +240,8 @@ def training_loss(model, x0: torch.Tensor, text: torch.Tensor, text_mask: torch.
     - SR: the low-res image is upsampled to x0's size and noise-augmented at aug_level ~
       U(0, noise_aug_train_max) -- or 0 with probability noise_aug_clean_prob -- the level passed
       to the model as aug_logsnr (Imagen §2.5);
-    - loss: per-sample MSE of the eps / v target, weighted by `loss_weight` (min-SNR-gamma), or
-      for "edm" by 1 / lowres_skip_scale^2 (the MSE of the network's own output F)."""
+    - loss: per-sample MSE of the eps / v target, weighted by `loss_weight` (min-SNR-gamma, or
+      "edm": 1 / lowres_skip_scale^2, the MSE of the network's own output)."""
     b, device = x0.shape[0], x0.device
     t = (_rand((1,), generator, device) + torch.arange(b, device=device) / b) % 1.0
     logsnr = logsnr_cosine(t, cfg.logsnr_min, cfg.logsnr_max).to(device)
@@ -264,13 +266,9 @@ def training_loss(model, x0: torch.Tensor, text: torch.Tensor, text_mask: torch.
     out = model_output(model, z, logsnr, text, text_mask, cfg.prediction, **kwargs)
     target = training_target(x0, noise, logsnr, cfg.prediction)
     mse = (out.float() - target.float()).pow(2).flatten(1).mean(1)
-    if cfg.loss_weighting == "edm":
-        std = _skip_std(model)
-        if lowres is None or not std:
-            raise ValueError("diffusion.loss_weighting 'edm' needs an SR model with unet.lowres_skip_std")
-        weight = lowres_skip_scale(logsnr, kwargs["aug_logsnr"], std).pow(-2)
-    else:
-        weight = loss_weight(logsnr, cfg)
+    std = _skip_std(model)
+    skip_scale = lowres_skip_scale(logsnr, kwargs["aug_logsnr"], std) if lowres is not None and std else None
+    weight = loss_weight(logsnr, cfg, skip_scale)
     loss = (weight * mse).mean()
     logs = {"loss": loss.item(), "mse": mse.mean().item(), "cond_dropped": drop.float().mean().item()}
     return loss, logs

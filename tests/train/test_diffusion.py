@@ -417,18 +417,18 @@ def test_progress_and_argument_checks():
 # --- SR low-res skip ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("prediction", ["eps", "v"])
 @pytest.mark.parametrize("std", [0.05, 0.3, 1.0])
-def test_lowres_skip_is_the_gaussian_denoiser(prediction, std):
-    """The skip's x0 is the posterior mean of x0 ~ N(a, std^2) given z, at every noise level,
-    for both parameterisations; finite at the schedule's ends; a at pure noise, z when clean."""
+def test_lowres_skip_is_the_gaussian_denoiser(std):
+    """The skip's x0 is the posterior mean of x0 ~ N(a, std^2) given z, at every noise level;
+    finite at the schedule's ends; a at pure noise, z when clean."""
+    prediction = "v"
     g = torch.Generator().manual_seed(0)
     a = torch.rand(4, 3, 8, 8, generator=g, dtype=torch.float64) * 2 - 1
     z = torch.randn(4, 3, 8, 8, generator=g, dtype=torch.float64)
     clean = torch.full((4,), 15.0, dtype=torch.float64)  # aug_level 0: alpha_aug ~ 1
     for lam in (-15.0, -3.0, 0.0, 2.5, 15.0):
         logsnr = torch.full((4,), lam, dtype=torch.float64)
-        out = lowres_skip(z, logsnr, a, clean, prediction, std)
+        out = lowres_skip(z, logsnr, a, clean, std)
         assert torch.isfinite(out).all() and out.abs().max() < 10 / std
         x0, _ = predict_x0_eps(z, out, logsnr, prediction)
         alpha, sigma = (v[0].item() for v in alpha_sigma(logsnr))
@@ -437,17 +437,17 @@ def test_lowres_skip_is_the_gaussian_denoiser(prediction, std):
         d = alpha**2 * s2 + sigma**2
         torch.testing.assert_close(x0, (sigma**2 * a_hat + alpha * s2 * z) / d, rtol=1e-6, atol=1e-6 / alpha)
     lo, hi = torch.full((4,), -15.0, dtype=torch.float64), torch.full((4,), 15.0, dtype=torch.float64)
-    torch.testing.assert_close(predict_x0_eps(z, lowres_skip(z, lo, a, clean, prediction, std), lo, prediction)[0],
+    torch.testing.assert_close(predict_x0_eps(z, lowres_skip(z, lo, a, clean, std), lo, prediction)[0],
                                a, atol=5e-3, rtol=0)
-    torch.testing.assert_close(predict_x0_eps(z, lowres_skip(z, hi, a, clean, prediction, std), hi, prediction)[0],
+    torch.testing.assert_close(predict_x0_eps(z, lowres_skip(z, hi, a, clean, std), hi, prediction)[0],
                                z, atol=1e-3, rtol=0)
     # A fully augmented low-res image (aug_level 1) carries nothing: the skip guesses a = 0 with
     # the plain N(0, 1 + std^2) prior's uncertainty, not std's.
     noisy = torch.full((4,), -15.0, dtype=torch.float64)
-    x0 = predict_x0_eps(z, lowres_skip(z, lo, a, noisy, prediction, std), lo, prediction)[0]
+    x0 = predict_x0_eps(z, lowres_skip(z, lo, a, noisy, std), lo, prediction)[0]
     assert x0.abs().max() < 0.01
     mid = torch.zeros(4, dtype=torch.float64)  # alpha = sigma: x0_hat = s^2 z / (alpha (1 + s^2))
-    x0 = predict_x0_eps(z, lowres_skip(z, mid, a, noisy, prediction, std), mid, prediction)[0]
+    x0 = predict_x0_eps(z, lowres_skip(z, mid, a, noisy, std), mid, prediction)[0]
     s2 = 1 + std**2
     torch.testing.assert_close(x0, s2 * z / (0.5**0.5 * (1 + s2)), atol=1e-3, rtol=1e-3)
 
@@ -503,7 +503,7 @@ class SkipResidualOracle(torch.nn.Module):
         z, x0 = z.double(), self.x0.double()
         alpha, sigma = (a.reshape(-1, 1, 1, 1) for a in alpha_sigma(logsnr.double()))
         v = alpha * (z - alpha * x0) / sigma - sigma * x0
-        skip = lowres_skip(z, logsnr.double(), lowres.double(), aug_logsnr.double(), "v", self.cfg.lowres_skip_std)
+        skip = lowres_skip(z, logsnr.double(), lowres.double(), aug_logsnr.double(), self.cfg.lowres_skip_std)
         c = lowres_skip_scale(logsnr.double(), aug_logsnr.double(), self.cfg.lowres_skip_std).reshape(-1, 1, 1, 1)
         return ((v - skip) / c).float() + self.delta
 
