@@ -141,7 +141,8 @@ class DataConfig:
 class TrainConfig:
     batch_size: int = 32
     lr: float = 1e-4
-    warmup_steps: int = 1000  # linear warm-up from 0, then constant
+    warmup_steps: int = 1000  # linear warm-up from 0, then lr_schedule
+    lr_schedule: str = "constant"  # "constant" | "cosine" (to 0 at max_steps: a run of known length)
     max_steps: int = 100_000
     optimizer: str = "adamw"  # "adamw" | "adafactor" (Imagen §4.1: Adafactor for the base, Adam for SR)
     weight_decay: float = 0.0
@@ -160,6 +161,8 @@ class TrainConfig:
     def __post_init__(self):
         if self.optimizer not in ("adamw", "adafactor"):
             raise ValueError(f"train.optimizer must be 'adamw' or 'adafactor', got {self.optimizer!r}")
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise ValueError(f"train.lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
         if self.precision not in ("fp32", "bf16"):
             raise ValueError(f"train.precision must be 'fp32' or 'bf16', got {self.precision!r}")
         if self.batch_size < 1 or self.grad_accum < 1 or self.max_steps < 0:

@@ -288,9 +288,8 @@ class Trainer:
             self.ddp = torch.nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.optimizer = self._make_optimizer()
-        schedule = getattr(t, "lr_schedule", "constant")  # TrainConfig may grow a cosine option
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: lr_factor(s, t.warmup_steps, t.max_steps, schedule))
+            self.optimizer, lambda s: lr_factor(s, t.warmup_steps, t.max_steps, t.lr_schedule))
         self.generator = torch.Generator(device=self.device)
         self.source = make_source(cfg, data_dir, seed=t.seed, rank=self.rank, world_size=self.world_size,
                                   split="train", holdout_fraction=self.holdout_fraction, keep=keep, cache=cache)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import socket
 import tarfile
 from pathlib import Path
 
@@ -121,6 +122,22 @@ def small_shards(tmp_path_factory):
 SYNTH_ROWS = 12000
 SYNTH_SEED = 11
 ACHROMATIC = ("white", "black", "grey")
+# The web's main port is part of every URL, so of every uid (sha256 of URL and caption), so of the
+# shards' order and the trainer's data order. A fixed port makes the learning tests train the same
+# model, bit for bit, on every machine: a figure seen in CI is the figure seen at a desk. It sits
+# below Linux's ephemeral range (32768-60999), where no client socket is handed it; if something
+# else holds it, a free port stands in and the figures move by a few points (the bars have margin).
+SYNTH_PORT = 29417
+
+
+def stable_base_url() -> str | None:
+    """http://127.0.0.1:SYNTH_PORT if that port can be bound now, else None (synthesize picks one)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind(("127.0.0.1", SYNTH_PORT))
+        except OSError:
+            return None
+    return f"http://127.0.0.1:{SYNTH_PORT}"
 
 
 def unambiguous_scene(truth: dict) -> bool:
@@ -151,7 +168,7 @@ def synth_dataset(tmp_path_factory):
     # Longer side 140-220 px (shorter >= 78): every image covers the 64 px SR stage; PNG keeps the
     # drawn colours exact until the pipeline's own JPEG encode.
     web = synthesize(root / "web", rows=SYNTH_ROWS, seed=SYNTH_SEED, failure_rate=0.0, size_range=(140, 220),
-                     formats=("png",))
+                     formats=("png",), base_url=stable_base_url())
     truth = pq.read_table(web.ground_truth_path).to_pylist()
     keep = {t["SAMPLE_ID"] for t in truth if unambiguous_scene(t)}
     meta = pq.read_table(web.metadata_path)

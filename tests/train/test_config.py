@@ -125,6 +125,8 @@ def test_bad_values_fail_clearly():
         load_config("tiny-base", {"unet.lowres_cond": True})
     with pytest.raises(ValueError, match="sampler"):
         load_config("tiny-base", {"sample.sampler": "euler"})
+    with pytest.raises(ValueError, match="train.lr_schedule must be 'constant' or 'cosine'"):
+        load_config("tiny-base", {"train.lr_schedule": "linear"})
     with pytest.raises(ValueError, match="lowres_upsample"):
         load_config("tiny-sr", {"unet.lowres_upsample": "nearest"})
     with pytest.raises(ValueError, match="'edm' needs an sr stage"):

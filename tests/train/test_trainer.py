@@ -61,6 +61,12 @@ def test_trainer_applies_the_warmup(small_shards, tmp_path):
     t = Trainer(cfg, root, tmp_path, log=None)
     lrs = [t.train_step()["lr"] for _ in range(5)]
     assert lrs == pytest.approx([1e-2 / 3, 2e-2 / 3, 1e-2, 1e-2, 1e-2])
+    # train.lr_schedule "cosine": after the warm-up, down to 0 at train.max_steps
+    cfg = micro_cfg(**{"train.lr": 1e-2, "train.lr_schedule": "cosine", "train.max_steps": 7})
+    t = Trainer(cfg, root, tmp_path / "cosine", log=None)
+    lrs = [t.train_step()["lr"] for _ in range(8)]
+    assert lrs == pytest.approx([1e-2 * lr_factor(s, 3, 7, "cosine") for s in range(8)])
+    assert lrs[2] == pytest.approx(1e-2) and lrs[5] == pytest.approx(0.5e-2) and lrs[7] == pytest.approx(0.0)
 
 
 def test_ema_update_math():
