@@ -185,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = []
         for name, captions in sets.items():
             lengths = emb.tokenize_lengths(captions)
-            waste = padding_waste(lengths, plan_batches(lengths, emb.max_tokens_per_batch, window=emb.window))
+            waste = padding_waste(lengths, plan_batches(lengths, emb.max_tokens_per_batch, window=emb.window, max_width=emb.max_length), emb.max_length)
             t_kiln, results = run_kiln(emb, captions)
             t_naive, naive = run_naive(emb, captions[:naive_n])
             # Same numbers: the naive padded output at real positions matches kiln's (same cleaning here,

@@ -1,24 +1,39 @@
 """Token-budget batching for a padded encoder: pure functions over token lengths.
 
-A batch of texts runs through the encoder at its longest member's length, so every shorter member
-pays for padding that is computed and thrown away. Web captions are short with a long tail (median
-about a dozen T5 tokens, a few at the 128-token cap), so a fixed batch padded to the cap spends most
-of its FLOPs on padding. `plan_batches` instead:
+A batch of texts runs through the encoder at one padded width, so every shorter member pays for
+padding that is computed and thrown away. Web captions are short with a long tail (median about a
+dozen T5 tokens, a few at the 128-token cap), so a fixed batch padded to the cap spends most of its
+FLOPs on padding. `plan_batches` instead:
 
-1. cuts the input, in order, into windows of `window` items (bounded memory and latency for a
+1. pads each item to `pad_width(length)`: a width fixed by the item's own length, never by which
+   other items share its batch -- even widths up to 16 tokens, then four widths per octave
+   (20, 24, 28, 32, 40, ..., 64, 80, 96, 112, 128, 160, ...), at most `max_width`;
+2. cuts the input, in order, into windows of `window` items (bounded memory and latency for a
    streaming caller, and a deterministic plan that depends only on the lengths);
-2. sorts each window by length, longest first (stable, so ties keep input order; the largest batch
+3. sorts each window by length, longest first (stable, so ties keep input order; the largest batch
    runs first, so an out-of-memory budget fails at once rather than at the end);
-3. fills batches in that order while `padded length x batch size <= max_tokens` and, if given,
-   `batch size <= max_batch_size`;
-4. closes a batch early, at the next change of length, once it already holds `min_fill` of the
-   budget -- rather than letting it straddle one more length step. That halves the padding of the
-   plain greedy fill at web caption lengths while keeping batches at least half the budget.
+4. fills batches in that order while `width x batch size <= max_tokens` and, if given,
+   `batch size <= max_batch_size`, and closes a batch wherever the width changes: a batch never
+   mixes widths, so every member is encoded at exactly its own `pad_width`.
 
-Waste is governed by how many full batches a window holds: at web caption lengths (median 12, mean
-~16 tokens) a window of `max_tokens` captions holds ~16 full batches and wastes 5-8% for budgets of
-1k-32k tokens (plain greedy: 9-14%); a window of a single batch's worth wastes 30%+.
-`tests/embed/test_batching.py` measures it.
+Why a width per length rather than each batch padded to its own longest member: the encoder's
+output for a row depends, in its last bits, on the padded width it ran at (the attention softmax
+and the probabilities x values product reduce over all `width` keys; padded keys add exact zeros,
+but the vectorised reduction order and the GEMM blocking change with the length). Padding to the
+batch's longest member therefore made a caption's float32 output, and sometimes its float16 bytes,
+depend on its batch-mates -- and in `kiln prepare` those depend on Beam's bundle boundaries, which
+differ between runs, breaking DESIGN.md's byte-identical shards. With `pad_width`, the width is a
+function of the caption alone. (What makes the rest of the forward pass independent of the batch is
+in `embed.t5`'s docstring.)
+
+Cost, at web caption lengths (median 12, mean ~16 tokens) with a window of `max_tokens` captions
+(`tests/embed/test_batching.py` measures it): padding is 6.6% of the padded tokens for budgets of 2k,
+4k and 16k tokens (padding each batch to its own longest member, closed early at length changes,
+wasted 5.0%, 5.1% and 8.3%), while batches hold on average 59%, 59% and 41% of the budget (before:
+66%, 66% and 64%): a window leaves a partial batch at every width it holds. Over windows of a few
+hundred captions (`kiln prepare` hands the encoder one Beam batch of 256 at a time) padding stays
+at 6.6% (before: 39% at a 4k budget), in small passes. Finer widths trade the other way: one width
+per length (no padding at all) makes 3-4x as many batches as these.
 
 `scatter` puts per-batch outputs back in input order; `padding_waste` measures a plan.
 """
@@ -28,9 +43,26 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TypeVar
 
-__all__ = ["padding_waste", "plan_batches", "scatter"]
+__all__ = ["pad_width", "padding_waste", "plan_batches", "scatter"]
 
 T = TypeVar("T")
+
+
+def pad_width(length: int, max_width: int | None = None) -> int:
+    """The width an item of `length` tokens is padded to: `length` rounded up to a multiple of 2 up
+    to 16 tokens, then of a quarter of its octave (4 up to 32, 8 up to 64, 16 up to 128, ...), at
+    most `max_width` (the encoder's max_length: no item is longer). A function of `length` alone:
+    that is what makes the encoding independent of an item's batch-mates (module docstring)."""
+    length = int(length)
+    if length < 1:
+        raise ValueError(f"every length must be >= 1 (T5 appends EOS, so even an empty text has one token), got {length}")
+    step = max(2, 1 << max(0, (length - 1).bit_length() - 3))  # (2^k, 2^(k+1)] in steps of 2^(k-2)
+    width = -(-length // step) * step
+    if max_width is None:
+        return width
+    if length > max_width:
+        raise ValueError(f"length {length} is above max_width={max_width}")
+    return min(width, int(max_width))
 
 
 def plan_batches(
@@ -38,56 +70,54 @@ def plan_batches(
     max_tokens: int,
     max_batch_size: int | None = None,
     window: int | None = None,
-    min_fill: float = 0.5,
+    max_width: int | None = None,
 ) -> list[list[int]]:
-    """Index batches (each a list of positions into `lengths`) covering every index exactly once.
+    """Index batches (each a list of positions into `lengths`) covering every index exactly once;
+    all members of a batch share one `pad_width(length, max_width)`.
 
-    `max_tokens`: budget on padded tokens per batch (longest length x batch size); must be at least
-    the longest length. `max_batch_size`: optional cap on items per batch. `window`: items sorted
-    together (default `max_tokens`). `min_fill`: fraction of the budget after which a batch is
-    closed at the next length change (1.0 disables early closing). Deterministic.
+    `max_tokens`: budget on padded tokens per batch (width x batch size); must be at least the
+    widest width. `max_batch_size`: optional cap on items per batch. `window`: items sorted
+    together (default `max_tokens`). `max_width`: cap on widths (the encoder's max_length).
+    Deterministic.
     """
     if max_tokens < 1:
         raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
     if max_batch_size is not None and max_batch_size < 1:
         raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
-    if not 0.0 < min_fill <= 1.0:
-        raise ValueError(f"min_fill must be in (0, 1], got {min_fill}")
     window = int(window or max_tokens)
     if window < 1:
         raise ValueError(f"window must be >= 1, got {window}")
     lengths = [int(n) for n in lengths]
-    longest = max(lengths, default=0)
-    if longest > max_tokens:
-        raise ValueError(f"max_tokens={max_tokens} is below the longest length {longest}: that item fits no batch")
-    if min(lengths, default=1) < 1:
-        raise ValueError("every length must be >= 1 (T5 appends EOS, so even an empty text has one token)")
+    widths = [pad_width(n, max_width) for n in lengths]
+    widest = max(widths, default=0)
+    if widest > max_tokens:
+        raise ValueError(
+            f"max_tokens={max_tokens} is below the longest length's padded width {widest} "
+            f"(length {max(lengths)}): that item fits no batch"
+        )
 
     batches: list[list[int]] = []
     for start in range(0, len(lengths), window):
         order = sorted(range(start, min(start + window, len(lengths))), key=lambda i: -lengths[i])
         batch: list[int] = []
-        padded_len = 0  # the batch's longest length (its first item's, since the window is sorted)
         for i in order:
-            n = lengths[i]
+            width = widths[i]
             if batch:
-                full = max(padded_len, n) * (len(batch) + 1) > max_tokens
+                full = width * (len(batch) + 1) > max_tokens
                 full = full or (max_batch_size is not None and len(batch) >= max_batch_size)
-                # Big enough already, and this item starts a new (shorter) length: close here.
-                step = n < lengths[batch[-1]] and padded_len * len(batch) >= min_fill * max_tokens
-                if full or step:
+                if full or width != widths[batch[-1]]:
                     batches.append(batch)
-                    batch, padded_len = [], 0
+                    batch = []
             batch.append(i)
-            padded_len = max(padded_len, n)
         if batch:
             batches.append(batch)
     return batches
 
 
-def padding_waste(lengths: Sequence[int], batches: Sequence[Sequence[int]]) -> float:
-    """Fraction of the padded positions computed for `batches` that are padding (0 = none)."""
-    padded = sum(max(lengths[i] for i in b) * len(b) for b in batches if b)
+def padding_waste(lengths: Sequence[int], batches: Sequence[Sequence[int]], max_width: int | None = None) -> float:
+    """Fraction of the padded positions computed for `batches` that are padding (0 = none); each
+    batch runs at its longest member's `pad_width`."""
+    padded = sum(pad_width(max(lengths[i] for i in b), max_width) * len(b) for b in batches if b)
     real = sum(lengths[i] for b in batches for i in b)
     return 0.0 if padded == 0 else 1.0 - real / padded
 

@@ -26,11 +26,43 @@ What `embed` does, and why:
 - tokenised with the model's own tokenizer, which appends EOS; a caption longer than `max_length`
   tokens keeps its first `max_length - 1` tokens plus EOS (exactly transformers'
   `truncation=True`) and is flagged `truncated`;
-- batched by `embed.batching.plan_batches`: sorted by length within a window, each batch padded only
-  to its own longest caption, under a budget of padded tokens. Padding cannot change the result:
-  T5's relative position bias depends only on (query - key) offsets, which right-padding leaves
-  unchanged for real tokens, and padded keys are masked out of every attention softmax (tested
-  against one-caption-at-a-time encoding);
+- batched by `embed.batching.plan_batches`: sorted by length within a window, each caption padded
+  to `embed.batching.pad_width(its length)` (even widths to 16, then four per octave: at most
+  ~7% padding at web caption lengths), batches never mixing widths, under a budget of padded
+  tokens. Padding changes the result only by rounding: T5's relative position bias depends only on
+  (query - key) offsets, which right-padding leaves unchanged for real tokens, and padded keys are
+  masked out of every attention softmax (tested against one-caption-at-a-time encoding);
+- and not even by rounding, whatever shares the forward pass -- each caption's bytes are a function
+  of the caption, the model and `max_length` alone. DESIGN.md promises that two runs over the same
+  input give byte-identical shards, and in `kiln prepare` which captions share a pass depends on
+  Beam's bundle boundaries, which differ between runs. Float32 results are not: reductions are
+  reordered by the shape of the pass, and the float16 cast keeps some of those last-bit
+  differences. Measured on the tiny T5 (CPU, float32, one thread, torch 2.13 with MKL and
+  PyTorch's SDPA attention), same caption, bitwise:
+    * the padded width matters: the result changes as the width crosses 6, 16, 32 and 48 (a
+      12-token caption: one result at widths 12-15, another at 16-128), since softmax and
+      probabilities x values run over all `width` keys -- masked keys add exact zeros, but the
+      vectorised, blocked reduction order follows the width. Padding each batch to its longest
+      caption made 40% of 1,506 captions' float16 bytes change between two bundlings of the same
+      input. So the width is `pad_width(length)`, never set by the batch mates;
+    * the number of rows matters only for tiny matrices: the BLAS (MKL) rounds a row differently
+      when a linear layer's input has very few rows, i.e. token positions in the pass (lone
+      linear layers of T5 sizes, 512-10240 wide: 1, 2-15 and 16+ rows give three results, 16+
+      identical up to the 16,384 tested; the tiny T5: 1-5 positions differ from 6+). So every
+      pass carries at least MIN_TOKENS_PER_PASS (64) token positions, short ones topped up with
+      filler rows (an empty caption) that are computed and dropped: ~0.1% of the positions of a
+      plan over a full window, 1.6% over the pipeline's 256-caption calls;
+    * which captions fill the other rows, and a caption's row within the pass, do not matter
+      (each output row of a GEMM is its own dot products; attention never mixes rows).
+  `tests/embed/test_t5.py::test_bytes_independent_of_batch_composition` checks it bitwise (alone,
+  shuffled, uneven bundles, another budget, cap and window). What this does NOT guarantee: it rests
+  on the kernels' behaviour, not on IEEE arithmetic. Another BLAS or CPU (OpenBLAS, ARM), or more
+  threads (a BLAS may split a reduction across threads depending on the matrix shape), may have
+  other thresholds -- unverified; the test checks the machine it runs on. On CUDA (bfloat16),
+  cuBLAS picks its kernel -- split-K reductions included -- by the matrix shape, so a caption's
+  bytes can still depend on how many rows its pass has (its width is fixed): exactness there would
+  need a fixed row count per width, i.e. passes padded to full with filler rows, which is not done
+  and not verified on a GPU here;
 - computed in float32 on CPU and bfloat16 on CUDA (T5 v1.1 is known to overflow in float16
   activations), then cast to float16 for storage; a value that is not finite in float16 (|x| >
   65504, or NaN) raises ValueError naming the caption -- never a silent inf in a shard.
@@ -60,7 +92,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from embed.batching import plan_batches, scatter
+from embed.batching import pad_width, plan_batches, scatter
 from embed.text import clean_caption
 
 __all__ = ["EmbedResult", "T5Embedder", "quiet_hf_progress", "resolve_model_dir", "weight_files", "weights_sha256"]
@@ -70,6 +102,9 @@ DEFAULT_MODEL = "google/t5-v1_1-xxl"  # Imagen §2.1: T5-XXL; v1.1 is the public
 # hundred rows, so smaller batches only cut padding. CUDA: large enough to fill an H100 with T5-XXL
 # (~9 GFLOP per token) while attention scores stay < 1 GB at 128 tokens.
 DEFAULT_MAX_TOKENS = {"cpu": 4096, "cuda": 16384}
+# A forward pass carries at least this many token positions (filler rows make up the rest): the
+# BLAS takes other code paths, with other rounding, for matrices of very few rows (module docstring).
+MIN_TOKENS_PER_PASS = 64
 _FP16_MAX = float(np.finfo(np.float16).max)  # 65504
 # Weight files in the order transformers prefers them.
 _WEIGHT_NAMES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
@@ -298,22 +333,30 @@ class T5Embedder:
         texts = [clean_caption(c) for c in captions]
         ids, truncated = self._tokenize_clean(texts)
         lengths = [len(r) for r in ids]
-        batches = plan_batches(lengths, self.max_tokens_per_batch, self.max_batch_size, self.window)
+        batches = plan_batches(lengths, self.max_tokens_per_batch, self.max_batch_size, self.window, max_width=self.max_length)
         outputs = [self._encode_batch([ids[i] for i in batch], [captions[i] for i in batch]) for batch in batches]
         arrays = scatter(batches, outputs, len(captions))
         return [EmbedResult(a, len(a), t, x) for a, t, x in zip(arrays, truncated, texts)]
 
     def _encode_batch(self, rows: list[list[int]], captions: list[str]) -> list[np.ndarray]:
-        """float16 [len(row), d_model] per row: one forward pass, padded to the longest row."""
-        width = max(len(r) for r in rows)
-        input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        """float16 [len(row), d_model] per row: one forward pass at the rows' common `pad_width`,
+        with filler rows up to MIN_TOKENS_PER_PASS tokens (module docstring: both keep each row's
+        bytes independent of the others)."""
+        width = pad_width(max(len(r) for r in rows), self.max_length)
+        if any(pad_width(len(r), self.max_length) != width for r in rows):
+            raise RuntimeError("a batch mixes padded widths: plan it with embed.batching.plan_batches")
+        n = max(len(rows), -(-MIN_TOKENS_PER_PASS // width))
+        input_ids = torch.full((n, width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((n, width), dtype=torch.long)
+        input_ids[len(rows):, 0] = self.eos_id  # filler rows: an empty caption, never returned
+        mask[len(rows):, 0] = 1
         for j, row in enumerate(rows):
             input_ids[j, : len(row)] = torch.tensor(row, dtype=torch.long)
             mask[j, : len(row)] = 1
         mask = mask.to(self.device)
         with torch.inference_mode():
-            hidden = self.model(input_ids=input_ids.to(self.device), attention_mask=mask).last_hidden_state
+            hidden = self.model(input_ids=input_ids.to(self.device), attention_mask=mask).last_hidden_state[: len(rows)]
+            mask = mask[: len(rows)]
             half = hidden.to(torch.float16)
             # Only real tokens are stored; padded positions may hold anything.
             bad = (~torch.isfinite(half)).any(dim=-1) & mask.bool()

@@ -53,7 +53,7 @@ import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from train.config import Config, config_from_dict, config_to_dict, load_config
+from train.config import Config, config_from_dict, config_to_dict
 from train.data import make_source
 from train.diffusion import training_loss
 from train.unet import EfficientUNet
@@ -373,6 +373,11 @@ class Trainer:
         in this call; save a checkpoint at the end. Returns a summary."""
         t = self.cfg.train
         max_steps = t.max_steps if max_steps is None else max_steps
+        if t.lr_schedule == "cosine" and max_steps > t.max_steps:
+            # The schedule is fixed by the config (so a resumed run follows the same curve), and
+            # every step past its end would run at lr 0.
+            raise ValueError(f"train.lr_schedule 'cosine' reaches lr 0 at train.max_steps={t.max_steps}; "
+                             f"to train to step {max_steps}, set train.max_steps={max_steps} instead")
         start_step, t0 = self.step, time.monotonic()
         window_t, window_images, window_steps = time.monotonic(), 0, 0
         while self.step < max_steps:

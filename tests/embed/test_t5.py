@@ -168,6 +168,35 @@ def test_two_runs_identical(embedder):
     assert all(x.array.tobytes() == y.array.tobytes() and x.n_tokens == y.n_tokens for x, y in zip(a, b))
 
 
+def test_bytes_independent_of_batch_composition(tiny_t5, embedder):
+    """DESIGN.md: two runs over the same input give byte-identical shards. In `kiln prepare` the
+    captions that share a forward pass depend on Beam's bundle boundaries, which differ from run to
+    run, so a caption's stored bytes must be a function of the caption (and model) alone: the same
+    whether it is encoded alone, in another order, in other bundles, or under another budget, batch
+    cap or window (not merely within one float16 ulp, as `test_bucketed_equals_one_at_a_time`)."""
+    captions = varied_captions() + ["", "a", "red", "a dog", "a red dog"]  # widths 1-5: tiny passes too
+    want = [r.array.tobytes() for r in embedder.embed(captions)]
+    rng = random.Random(11)
+    shuffled = list(range(len(captions)))
+    rng.shuffle(shuffled)
+    bundles = []  # uneven bundles, as Beam's BatchElements makes them
+    start = 0
+    while start < len(captions):
+        size = rng.randint(1, 9)
+        bundles.append(shuffled[start:start + size])
+        start += size
+    other = T5Embedder(f"local:{tiny_t5}", device="cpu", max_length=MAX_LEN, max_tokens_per_batch=48, max_batch_size=5, window=13)
+    runs = {
+        "one at a time": {i: embedder.embed([c])[0] for i, c in enumerate(captions)},
+        "shuffled": dict(zip(shuffled, embedder.embed([captions[i] for i in shuffled]))),
+        "uneven bundles": {i: r for b in bundles for i, r in zip(b, embedder.embed([captions[i] for i in b]))},
+        "budget 48, batch cap 5, window 13": dict(enumerate(other.embed(captions))),
+    }
+    for name, results in runs.items():
+        changed = [captions[i][:40] for i in range(len(captions)) if results[i].array.tobytes() != want[i]]
+        assert not changed, f"{name}: {len(changed)} of {len(captions)} captions' bytes changed, e.g. {changed[:3]}"
+
+
 def test_float16_overflow_raises_naming_the_caption(tiny_t5):
     emb = T5Embedder(f"local:{tiny_t5}", device="cpu", max_length=MAX_LEN)
     with torch.no_grad():

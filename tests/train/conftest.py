@@ -133,6 +133,9 @@ SYNTH_PORT = 29417
 def stable_base_url() -> str | None:
     """http://127.0.0.1:SYNTH_PORT if that port can be bound now, else None (synthesize picks one)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        # as the server binds (allow_reuse_address): a previous run's connections in TIME_WAIT
+        # do not make the port unusable
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("127.0.0.1", SYNTH_PORT))
         except OSError:

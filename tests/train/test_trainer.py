@@ -67,6 +67,8 @@ def test_trainer_applies_the_warmup(small_shards, tmp_path):
     lrs = [t.train_step()["lr"] for _ in range(8)]
     assert lrs == pytest.approx([1e-2 * lr_factor(s, 3, 7, "cosine") for s in range(8)])
     assert lrs[2] == pytest.approx(1e-2) and lrs[5] == pytest.approx(0.5e-2) and lrs[7] == pytest.approx(0.0)
+    with pytest.raises(ValueError, match="reaches lr 0 at train.max_steps=7; .* set train.max_steps=9 instead"):
+        t.train(max_steps=9)
 
 
 def test_ema_update_math():
