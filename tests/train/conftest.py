@@ -123,10 +123,12 @@ SYNTH_ROWS = 12000
 SYNTH_SEED = 11
 ACHROMATIC = ("white", "black", "grey")
 # The web's main port is part of every URL, so of every uid (sha256 of URL and caption), so of the
-# shards' order and the trainer's data order. A fixed port makes the learning tests train the same
-# model, bit for bit, on every machine: a figure seen in CI is the figure seen at a desk. It sits
-# below Linux's ephemeral range (32768-60999), where no client socket is handed it; if something
-# else holds it, a free port stands in and the figures move by a few points (the bars have margin).
+# shards' order and the trainer's data order. With a fixed port every machine builds byte-identical
+# shards (same sha256s), so the learning tests train on the same data in the same order everywhere.
+# (Not bit-identical models: CPU kernels' last bits also follow the process's history -- this test
+# module run alone and the full suite diverge by step 100 -- so figures move by a few points between
+# the two; the bars have margin.) The port sits below Linux's ephemeral range (32768-60999), where
+# no client socket is handed it; if something else holds it, a free port stands in.
 SYNTH_PORT = 29417
 
 

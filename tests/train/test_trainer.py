@@ -57,7 +57,7 @@ def test_warmup_then_constant_or_cosine():
 
 def test_trainer_applies_the_warmup(small_shards, tmp_path):
     root, _ = small_shards
-    cfg = micro_cfg(**{"train.lr": 1e-2})
+    cfg = micro_cfg(**{"train.lr": 1e-2, "train.lr_schedule": "constant"})
     t = Trainer(cfg, root, tmp_path, log=None)
     lrs = [t.train_step()["lr"] for _ in range(5)]
     assert lrs == pytest.approx([1e-2 / 3, 2e-2 / 3, 1e-2, 1e-2, 1e-2])
