@@ -266,8 +266,9 @@ def training_loss(model, x0: torch.Tensor, text: torch.Tensor, text_mask: torch.
     out = model_output(model, z, logsnr, text, text_mask, cfg.prediction, **kwargs)
     target = training_target(x0, noise, logsnr, cfg.prediction)
     mse = (out.float() - target.float()).pow(2).flatten(1).mean(1)
-    std = _skip_std(model)
-    skip_scale = lowres_skip_scale(logsnr, kwargs["aug_logsnr"], std) if lowres is not None and std else None
+    skip_scale = None
+    if cfg.loss_weighting == "edm" and lowres is not None and _skip_std(model):
+        skip_scale = lowres_skip_scale(logsnr, kwargs["aug_logsnr"], _skip_std(model))
     weight = loss_weight(logsnr, cfg, skip_scale)
     loss = (weight * mse).mean()
     logs = {"loss": loss.item(), "mse": mse.mean().item(), "cond_dropped": drop.float().mean().item()}

@@ -112,29 +112,29 @@ def test_unknown_keys_fail_clearly(tmp_path):
         load_config("tiny-bass")
 
 
-def test_bad_values_fail_clearly():
-    with pytest.raises(ValueError, match="num_res_blocks has 2 entries but dim_mults has 3"):
-        load_config("tiny-base", {"unet.num_res_blocks": [1, 2]})
-    with pytest.raises(TypeError, match="unet.dim must be an integer"):
-        load_config("tiny-base", {"unet.dim": "32"})
-    with pytest.raises(ValueError, match="prediction"):
-        load_config("tiny-base", {"diffusion.prediction": "x0"})
-    with pytest.raises(ValueError, match="optimizer"):
-        load_config("tiny-base", {"train.optimizer": "sgd"})
-    with pytest.raises(ValueError, match="lowres_cond"):
-        load_config("tiny-base", {"unet.lowres_cond": True})
-    with pytest.raises(ValueError, match="sampler"):
-        load_config("tiny-base", {"sample.sampler": "euler"})
-    with pytest.raises(ValueError, match="train.lr_schedule must be 'constant' or 'cosine'"):
-        load_config("tiny-base", {"train.lr_schedule": "linear"})
-    with pytest.raises(ValueError, match="lowres_upsample"):
-        load_config("tiny-sr", {"unet.lowres_upsample": "nearest"})
-    with pytest.raises(ValueError, match="'edm' needs an sr stage"):
-        load_config("tiny-base", {"diffusion.loss_weighting": "edm"})
-    with pytest.raises(ValueError, match="lowres_skip_std needs diffusion.prediction 'v'"):
-        load_config("tiny-sr", {"unet.lowres_skip_std": 0.05, "diffusion.prediction": "eps"})
-    with pytest.raises(ValueError, match="noise_aug_clean_prob"):
-        load_config("tiny-sr", {"diffusion.noise_aug_clean_prob": 1.5})
+BAD_OVERRIDES = [  # (preset, override, exception, message)
+    ("tiny-base", {"unet.num_res_blocks": [1, 2]}, ValueError, "num_res_blocks has 2 entries but dim_mults has 3"),
+    ("tiny-base", {"unet.dim": "32"}, TypeError, "unet.dim must be an integer"),
+    ("tiny-base", {"diffusion.prediction": "x0"}, ValueError, "prediction"),
+    ("tiny-base", {"train.optimizer": "sgd"}, ValueError, "optimizer"),
+    ("tiny-base", {"unet.lowres_cond": True}, ValueError, "lowres_cond"),
+    ("tiny-base", {"sample.sampler": "euler"}, ValueError, "sampler"),
+    ("tiny-base", {"train.lr_schedule": "linear"}, ValueError, "train.lr_schedule must be 'constant' or 'cosine'"),
+    ("tiny-sr", {"unet.lowres_upsample": "nearest"}, ValueError, "lowres_upsample"),
+    ("tiny-base", {"diffusion.loss_weighting": "edm"}, ValueError, "'edm' needs an sr stage"),
+    ("tiny-sr", {"unet.lowres_skip_std": 0.05, "diffusion.prediction": "eps"}, ValueError,
+     "lowres_skip_std needs diffusion.prediction 'v'"),
+    ("tiny-sr", {"diffusion.noise_aug_clean_prob": 1.5}, ValueError, "noise_aug_clean_prob"),
+]
+
+
+@pytest.mark.parametrize(("preset", "override", "exc", "message"), BAD_OVERRIDES)
+def test_bad_values_fail_clearly(preset, override, exc, message):
+    with pytest.raises(exc, match=re.escape(message)):
+        load_config(preset, override)
+
+
+def test_bad_documents_fail_clearly():
     with pytest.raises(KeyError, match="missing required"):
         config_from_dict({"name": "x", "stage": "base", "data": {"resolution": 8}, "unet": {"dim": 8}})
     with pytest.raises(ValueError, match="type"):
