@@ -50,7 +50,7 @@ def count_img2dataset(out: str) -> int:
 
 
 def run_kiln(meta: str, out: str, allow: str, image_size: int, beam: list[str]) -> tuple[float, int]:
-    from pipeline.demo import prepare_args
+    from pipeline.testbed.demo import prepare_args
     from pipeline.prepare import run
 
     args = prepare_args(meta, out, allow, "--quiet", "--overwrite", "--image-size", str(image_size), "--download-timeout", "10",
@@ -118,7 +118,7 @@ def main():
     ap.add_argument("--skip-multiprocess", action="store_true")
     a = ap.parse_args()
 
-    from pipeline.synth import synthesize
+    from pipeline.testbed.synth import synthesize
 
     work = Path(a.workdir or tempfile.mkdtemp(prefix="kiln-bench-"))
     t0 = time.perf_counter()

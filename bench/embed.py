@@ -4,7 +4,7 @@
                                     [--shape t5-small-shape|t5-xxl-shape] [--max-tokens N] [--threads N]
 
 Same model, same captions, same process. Two caption sets:
-  synthetic  the synthetic web's captions (pipeline.synth; ~10-25 tokens, few distinct lengths)
+  synthetic  the synthetic web's captions (pipeline.testbed.synth; ~10-25 tokens, few distinct lengths)
   web-like   token lengths drawn like LAION alt-text (log-normal: median 12, sigma 0.75, cut at 128, EOS
              included), each made of words that are one token each, so the lengths are exact
 Two encoders:
@@ -17,7 +17,7 @@ per caption and per real (non-padding) token, so they compare directly.
 
 Models, random init (nothing downloaded), loaded through T5Embedder's real loading path:
   CPU   a T5-small-shaped encoder (d_model 512, 6 layers, 8 heads x 64, gated-GELU d_ff 1024,
-        vocab 32128) with the tiny test tokenizer (pipeline/testmodels/t5.py)
+        vocab 32128) with the tiny test tokenizer (pipeline/testbed/models/t5.py)
   CUDA  a T5-XXL-shaped encoder (d_model 4096, 24 layers, 64 heads x 64, gated-GELU d_ff 10240,
         vocab 32128) in bfloat16; MFU = 2 x non-embedding parameters x real tokens / time / peak
         (the embedding lookup does no FLOPs; attention-score FLOPs are not counted, as in PaLM's MFU)
@@ -59,7 +59,7 @@ def build_model_dir(work: Path, shape: str, device: torch.device, dtype: torch.d
     from transformers import T5Config, T5EncoderModel
 
     from embed.t5 import quiet_hf_progress
-    from pipeline.testmodels.t5 import build_tiny_t5
+    from pipeline.testbed.models.t5 import build_tiny_t5
 
     tiny = build_tiny_t5(work / "tiny-t5", seed=0)
     out = work / shape
@@ -85,7 +85,7 @@ def build_model_dir(work: Path, shape: str, device: torch.device, dtype: torch.d
 def synthetic_captions(work: Path, n: int) -> list[str]:
     import pyarrow.parquet as pq
 
-    from pipeline.synth import synthesize
+    from pipeline.testbed.synth import synthesize
 
     web = synthesize(work / "web", rows=n, seed=0, failure_rate=0.0, size_range=(16, 24), formats=("png",), min_size=8)
     texts = pq.read_table(web.ground_truth_path, columns=["TEXT"]).column("TEXT").to_pylist()

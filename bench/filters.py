@@ -45,7 +45,7 @@ def main():
 
     from filters.clip_similarity import ClipScorer
     from pipeline.image import ResizeConfig, decode_image, resize_image
-    from pipeline.synth import synthesize
+    from pipeline.testbed.synth import synthesize
 
     work = Path(tempfile.mkdtemp(prefix="kiln-bench-filters-"))
     web = synthesize(work / "web", rows=a.n, seed=5, failure_rate=0.0, size_range=(640, 1600), formats=("jpeg",))

@@ -123,7 +123,7 @@ def _hub_help(name: str) -> str:
         f"Detoxify model {name!r} is not available on this machine. Pass a local model instead: "
         f"--toxicity-model local:/path/to/dir (ToxicityScorer('local:/path/to/dir')), a folder holding "
         f"Detoxify's checkpoint.ckpt plus the transformers config.json and tokenizer files of its "
-        f"model_type; `python -m pipeline.testmodels.toxicity DIR` builds a tiny one for tests and demos."
+        f"model_type; `python -m pipeline.testbed.models.toxicity DIR` builds a tiny one for tests and demos."
     )
 
 

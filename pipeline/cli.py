@@ -13,19 +13,19 @@ def _prepare(args, extra):
 
 
 def _synth(args, extra):
-    from pipeline.synth import main_synth
+    from pipeline.testbed.synth import main_synth
 
     return main_synth(args)
 
 
 def _serve(args, extra):
-    from pipeline.synth import main_serve
+    from pipeline.testbed.synth import main_serve
 
     return main_serve(args)
 
 
 def _make_test_models(args, extra):
-    from pipeline.testmodels import main
+    from pipeline.testbed.models import main
 
     return main(args)
 
@@ -55,7 +55,7 @@ def _card(args, extra):
 
 
 def _demo(args, extra):
-    from pipeline.demo import main
+    from pipeline.testbed.demo import main
 
     return main(args, extra)
 
@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from pipeline.embed_prompts import add_embed_prompts_args
     from pipeline.options import add_prepare_args
-    from pipeline.synth import add_serve_args, add_synth_args
+    from pipeline.testbed.synth import add_serve_args, add_synth_args
 
     p = sub.add_parser(
         "prepare",

@@ -1,6 +1,6 @@
 """Measures for the cascade's samples: the dominant foreground colour of a picture, and PSNR.
 
-The synthetic web (pipeline/synth.py) draws flat shapes in nine named colours on a background of
+The synthetic web (pipeline/testbed/synth.py) draws flat shapes in nine named colours on a background of
 another named colour, with a gentle vertical shading (at most 12% darker), and its captions name
 both colours truthfully. That makes prompt-following measurable without a learned judge:
 
@@ -14,7 +14,7 @@ to it (Euclidean, 0..255 RGB), so a darkened background never reads as another c
 `colour_accuracy(images, captions)` compares that with the colour word a single-shape caption gives
 its shape (`parse_scene`). Chance is 1 / len(COLOURS) for a model that ignores the text.
 
-numpy + torch only; the palette is copied from pipeline/synth.py (train/ imports nothing from
+numpy + torch only; the palette is copied from pipeline/testbed/synth.py (train/ imports nothing from
 pipeline/ -- DESIGN.md), and a test keeps the copies equal.
 """
 
@@ -38,7 +38,7 @@ __all__ = [
     "to_uint8",
 ]
 
-# = pipeline.synth.COLOURS (RGB, 0..255): the only colour words synthetic captions use.
+# = pipeline.testbed.synth.COLOURS (RGB, 0..255): the only colour words synthetic captions use.
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 30, 35),
     "green": (40, 160, 60),
@@ -50,7 +50,7 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "black": (15, 15, 15),
     "grey": (128, 128, 128),
 }
-SHAPES = ("circle", "square", "triangle", "star")  # = pipeline.synth.SHAPES
+SHAPES = ("circle", "square", "triangle", "star")  # = pipeline.testbed.synth.SHAPES
 _NAMES = tuple(COLOURS)
 _PALETTE = np.array([COLOURS[n] for n in _NAMES], dtype=np.float32)  # [K, 3]
 _SHADE_MIN = 0.88  # synth's background shading: up to 12% darker at the bottom

@@ -1,4 +1,4 @@
-"""T5Embedder on the tiny local T5 (pipeline/testmodels/t5.py), caption cleaning, and embed-prompts.
+"""T5Embedder on the tiny local T5 (pipeline/testbed/models/t5.py), caption cleaning, and embed-prompts.
 
 The tiny encoder is built once per module into a temp folder (~3 s) and loaded through the real
 transformers loaders, so everything here exercises the code path a T5-XXL folder takes.
@@ -26,7 +26,7 @@ from embed.t5 import (
     weights_sha256,
 )
 from embed.text import clean_caption
-from pipeline.testmodels.t5 import build_tiny_t5, prompt_like_text
+from pipeline.testbed.models.t5 import build_tiny_t5, prompt_like_text
 
 REPO = Path(__file__).resolve().parents[2]
 MAX_LEN = 32  # small, so that ordinary test captions get truncated too

@@ -1,6 +1,6 @@
-"""filters.clip_similarity on the tiny CLIP trained on the synthetic web (pipeline.testmodels.clip).
+"""filters.clip_similarity on the tiny CLIP trained on the synthetic web (pipeline.testbed.models.clip).
 
-The tiny model comes from `pipeline.testmodels.cached_test_models()` (built once into
+The tiny model comes from `pipeline.testbed.models.cached_test_models()` (built once into
 `.kiln-cache/test-models/`, gitignored; KILN_TEST_MODELS overrides; rebuilt only when a builder changes).
 """
 
@@ -18,8 +18,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from filters.clip_similarity import ClipScorer, ClipScores, preprocess_images
-from pipeline.synth import synthesize
-from pipeline.testmodels import cached_test_models
+from pipeline.testbed.synth import synthesize
+from pipeline.testbed.models import cached_test_models
 
 
 

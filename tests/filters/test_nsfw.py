@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from filters.nsfw import NsfwHead, NsfwScorer
-from pipeline.testmodels import cached_test_models
-from pipeline.testmodels.clip import build_nsfw_head
+from pipeline.testbed.models import cached_test_models
+from pipeline.testbed.models.clip import build_nsfw_head
 
 
 H14_KEYS = {f"layers.{i}.{p}" for i in (0, 3, 6, 9, 12, 15, 16) for p in ("weight", "bias")}
@@ -127,7 +127,7 @@ def test_on_tiny_clip_embeddings(tmp_path):
     import pyarrow.parquet as pq
 
     from filters.clip_similarity import ClipScorer
-    from pipeline.synth import synthesize
+    from pipeline.testbed.synth import synthesize
 
     clip = ClipScorer.from_spec("local-dir:" + cached_test_models()["clip"], device="cpu")
     web = synthesize(tmp_path / "web", 40, seed=99, failure_rate=0.0, size_range=(80, 200))

@@ -1,6 +1,6 @@
 """Caption toxicity scorer (filters/toxicity.py) against the tiny local Detoxify-format model.
 
-The model is built once per session (pipeline/testmodels/toxicity.py); nothing here touches the
+The model is built once per session (pipeline/testbed/models/toxicity.py); nothing here touches the
 network, and the tests that load models with sockets disabled prove it."""
 
 from __future__ import annotations
@@ -22,13 +22,13 @@ from filters.toxicity import (
     save_detoxify_checkpoint,
     sha256_file,
 )
-from pipeline.testmodels.toxicity import (
+from pipeline.testbed.models.toxicity import (
     JIGSAW_CLASSES,
     MAX_LENGTH,
     _clean_captions,
     build_tiny_detoxify,
 )
-from pipeline.toxic_captions import (
+from pipeline.testbed.toxic_captions import (
     HELDOUT_BENIGN,
     HELDOUT_PHRASES,
     LABELS,

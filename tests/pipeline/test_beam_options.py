@@ -29,7 +29,7 @@ from pipeline.beam_yaml import (
     placeholders,
     transform_resource_hints,
 )
-from pipeline.demo import prepare_args
+from pipeline.testbed.demo import prepare_args
 from pipeline.progress import LocalProgress, ProgressPrinter, format_line, read_taps, runs_locally, tap, tap_all
 
 REPO = Path(__file__).resolve().parents[2]
@@ -344,7 +344,7 @@ def test_prepare_prints_progress_while_it_runs(tmp_path, capsys):
     """PASSES ONCE prepare.run starts a ProgressPrinter for local runs (the integration snippet in
     the progress report): a real, small `kiln prepare` without --quiet prints progress lines."""
     from pipeline.prepare import run
-    from pipeline.synth import SynthServer, synthesize
+    from pipeline.testbed.synth import SynthServer, synthesize
 
     web = synthesize(tmp_path / "web", rows=80, seed=3, failure_rate=0.3)
     with SynthServer(web) as s:

@@ -21,10 +21,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.card import CardError, _md, add_card_args, main_card, validate_card_metadata, write_card
-from pipeline.demo import prepare_args
+from pipeline.testbed.demo import prepare_args
 from pipeline.prepare import run
-from pipeline.synth import SynthServer, synthesize
-from pipeline.testmodels import cached_test_models, prepare_flags
+from pipeline.testbed.synth import SynthServer, synthesize
+from pipeline.testbed.models import cached_test_models, prepare_flags
 
 pytestmark = pytest.mark.slow
 EXPECTED_PLOTS = ("clip_similarity", "punsafe", "toxicity", "image_sizes", "caption_chars", "t5_len", "samples")

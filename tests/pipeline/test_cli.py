@@ -6,7 +6,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.cli import build_parser, main
-from pipeline.demo import prepare_args
+from pipeline.testbed.demo import prepare_args
 from pipeline.prepare import build_pipeline
 
 

@@ -15,11 +15,11 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from pipeline.demo import prepare_args
+from pipeline.testbed.demo import prepare_args
 from pipeline.finalize import AccountingError, check_accounting, count_input_rows, read_footers
 from pipeline.prepare import run
 from pipeline.records import compute_uid
-from pipeline.synth import SynthServer, synthesize
+from pipeline.testbed.synth import SynthServer, synthesize
 
 pytestmark = pytest.mark.slow
 

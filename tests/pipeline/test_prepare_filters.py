@@ -13,10 +13,10 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.demo import prepare_args
+from pipeline.testbed.demo import prepare_args
 from pipeline.prepare import run
-from pipeline.synth import SynthServer, synthesize
-from pipeline.testmodels import cached_test_models, prepare_flags
+from pipeline.testbed.synth import SynthServer, synthesize
+from pipeline.testbed.models import cached_test_models, prepare_flags
 
 pytestmark = pytest.mark.slow
 MULTI = ["--direct_running_mode=multi_processing", "--direct_num_workers=2"]
@@ -143,7 +143,7 @@ def test_nsfw_threshold_rejects_exactly_the_high_punsafe(web, models, filtered, 
 
 
 def test_mismatched_nsfw_head_fails_before_the_job(web, models, tmp_path):
-    from pipeline.testmodels.clip import build_nsfw_head
+    from pipeline.testbed.models.clip import build_nsfw_head
 
     wrong = build_nsfw_head(tmp_path / "wrong", input_dim=768, seed=0)
     with pytest.raises(ValueError, match="768"):

@@ -6,7 +6,7 @@ columns the trainer reads, a manifest -- with images of known pixels at several 
 random float16 "T5" arrays of known lengths. Built in well under a second.
 
 `synth_dataset` (slow tests): the real thing, built ONCE per session by the project's own
-pipeline: `pipeline.synth.synthesize` draws a synthetic web, `SynthServer` serves it on
+pipeline: `pipeline.testbed.synth.synthesize` draws a synthetic web, `SynthServer` serves it on
 127.0.0.1, `pipeline.prepare.run` downloads, resizes (128 px), embeds the captions with the tiny
 local T5 (`cached_test_models`) and writes shards -- the same path a user's data takes.
 """
@@ -163,10 +163,10 @@ def synth_dataset(tmp_path_factory):
     The web's metadata is cut to `unambiguous_scene` rows before the pipeline runs (~1000 of
     12000): the same selection as filtering the shards afterwards, without preparing samples no
     test reads."""
-    from pipeline.demo import prepare_args
+    from pipeline.testbed.demo import prepare_args
     from pipeline.prepare import run
-    from pipeline.synth import SynthServer, synthesize
-    from pipeline.testmodels import cached_test_models
+    from pipeline.testbed.synth import SynthServer, synthesize
+    from pipeline.testbed.models import cached_test_models
 
     models = cached_test_models()
     root = tmp_path_factory.mktemp("synth")

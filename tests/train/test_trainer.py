@@ -281,7 +281,7 @@ def test_train_imports_no_text_encoder():
 
 
 def test_palette_matches_the_synthetic_web():
-    from pipeline.synth import COLOURS, SHAPES
+    from pipeline.testbed.synth import COLOURS, SHAPES
     from train import evaluate
 
     assert evaluate.COLOURS == COLOURS and evaluate.SHAPES == SHAPES

@@ -14,7 +14,7 @@ transformers loaders and no network:
                             seeded random init -- NOT a trained language model
     model_card.json         what it is and the checks it passed
 
-Training text: the synthetic web's captions (`pipeline.synth`, no failures) plus seeded prompt-like
+Training text: the synthetic web's captions (`pipeline.testbed.synth`, no failures) plus seeded prompt-like
 sentences over a few hundred words (so the vocabulary reaches ~1000 pieces and covers words a test
 or a prompt file uses), all passed through `embed.text.clean_caption` first, as the encoder's input
 always is. The builder then checks that the tokenizer transformers loads from the folder gives the
@@ -23,7 +23,7 @@ otherwise.
 
 Deterministic for a seed: the same spiece.model and model.safetensors bytes. ~2 s on 2 CPU cores.
 
-    .venv/bin/python -m pipeline.testmodels.t5 OUT_DIR [--seed 0]
+    .venv/bin/python -m pipeline.testbed.models.t5 OUT_DIR [--seed 0]
 """
 
 from __future__ import annotations
@@ -116,7 +116,7 @@ def _synthetic_captions(seed: int, rows: int) -> list[str]:
     """The synthetic web's captions (tiny PNGs: only the text is used)."""
     import pyarrow.parquet as pq
 
-    from pipeline.synth import synthesize
+    from pipeline.testbed.synth import synthesize
 
     with tempfile.TemporaryDirectory(prefix="kiln-t5-synth-") as tmp:
         web = synthesize(tmp, rows=rows, seed=seed, failure_rate=0.0, size_range=(16, 24), formats=("png",), min_size=8)
@@ -246,7 +246,7 @@ def build_tiny_t5(out_dir: str | Path, seed: int = 0) -> Path:
 
     card = {
         "what": "tiny T5 v1.1-shaped encoder, seeded random init, local SentencePiece unigram vocabulary; for tests only",
-        "builder": "pipeline/testmodels/t5.py",
+        "builder": "pipeline/testbed/models/t5.py",
         "version": TINY_T5_VERSION,
         "seed": seed,
         "vocab_size": len(tokenizer),

@@ -1,6 +1,6 @@
 """`kiln demo`: the main job on an embedded default, end to end on this machine.
 
-Builds (once, cached) the tiny local models, synthesises a small web (pipeline.synth) with planted
+Builds (once, cached) the tiny local models, synthesises a small web (pipeline.testbed.synth) with planted
 failures, mismatched and toxic captions, serves it on 127.0.0.1, runs `kiln prepare` on its
 metadata with only that server allowed and every model filter on, and prints the funnel and where
 everything went.
@@ -24,8 +24,8 @@ def prepare_args(input_glob: str, output: str, allow_hosts: str, *extra: str) ->
 
 def main(args: argparse.Namespace, beam_argv: list[str]) -> int:
     from pipeline.prepare import run
-    from pipeline.synth import SynthServer, synthesize
-    from pipeline.testmodels import cached_test_models, prepare_flags
+    from pipeline.testbed.synth import SynthServer, synthesize
+    from pipeline.testbed.models import cached_test_models, prepare_flags
 
     print("kiln demo: tiny local models (built once into .kiln-cache/, a few minutes the first time)")
     models = cached_test_models()

@@ -12,7 +12,7 @@ with `model="local:<out_dir>"` (and kiln with `--toxicity-model local:<out_dir>`
     vocab.txt               word splits into pieces instead of becoming [UNK])
     model_card.json         what it is, how it was trained, and the held-out check it passed
 
-The training set is `pipeline.toxic_captions.training_set`: clean captions from the synthetic web
+The training set is `pipeline.testbed.toxic_captions.training_set`: clean captions from the synthetic web
 (some with friendly phrases attached) and toxic captions made from TRAIN_PHRASES. The builder then
 checks generalisation on captions it never trained on -- HELDOUT_PHRASES around unseen clean
 descriptions must score mean toxicity > 0.8, unseen clean captions (with held-out friendly phrases
@@ -32,7 +32,7 @@ from pathlib import Path
 
 from filters.toxicity import save_detoxify_checkpoint, sha256_file
 from pipeline.compat import ensure_torch_compat
-from pipeline.toxic_captions import (
+from pipeline.testbed.toxic_captions import (
     HELDOUT_BENIGN,
     HELDOUT_PHRASES,
     LABELS,
@@ -57,7 +57,7 @@ def _clean_captions(seed: int, rows: int) -> list[str]:
     """Captions of the synthetic web's "ok" rows (tiny PNGs: the text is all that is used)."""
     import pyarrow.parquet as pq
 
-    from pipeline.synth import synthesize
+    from pipeline.testbed.synth import synthesize
 
     with tempfile.TemporaryDirectory(prefix="kiln-tox-synth-") as tmp:
         web = synthesize(tmp, rows=rows, seed=seed, failure_rate=0.0, size_range=(16, 24), formats=("png",), min_size=8)

@@ -492,7 +492,7 @@ class _Planner:
             if kind == "mismatched_caption":
                 text = self.caption(self.unrelated_description(w, h, bg, shapes))
             elif kind == "toxic_caption":
-                from pipeline.toxic_captions import toxic_caption
+                from pipeline.testbed.toxic_captions import toxic_caption
 
                 text = toxic_caption(rng, self.caption(desc), heldout=True)
             else:

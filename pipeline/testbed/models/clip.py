@@ -1,7 +1,7 @@
 """Tiny local models for tests and the demo: a CLIP trained on the synthetic web, and an NSFW head.
 
 `build_tiny_clip(out_dir)` trains a small open_clip model contrastively, on CPU, on images and
-captions from `pipeline.synth` (procedural scenes whose captions state the background colour and the
+captions from `pipeline.testbed.synth` (procedural scenes whose captions state the background colour and the
 shapes), and writes it in open_clip's own folder schema, so that `local-dir:OUT_DIR` is loaded by the
 real open_clip loader:
 
@@ -81,7 +81,7 @@ def _load_synthetic(root: Path, rows: int, seed: int):
     import cv2
     import pyarrow.parquet as pq
 
-    from pipeline.synth import synthesize
+    from pipeline.testbed.synth import synthesize
 
     web = synthesize(root, rows, seed=seed, failure_rate=0.0, size_range=_SIZE_RANGE)
     gt = pq.read_table(web.ground_truth_path, columns=["TEXT", "background", "image_file"]).to_pylist()

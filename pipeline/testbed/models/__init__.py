@@ -25,7 +25,7 @@ import shutil
 import time
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[3]
 DEFAULT_CACHE = REPO_ROOT / ".kiln-cache" / "test-models"
 
 
@@ -35,7 +35,7 @@ def _builders_fingerprint() -> str:
     for p in sorted(here.glob("*.py")):
         h.update(p.name.encode() + p.read_bytes())
     # The builders also depend on the synthetic web, the caption set and the scorers' save formats.
-    for p in [here.parent / "synth.py", here.parent / "toxic_captions.py", *sorted((here.parents[1] / "filters").glob("*.py"))]:
+    for p in [here.parent / "synth.py", here.parent / "toxic_captions.py", *sorted((here.parents[2] / "filters").glob("*.py"))]:
         if p.exists():
             h.update(p.name.encode() + p.read_bytes())
     return h.hexdigest()[:12]
@@ -46,9 +46,9 @@ def build_test_models(out_dir: str | Path, seed: int = 0) -> dict:
     from pipeline.compat import ensure_torch_compat
 
     ensure_torch_compat()
-    from pipeline.testmodels.clip import build_nsfw_head, build_tiny_clip
-    from pipeline.testmodels.t5 import build_tiny_t5
-    from pipeline.testmodels.toxicity import build_tiny_detoxify
+    from pipeline.testbed.models.clip import build_nsfw_head, build_tiny_clip
+    from pipeline.testbed.models.t5 import build_tiny_t5
+    from pipeline.testbed.models.toxicity import build_tiny_detoxify
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
