@@ -19,7 +19,7 @@ def _synth(args, extra):
 
 
 def _serve(args, extra):
-    from pipeline.testbed.synth import main_serve
+    from pipeline.testbed.server import main_serve
 
     return main_serve(args)
 
@@ -70,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     from pipeline.embed_prompts import add_embed_prompts_args
     from pipeline.options import add_prepare_args
-    from pipeline.testbed.synth import add_serve_args, add_synth_args
+    from pipeline.testbed.server import add_serve_args
+    from pipeline.testbed.synth import add_synth_args
 
     p = sub.add_parser(
         "prepare",

@@ -24,7 +24,8 @@ def prepare_args(input_glob: str, output: str, allow_hosts: str, *extra: str) ->
 
 def main(args: argparse.Namespace, beam_argv: list[str]) -> int:
     from pipeline.prepare import run
-    from pipeline.testbed.synth import SynthServer, synthesize
+    from pipeline.testbed.server import SynthServer
+    from pipeline.testbed.synth import synthesize
     from pipeline.testbed.models import cached_test_models, prepare_flags
 
     print("kiln demo: tiny local models (built once into .kiln-cache/, a few minutes the first time)")

@@ -344,7 +344,8 @@ def test_prepare_prints_progress_while_it_runs(tmp_path, capsys):
     """PASSES ONCE prepare.run starts a ProgressPrinter for local runs (the integration snippet in
     the progress report): a real, small `kiln prepare` without --quiet prints progress lines."""
     from pipeline.prepare import run
-    from pipeline.testbed.synth import SynthServer, synthesize
+    from pipeline.testbed.server import SynthServer
+    from pipeline.testbed.synth import synthesize
 
     web = synthesize(tmp_path / "web", rows=80, seed=3, failure_rate=0.3)
     with SynthServer(web) as s:

@@ -23,7 +23,8 @@ import pytest
 from pipeline.card import CardError, _md, add_card_args, main_card, validate_card_metadata, write_card
 from pipeline.testbed.demo import prepare_args
 from pipeline.prepare import run
-from pipeline.testbed.synth import SynthServer, synthesize
+from pipeline.testbed.server import SynthServer
+from pipeline.testbed.synth import synthesize
 from pipeline.testbed.models import cached_test_models, prepare_flags
 
 pytestmark = pytest.mark.slow

@@ -19,7 +19,8 @@ from pipeline.testbed.demo import prepare_args
 from pipeline.finalize import AccountingError, check_accounting, count_input_rows, read_footers
 from pipeline.prepare import run
 from pipeline.records import compute_uid
-from pipeline.testbed.synth import SynthServer, synthesize
+from pipeline.testbed.server import SynthServer
+from pipeline.testbed.synth import synthesize
 
 pytestmark = pytest.mark.slow
 

@@ -15,7 +15,8 @@ import pytest
 
 from pipeline.testbed.demo import prepare_args
 from pipeline.prepare import run
-from pipeline.testbed.synth import SynthServer, synthesize
+from pipeline.testbed.server import SynthServer
+from pipeline.testbed.synth import synthesize
 from pipeline.testbed.models import cached_test_models, prepare_flags
 
 pytestmark = pytest.mark.slow

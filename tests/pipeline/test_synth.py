@@ -21,7 +21,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipeline import records, synth
+from pipeline import records
+from pipeline.testbed import server as synth_server
+from pipeline.testbed import synth
 
 
 def _free_port() -> int:
@@ -54,7 +56,7 @@ def truth(web) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def server(web):
-    with synth.serve(web) as srv:
+    with synth_server.serve(web) as srv:
         yield srv
 
 
@@ -243,7 +245,7 @@ def test_cli_helpers(tmp_path, capsys):
     parser = argparse.ArgumentParser()
     sub = parser.add_subparsers(dest="cmd")
     synth.add_synth_args(sub.add_parser("synth"))
-    synth.add_serve_args(sub.add_parser("serve"))
+    synth_server.add_serve_args(sub.add_parser("serve"))
     args = parser.parse_args(["synth", "--rows", "20", "--out", str(tmp_path / "w"), "--seed", "5", "--failure-rate", "0.2"])
     assert synth.main_synth(args) == 0
     web = synth.SynthWeb.load(tmp_path / "w")
@@ -381,7 +383,7 @@ def test_many_concurrent_requests(web, truth, server):
 def test_stop_is_prompt_with_stalled_and_dripping_clients(tmp_path):
     web = synth.synthesize(tmp_path / "w", rows=40, seed=6, failure_rate=0.5)
     rows = pq.read_table(web.ground_truth_path).to_pylist()
-    server = synth.serve(web)
+    server = synth_server.serve(web)
     clients = [_open_raw(row_of(rows, k)["URL"], timeout=5) for k in ("stall", "slow_drip")]
     idle = socket.create_connection(("127.0.0.1", web.port), timeout=5)  # connected, never sends a request
     time.sleep(0.3)
@@ -397,5 +399,5 @@ def test_stop_is_prompt_with_stalled_and_dripping_clients(tmp_path):
     idle.close()
     ours = {f"synth-{port}" for port in (web.port, web.aux_port, web.alt_loopback_port, web.ipv6_port)}
     assert not [t for t in threading.enumerate() if t.name in ours]
-    with synth.serve(web):  # the ports are free again
+    with synth_server.serve(web):  # the ports are free again
         assert fetch(row_of(rows, "ok")["URL"])[0] == 200

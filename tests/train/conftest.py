@@ -165,7 +165,8 @@ def synth_dataset(tmp_path_factory):
     test reads."""
     from pipeline.testbed.demo import prepare_args
     from pipeline.prepare import run
-    from pipeline.testbed.synth import SynthServer, synthesize
+    from pipeline.testbed.server import SynthServer
+    from pipeline.testbed.synth import synthesize
     from pipeline.testbed.models import cached_test_models
 
     models = cached_test_models()
