@@ -78,12 +78,13 @@ def _floor_cv2(job):
 def _floor_kiln(job):
     import cv2
 
-    from pipeline.image import ResizeConfig, decode_image, resize_and_encode
+    from pipeline.config import ImageConfig
+    from pipeline.image import decode_image, resize_and_encode
 
     cv2.setNumThreads(1)
     data, size = job
     d = decode_image(data, draft_target=size)
-    return len(resize_and_encode(d.bgr, ResizeConfig(image_size=size))[0])
+    return len(resize_and_encode(d.bgr, ImageConfig(image_size=size))[0])
 
 
 def run_floor(fn, blobs: list[bytes], image_size: int) -> float:

@@ -44,7 +44,8 @@ def main():
     from PIL import Image
 
     from filters.clip_similarity import ClipScorer
-    from pipeline.image import ResizeConfig, decode_image, resize_image
+    from pipeline.config import ImageConfig
+    from pipeline.image import decode_image, resize_image
     from pipeline.testbed.synth import synthesize
 
     work = Path(tempfile.mkdtemp(prefix="kiln-bench-filters-"))
@@ -67,7 +68,7 @@ def main():
 
         scorer = ClipScorer(name, pretrained=None, device=a.device, batch_size=a.batch_size)
         scorer.model.load_state_dict(model.state_dict())  # same weights in both
-        cfg = ResizeConfig(image_size=a.image_size)
+        cfg = ImageConfig(image_size=a.image_size)
         times = {}
 
         def kiln():

@@ -1,7 +1,8 @@
 """`beam_options/*.yaml`: one file per way of running `kiln prepare`, turned into Beam flags.
 
 A file is a YAML mapping of Beam pipeline options (the names Beam's own flags use, without `--`)
-plus an optional `kiln:` section of kiln's own `prepare` settings:
+plus an optional `kiln:` section of kiln's own `prepare` settings (the keys are pipeline.config's
+setting keys, the flags' names with underscores):
 
     runner: DataflowRunner            # -> --runner=DataflowRunner
     save_main_session: true           # -> --save_main_session      (a boolean flag)
@@ -15,8 +16,8 @@ plus an optional `kiln:` section of kiln's own `prepare` settings:
 
 The command line always wins: a Beam option given on the command line replaces the file's value
 (for options Beam lets you repeat, such as `--experiments`, the command line's values are added to
-the file's), and a kiln flag typed on the command line beats the file's `kiln:` default
-(`apply_options_file`). Option names are checked against Beam's own option classes, so a typo in
+the file's), and a kiln flag typed on the command line beats the file's `kiln:` value
+(`pipeline.config.config_from_namespace`, which checks every `kiln:` value against the schema). Option names are checked against Beam's own option classes, so a typo in
 a committed file fails loudly instead of being dropped with a warning at submission time.
 
 The model stages (CaptionToxicity, ImageFilters, EmbedT5) alone get the GPU on Dataflow: the
@@ -34,8 +35,6 @@ from pathlib import Path
 import yaml
 
 KILN_SECTION = "kiln"
-# `kiln:` keys that are not `kiln prepare` flags (yet) but are read by the job itself.
-KILN_RUNTIME_KEYS = ("gpu_resource_hint",)
 # The labels of the transforms that load a model; the only ones an accelerator hint goes on.
 MODEL_STAGE_LABELS = ("CaptionToxicity", "ImageFilters", "EmbedT5")
 
@@ -218,69 +217,6 @@ def merge_beam_args(file_args: list[str], cli_args: list[str]) -> list[str]:
     return merged
 
 
-def _explicit_prepare_dests(argv: list[str]) -> set[str]:
-    """The `kiln prepare` settings actually typed in argv (not their defaults)."""
-    from pipeline.options import add_prepare_args
-
-    p = argparse.ArgumentParser(add_help=False)  # abbreviations allowed, as in the real parser
-    add_prepare_args(p)
-    for action in p._actions:  # noqa: SLF001
-        action.default = argparse.SUPPRESS
-        action.required = False
-    ns, _ = p.parse_known_args(argv)
-    return set(vars(ns))
-
-
-def _prepare_actions() -> dict:
-    from pipeline.options import add_prepare_args
-
-    p = argparse.ArgumentParser(add_help=False)
-    add_prepare_args(p)
-    return {a.dest: a for a in p._actions}  # noqa: SLF001
-
-
-def apply_options_file(args: argparse.Namespace, beam_argv: list[str], argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
-    """Apply `args.options` (a beam_options YAML file) to parsed `kiln prepare` args.
-
-    `argv` is the command line as typed (used to tell flags given explicitly from defaults). The
-    file's `kiln:` values become the defaults of the matching flags; a flag typed on the command
-    line keeps its value. Returns (args, Beam argv with the file's flags merged under the CLI's).
-    """
-    path = getattr(args, "options", None)
-    if not path:
-        return args, list(beam_argv)
-    file_argv, kiln = load_options_file(path)
-    actions = _prepare_actions()
-    explicit = _explicit_prepare_dests(argv)
-    args = argparse.Namespace(**vars(args))
-    for key, value in kiln.items():
-        if key in KILN_RUNTIME_KEYS and key not in actions:
-            if getattr(args, key, None) is None:
-                setattr(args, key, value)
-            continue
-        action = actions.get(key)
-        if action is None or key in ("input", "output", "options", "help"):
-            raise OptionsFileError(f"{path}: kiln: {key!r} is not a kiln prepare setting (known: {sorted(set(actions) - {'help', 'input', 'output', 'options'})})")
-        if key in explicit:
-            continue
-        if value is not None and action.type is not None and not isinstance(value, bool):
-            try:
-                value = action.type(value)
-            except (TypeError, ValueError) as err:
-                raise OptionsFileError(f"{path}: kiln: {key}: {err}") from None
-        if action.choices is not None and value not in action.choices:
-            raise OptionsFileError(f"{path}: kiln: {key}: {value!r} is not one of {list(action.choices)}")
-        setattr(args, key, value)
-    for key in KILN_RUNTIME_KEYS:
-        if not hasattr(args, key):
-            setattr(args, key, None)
-    merged = merge_beam_args(file_argv, list(beam_argv))
-    left = placeholders(merged)
-    if left:
-        raise OptionsFileError(f"{path}: replace the placeholder values before submitting (in the file or on the command line): {' '.join(left)}")
-    return args, merged
-
-
 def placeholders(argv: list[str]) -> list[str]:
     """The flags in argv whose value is still a shipped placeholder (your-project, your-bucket)."""
     return [tok for tok in argv if PLACEHOLDER.search(tok)]
@@ -289,18 +225,14 @@ def placeholders(argv: list[str]) -> list[str]:
 # -- resource hints on the model stages ------------------------------------------------------------
 
 
-def model_stage_hints(kiln_defaults) -> dict:
+def model_stage_hints(models) -> dict:
     """Resource-hint kwargs for the model stages: {"accelerator": "..."} or {} (no GPU hint).
 
-    `kiln_defaults` is the `kiln:` mapping of an options file or the parsed prepare args.
-    The value uses Dataflow's accelerator format, e.g.
+    `models` is the run's ModelsConfig (`--gpu-resource-hint`, or `kiln: gpu_resource_hint` in an
+    options file). The value uses Dataflow's accelerator format, e.g.
     "type:nvidia-l4;count:1;install-nvidia-driver" (runners that do not know the hint ignore it).
     """
-    if isinstance(kiln_defaults, dict):
-        hint = kiln_defaults.get("gpu_resource_hint")
-    else:
-        hint = getattr(kiln_defaults, "gpu_resource_hint", None)
-    hint = (hint or "").strip()
+    hint = (models.gpu_resource_hint or "").strip()
     return {"accelerator": hint} if hint else {}
 
 

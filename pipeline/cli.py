@@ -7,9 +7,17 @@ import sys
 
 
 def _prepare(args, extra):
+    from pipeline.beam_yaml import OptionsFileError
+    from pipeline.config import ConfigError, config_from_namespace
+
+    try:
+        cfg, beam_argv = config_from_namespace(args, extra)
+    except (ConfigError, OptionsFileError) as err:
+        print(f"kiln prepare: error: {err}", file=sys.stderr)  # one line, before any work starts
+        return 2
     from pipeline.prepare import main
 
-    return main(args, extra)
+    return main(cfg, beam_argv)
 
 
 def _synth(args, extra):
@@ -69,12 +77,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     from pipeline.embed_prompts import add_embed_prompts_args
-    from pipeline.options import add_prepare_args
+    from pipeline.config import add_arguments as add_prepare_args
     from pipeline.testbed.server import add_serve_args
     from pipeline.testbed.synth import add_synth_args
 
     p = sub.add_parser(
         "prepare",
+        usage="kiln prepare --input GLOB --output DIR [flags] [Beam flags]",
         help="metadata parquet -> filtered, accounted webdataset + Parquet shards (a Beam job)",
         description="Run the Beam job. Unknown flags go to Beam, e.g. --runner DirectRunner "
         "--direct_running_mode multi_processing --direct_num_workers 2, or Dataflow's flags.",
@@ -138,13 +147,6 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
     args, extra = parser.parse_known_args(argv)
-    if getattr(args, "options", None):
-        from pipeline.beam_yaml import OptionsFileError, apply_options_file
-
-        try:
-            args, extra = apply_options_file(args, extra, argv)
-        except OptionsFileError as err:
-            parser.error(str(err))
     if extra and not getattr(args, "beam_args", False):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     return int(args.func(args, extra) or 0)

@@ -1,7 +1,7 @@
 """Download stage: many requests in flight per worker, through the safe fetcher.
 
 A blocking request per element would leave a worker idle on every slow server. `_DownloadFn`
-submits each batch's URLs to a per-worker thread pool and keeps up to `max_in_flight` requests
+submits each batch's URLs to a per-worker thread pool and keeps up to `--download-threads` requests
 running across batches, emitting records as their downloads finish; one stalled URL holds one
 slot until its deadline, not the whole batch. `finish_bundle` drains what is left, so nothing is
 lost at a bundle boundary.
@@ -18,19 +18,19 @@ from apache_beam.utils.timestamp import MIN_TIMESTAMP
 from apache_beam.utils.windowed_value import WindowedValue
 
 from pipeline.records import STAGE_DOWNLOAD, Reject
-from pipeline.stage import StageCounters, to_reject
+from pipeline.records import reject_row
+from pipeline.stage import StageCounters
 
 
 class _DownloadFn(beam.DoFn):
-    def __init__(self, fetch_config, max_in_flight: int, url_column: str):
-        self.fetch_config = fetch_config
-        self.max_in_flight = max_in_flight
-        self.url_column = url_column
+    def __init__(self, cfg, columns):
+        self.cfg, self.columns = cfg, columns
 
     def setup(self):
         from pipeline.fetch import Fetcher
 
-        self.fetcher = Fetcher(self.fetch_config)  # one per worker process, shared by its threads
+        self.fetcher = Fetcher(self.cfg.fetch_config())  # one per worker process, shared by its threads
+        self.max_in_flight = self.cfg.threads
         self.pool = ThreadPoolExecutor(self.max_in_flight, thread_name_prefix="kiln-download")
         self.counters = StageCounters(STAGE_DOWNLOAD)
 
@@ -38,7 +38,7 @@ class _DownloadFn(beam.DoFn):
         self.pending = deque()
 
     def _fetch(self, record):
-        return record, self.fetcher.fetch(str(record[self.url_column]).strip())
+        return record, self.fetcher.fetch(str(record[self.columns.url_col]).strip())
 
     def _emit(self, done):
         record, result = done.result()
@@ -53,7 +53,7 @@ class _DownloadFn(beam.DoFn):
             return record
         rej = Reject(STAGE_DOWNLOAD, result.reason, result.detail)
         self.counters.reject(rej)
-        return beam.pvalue.TaggedOutput("rejects", to_reject(record, rej, self.url_column))
+        return beam.pvalue.TaggedOutput("rejects", reject_row(record, rej, self.columns.url_col, self.columns.id_col))
 
     def _drain(self, block_until: int):
         """Emit finished downloads; block while more than `block_until` are still in flight."""
@@ -89,16 +89,19 @@ class _DownloadFn(beam.DoFn):
 
 
 class Download(beam.PTransform):
-    """records -> {"main": records with `_body` bytes, "rejects": reject rows}."""
+    """records -> {"main": records with `_body` bytes, "rejects": reject rows}.
 
-    def __init__(self, fetch_config, max_in_flight: int = 64, batch_size: int = 64, url_column: str = "URL"):
+    `cfg`: the run's DownloadConfig (`--download-threads` requests in flight per worker);
+    `columns`: its InputConfig (the URL and id columns)."""
+
+    def __init__(self, cfg, columns, batch_size: int = 64):
         super().__init__()
-        self.fetch_config, self.max_in_flight, self.batch_size, self.url_column = fetch_config, max_in_flight, batch_size, url_column
+        self.cfg, self.columns, self.batch_size = cfg, columns, batch_size
 
     def expand(self, records):
         out = (
             records
             | "Batch" >> beam.BatchElements(min_batch_size=1, max_batch_size=self.batch_size)
-            | "Fetch" >> beam.ParDo(_DownloadFn(self.fetch_config, self.max_in_flight, self.url_column)).with_outputs("rejects", main="main")
+            | "Fetch" >> beam.ParDo(_DownloadFn(self.cfg, self.columns)).with_outputs("rejects", main="main")
         )
         return {"main": out.main, "rejects": out.rejects}

@@ -22,14 +22,13 @@ from functools import lru_cache
 import numpy as np
 from PIL import Image, ImageOps
 
+from pipeline.config import DEFAULT_MAX_PIXELS, ImageConfig
 from pipeline.records import STAGE_DECODE, STAGE_RESIZE, Reject
 
 # Formats kiln decodes. Everything else (TIFF, PSD, ICO, SVG-as-text, ...) is refused: each extra
 # decoder is attack surface and none of them is a web photo format worth keeping.
 ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP")
-# 2x Pillow's default MAX_IMAGE_PIXELS (89,478,485): where Pillow itself starts raising.
-DEFAULT_MAX_PIXELS = 178_956_970
-ENCODE_FORMATS = {"jpg": ".jpg", "png": ".png", "webp": ".webp"}
+ENCODE_EXTENSIONS = {"jpg": ".jpg", "png": ".png", "webp": ".webp"}  # cv2.imencode's spelling
 
 
 @dataclass
@@ -231,29 +230,7 @@ def _img2dataset_resize():
     return module.ResizeMode, module.inter_str_to_cv2
 
 
-RESIZE_MODES = ("center_crop", "keep_ratio", "keep_ratio_largest", "border", "no")
-
-
-@dataclass(frozen=True)
-class ResizeConfig:
-    image_size: int = 1024  # the cascade's last stage is 1024 px
-    resize_mode: str = "center_crop"
-    downscale_interpolation: str = "area"  # img2dataset's defaults
-    upscale_interpolation: str = "lanczos"
-    allow_upscale: bool = False  # DESIGN.md: never store fake high-resolution pixels
-    encode_format: str = "jpg"
-    encode_quality: int = 95
-
-    def __post_init__(self):
-        if self.resize_mode not in RESIZE_MODES:
-            raise ValueError(f"resize_mode {self.resize_mode!r} not in {RESIZE_MODES}")
-        if self.encode_format not in ENCODE_FORMATS:
-            raise ValueError(f"encode_format {self.encode_format!r} not in {tuple(ENCODE_FORMATS)}")
-        if self.image_size < 1:
-            raise ValueError(f"image_size must be positive, got {self.image_size}")
-
-
-def resize_image(rgb: np.ndarray, cfg: ResizeConfig) -> np.ndarray:
+def resize_image(rgb: np.ndarray, cfg: ImageConfig) -> np.ndarray:
     """Resize a 3-channel array (either channel order) per img2dataset's mode semantics; never upscales unless allowed.
 
     center_crop crops the central square first and resizes that (same picture as img2dataset's
@@ -296,7 +273,7 @@ def resize_image(rgb: np.ndarray, cfg: ResizeConfig) -> np.ndarray:
     return out
 
 
-def encode_image(bgr: np.ndarray, cfg: ResizeConfig) -> bytes:
+def encode_image(bgr: np.ndarray, cfg: ImageConfig) -> bytes:
     """Encode a BGR array as cfg.encode_format (JPEG quality 95 by default, as img2dataset)."""
     cv2 = _cv2()
     if cfg.encode_format == "jpg":
@@ -305,13 +282,13 @@ def encode_image(bgr: np.ndarray, cfg: ResizeConfig) -> bytes:
         params = [int(cv2.IMWRITE_WEBP_QUALITY), cfg.encode_quality]
     else:
         params = [int(cv2.IMWRITE_PNG_COMPRESSION), min(9, max(0, cfg.encode_quality))]
-    ok, buf = cv2.imencode(ENCODE_FORMATS[cfg.encode_format], bgr, params)
+    ok, buf = cv2.imencode(ENCODE_EXTENSIONS[cfg.encode_format], bgr, params)
     if not ok:
         raise Reject(STAGE_RESIZE, "resize_error", f"cv2.imencode failed for {bgr.shape}")
     return buf.tobytes()
 
 
-def resize_and_encode(bgr: np.ndarray, cfg: ResizeConfig) -> tuple[bytes, int, int]:
+def resize_and_encode(bgr: np.ndarray, cfg: ImageConfig) -> tuple[bytes, int, int]:
     """The Resize stage's pure function on a BGR array: (encoded bytes, stored width, stored height)."""
     try:
         out = resize_image(bgr, cfg)

@@ -10,66 +10,26 @@ scores and rejects nothing; "off" removes the stage from the graph.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
-
 import apache_beam as beam
 import numpy as np
 from apache_beam.metrics import Metrics
 from apache_beam.utils import shared
 
-from pipeline.records import STAGE_CLIP, STAGE_NSFW, STAGE_T5, STAGE_TOXICITY, Reject
-from pipeline.stage import SCORE_FIELDS, StageCounters, to_reject
-
-FILTER_MODES = ("filter", "score", "off")
-
-
-@dataclass(frozen=True)
-class ToxicityConfig:
-    mode: str = "filter"
-    model: str = "original"  # Detoxify's published checkpoint, or "local:DIR"
-    max_toxicity: float = 0.5  # Detoxify's own convention: a label is on above 0.5
-    labels: tuple[str, ...] = ()  # labels whose max is compared with max_toxicity; () = all of the model's
-    batch_size: int = 64
-    device: str | None = None
-    caption_column: str = "TEXT"
-
-
-@dataclass(frozen=True)
-class ImageFilterConfig:
-    clip_mode: str = "filter"
-    clip_model: str = "ViT-B-32:openai"  # LAION-400M's filter model; "local-dir:DIR" for a local one
-    min_clip_similarity: float = 0.28  # LAION-5B's English threshold (LAION-400M used 0.3)
-    nsfw_mode: str = "filter"
-    nsfw_head: str | None = None  # LAION's CLIP-based NSFW detector weights for that CLIP model
-    max_punsafe: float = 0.5  # LAION-5B's recommended cut
-    batch_size: int = 64
-    device: str | None = None
-    caption_column: str = "TEXT"
-    stages: tuple[str, ...] = field(default=(STAGE_CLIP, STAGE_NSFW))
-
-
-@dataclass(frozen=True)
-class T5Config:
-    model: str = "google/t5-v1_1-xxl"  # Imagen §2.1: frozen T5-XXL; "local:DIR" for a local copy
-    max_length: int = 128  # Imagen's text length
-    max_tokens: int | None = None  # padded tokens per forward pass (default by device)
-    batch_size: int = 256  # records per Beam batch; the encoder re-buckets them by length
-    device: str | None = None
-    cross_process: bool = False  # one model per machine (Beam MultiProcessShared), e.g. one GPU
-    caption_column: str = "TEXT"
-
+from pipeline.config import ClipConfig, InputConfig, ModelsConfig, T5Config, ToxicityConfig
+from pipeline.records import SCORE_FIELDS, STAGE_CLIP, STAGE_NSFW, STAGE_T5, STAGE_TOXICITY, Reject, reject_row
+from pipeline.stage import StageCounters
 
 # -- pure scoring functions ------------------------------------------------------------------
 
 
-def score_captions(scorer, records: list[dict], cfg: ToxicityConfig) -> list[tuple[dict, Reject | None]]:
+def score_captions(scorer, records: list[dict], cfg: ToxicityConfig, caption_col: str = "TEXT") -> list[tuple[dict, Reject | None]]:
     """Add toxicity scores to each record; in filter mode, reject those above the threshold."""
     labels = list(cfg.labels) or list(scorer.labels)
     unknown = [lab for lab in labels if lab not in scorer.labels]
     if unknown:
         raise ValueError(f"--toxicity-labels {unknown} not produced by the model (it has {scorer.labels})")
     idx = [scorer.labels.index(lab) for lab in labels]
-    scores = scorer.score([str(r.get(cfg.caption_column) or "") for r in records]).scores
+    scores = scorer.score([str(r.get(caption_col) or "") for r in records]).scores
     out = []
     for record, row in zip(records, scores):
         record = dict(record)
@@ -102,12 +62,12 @@ def _decode_for_clip(records: list[dict], size: int) -> list:
     return list(_decode_pool.map(lambda r: decode_image(r["_image"], draft_target=size).bgr, records))
 
 
-def score_images(models, records: list[dict], cfg: ImageFilterConfig) -> list[tuple[dict, Reject | None]]:
+def score_images(models, records: list[dict], cfg: ClipConfig, caption_col: str = "TEXT") -> list[tuple[dict, Reject | None]]:
     """One CLIP image pass per batch: similarity to the caption, then punsafe from the same embedding."""
     clip, nsfw = models
     records = [dict(r) for r in records]
     pixels = _decode_for_clip(records, clip.image_size)
-    scores = clip.score(pixels, [str(r.get(cfg.caption_column) or "") for r in records], channel_order="bgr")
+    scores = clip.score(pixels, [str(r.get(caption_col) or "") for r in records], channel_order="bgr")
     punsafe = nsfw.punsafe(scores.image_embedding) if nsfw is not None else None
     out = []
     for i, record in enumerate(records):
@@ -126,13 +86,13 @@ def score_images(models, records: list[dict], cfg: ImageFilterConfig) -> list[tu
     return out
 
 
-def embed_captions(embedder, records: list[dict], cfg: T5Config) -> list[tuple[dict, Reject | None]]:
+def embed_captions(embedder, records: list[dict], cfg: T5Config, caption_col: str = "TEXT") -> list[tuple[dict, Reject | None]]:
     """Attach each caption's unpadded float16 T5 embedding (`_t5`), its length and truncation flag.
 
     A batch in which some caption overflows float16 is re-run one caption at a time, so only the
     offending caption is rejected (with its text in the detail), never the whole batch.
     """
-    captions = [str(r.get(cfg.caption_column) or "") for r in records]
+    captions = [str(r.get(caption_col) or "") for r in records]
     try:
         results = embedder.embed(captions)
     except ValueError:
@@ -158,50 +118,50 @@ def embed_captions(embedder, records: list[dict], cfg: T5Config) -> list[tuple[d
 # -- loaders (run once per worker process) ---------------------------------------------------
 
 
-def load_toxicity(cfg: ToxicityConfig):
+def load_toxicity(cfg: ToxicityConfig, models: ModelsConfig = ModelsConfig()):
     from pipeline.compat import ensure_torch_compat
 
     ensure_torch_compat()
     from filters.toxicity import ToxicityScorer
 
-    return ToxicityScorer(cfg.model, device=cfg.device, batch_size=cfg.batch_size)
+    return ToxicityScorer(cfg.model, device=models.device, batch_size=models.batch_size)
 
 
-def load_image_models(cfg: ImageFilterConfig):
+def load_image_models(cfg: ClipConfig, models: ModelsConfig = ModelsConfig()):
     from pipeline.compat import ensure_torch_compat
 
     ensure_torch_compat()
     from filters.clip_similarity import ClipScorer
 
-    clip = ClipScorer.from_spec(cfg.clip_model, device=cfg.device, batch_size=cfg.batch_size)
+    clip = ClipScorer.from_spec(cfg.clip_model, device=models.device, batch_size=models.batch_size)
     nsfw = None
     if cfg.nsfw_mode != "off":
         from filters.nsfw import NsfwScorer
 
         if not cfg.nsfw_head:
             raise ValueError("--nsfw needs --nsfw-head PATH (LAION's CLIP-based NSFW detector weights for this CLIP model), or --nsfw off")
-        nsfw = NsfwScorer(cfg.nsfw_head, device=cfg.device)
+        nsfw = NsfwScorer(cfg.nsfw_head, device=models.device)
         nsfw.check_compatible(clip.embed_dim, clip_name=cfg.clip_model)
     return clip, nsfw
 
 
-def load_t5(cfg: T5Config):
+def load_t5(cfg: T5Config, models: ModelsConfig = ModelsConfig()):
     from pipeline.compat import ensure_torch_compat
 
     ensure_torch_compat()
     from embed.t5 import T5Embedder
 
-    return T5Embedder(cfg.model, device=cfg.device, max_length=cfg.max_length, max_tokens_per_batch=cfg.max_tokens)
+    return T5Embedder(cfg.model, device=models.device, max_length=cfg.max_length, max_tokens_per_batch=cfg.max_tokens)
 
 
 class _T5Server:
     """Builds the embedder inside Beam's MultiProcessShared server process (picklable by value)."""
 
-    def __init__(self, cfg: T5Config):
-        self.cfg = cfg
+    def __init__(self, cfg: T5Config, models: ModelsConfig):
+        self.cfg, self.models = cfg, models
 
     def __call__(self):
-        return load_t5(self.cfg)
+        return load_t5(self.cfg, self.models)
 
 
 class _Holder:
@@ -212,21 +172,21 @@ class _Holder:
 
 
 class _ModelStageFn(beam.DoFn):
-    def __init__(self, loader, score_fn, cfg, stages: tuple[str, ...], handle: shared.Shared, tag: str):
-        self.loader, self.score_fn, self.cfg, self.stages = loader, score_fn, cfg, stages
+    def __init__(self, loader, score_fn, cfg, models: ModelsConfig, columns: InputConfig, stages: tuple[str, ...], handle: shared.Shared, tag: str):
+        self.loader, self.score_fn, self.cfg, self.models, self.columns, self.stages = loader, score_fn, cfg, models, columns, stages
         self.handle, self.tag = handle, tag
 
     def setup(self):
-        cfg, loader = self.cfg, self.loader
+        cfg, models, loader = self.cfg, self.models, self.loader
         if getattr(cfg, "cross_process", False):
             # One model per machine: every worker process talks to the copy in a shared server
             # process (a GPU holds one T5-XXL, not one per SDK worker process).
             from apache_beam.utils.multi_process_shared import MultiProcessShared
 
-            self.model = MultiProcessShared(_T5Server(cfg), tag=self.tag, always_proxy=True).acquire()
+            self.model = MultiProcessShared(_T5Server(cfg, models), tag=self.tag, always_proxy=True).acquire()
         else:
             # One model per worker process: every DoFn instance (thread) in it gets the same object.
-            self.model = self.handle.acquire(lambda: _Holder(loader(cfg)), tag=self.tag).model
+            self.model = self.handle.acquire(lambda: _Holder(loader(cfg, models)), tag=self.tag).model
         self.counters = {s: StageCounters(s) for s in self.stages}
         # Beam distributions hold integers: scores in thousandths, so Dataflow's UI shows their
         # min / mean / max live (e.g. score/clip_similarity_milli).
@@ -235,7 +195,7 @@ class _ModelStageFn(beam.DoFn):
     def process(self, batch):
         t0 = time.perf_counter()
         try:
-            results = self.score_fn(self.model, batch, self.cfg)
+            results = self.score_fn(self.model, batch, self.cfg, self.columns.caption_col)
         except Exception as err:  # noqa: BLE001 - a batch the model cannot score is rejected, not lost
             stage = self.stages[0]
             results = [(r, Reject(stage, f"{stage}_error", f"{type(err).__name__}: {err}")) for r in batch]
@@ -256,31 +216,39 @@ class _ModelStageFn(beam.DoFn):
             if rej is None:
                 yield record
             else:
-                yield beam.pvalue.TaggedOutput("rejects", to_reject(record, rej))
+                yield beam.pvalue.TaggedOutput("rejects", reject_row(record, rej, self.columns.url_col, self.columns.id_col))
 
 
 class _ModelStage(beam.PTransform):
-    def __init__(self, loader, score_fn, cfg, stages, tag):
+    def __init__(self, loader, score_fn, cfg, models: ModelsConfig, columns: InputConfig, stages, tag, batch_size=None):
         super().__init__()
-        self.loader, self.score_fn, self.cfg, self.stages, self.tag = loader, score_fn, cfg, stages, tag
+        self.loader, self.score_fn, self.cfg, self.models, self.columns, self.stages, self.tag = loader, score_fn, cfg, models, columns, stages, tag
+        self.batch_size = batch_size or models.batch_size
 
     def expand(self, records):
+        fn = _ModelStageFn(self.loader, self.score_fn, self.cfg, self.models, self.columns, self.stages, shared.Shared(), self.tag)
         out = (
             records
-            | "Batch" >> beam.BatchElements(min_batch_size=1, max_batch_size=self.cfg.batch_size)
-            | "Score" >> beam.ParDo(_ModelStageFn(self.loader, self.score_fn, self.cfg, self.stages, shared.Shared(), self.tag)).with_outputs("rejects", main="main")
+            | "Batch" >> beam.BatchElements(min_batch_size=1, max_batch_size=self.batch_size)
+            | "Score" >> beam.ParDo(fn).with_outputs("rejects", main="main")
         )
         return {"main": out.main, "rejects": out.rejects}
 
 
-def CaptionToxicity(cfg: ToxicityConfig) -> _ModelStage:
-    return _ModelStage(load_toxicity, score_captions, cfg, (STAGE_TOXICITY,), tag=f"toxicity:{cfg.model}")
+def CaptionToxicity(cfg: ToxicityConfig, models: ModelsConfig, columns: InputConfig) -> _ModelStage:
+    return _ModelStage(load_toxicity, score_captions, cfg, models, columns, (STAGE_TOXICITY,), tag=f"toxicity:{cfg.model}")
 
 
-def ImageFilters(cfg: ImageFilterConfig) -> _ModelStage:
+def ImageFilters(cfg: ClipConfig, models: ModelsConfig, columns: InputConfig) -> _ModelStage:
     stages = (STAGE_CLIP, STAGE_NSFW) if cfg.nsfw_mode != "off" else (STAGE_CLIP,)
-    return _ModelStage(load_image_models, score_images, cfg, stages, tag=f"clip:{cfg.clip_model}:{cfg.nsfw_head}")
+    return _ModelStage(load_image_models, score_images, cfg, models, columns, stages, tag=f"clip:{cfg.clip_model}:{cfg.nsfw_head}")
 
 
-def EmbedT5(cfg: T5Config) -> _ModelStage:
-    return _ModelStage(load_t5, embed_captions, cfg, (STAGE_T5,), tag=f"t5:{cfg.model}:{cfg.max_length}")
+# T5 batches are re-bucketed by length inside the encoder, so a Beam batch can be larger than the
+# other models' (records per Beam batch, not padded tokens: --t5-max-tokens bounds those).
+T5_RECORDS_PER_BATCH = 256
+
+
+def EmbedT5(cfg: T5Config, models: ModelsConfig, columns: InputConfig) -> _ModelStage:
+    return _ModelStage(load_t5, embed_captions, cfg, models, columns, (STAGE_T5,), tag=f"t5:{cfg.model}:{cfg.max_length}",
+                       batch_size=max(T5_RECORDS_PER_BATCH, models.batch_size))

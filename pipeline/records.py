@@ -1,14 +1,23 @@
-"""What every stage passes along: a sample's key (`uid`) and, for a failure, a reject row.
+"""The record: what flows between the stages of `kiln prepare`, written down once.
 
-Stages and reasons are a closed vocabulary so the rejects table, stats.json and the dataset card
-can be grouped without parsing free text. `detail` carries the free text (status line, address,
-directive, sizes).
+A record is a dict: the input row's own columns, plus the fields in `RECORD_FIELDS` below, each
+set by one stage. A field is either persisted (a column of meta/NNNNNN.parquet and a key of
+KEY.json, or KEY.json only) or transient (bytes, pixel arrays and the routing key, which only live
+between stages). The meta schema (`pipeline.write.meta_schema`), KEY.json (`sample_json`) and
+SHARDS.md's meta table all follow from this table; a test keeps SHARDS.md equal to it.
+
+A failure becomes a reject row, built only by `reject_row`. Stages and reasons are a closed
+vocabulary (`STAGES`, `REASONS`) so the rejects table, stats.json and the dataset card group
+without parsing free text; `detail` carries the free text (status line, address, directive, sizes).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
+
+import pyarrow as pa
 from dataclasses import dataclass
 
 # Stage names, in the order a row meets them.
@@ -22,50 +31,60 @@ STAGE_NSFW = "nsfw"  # LAION's NSFW head on the same CLIP image embedding
 STAGE_T5 = "t5"  # frozen T5 caption embedding, survivors only
 STAGES = (STAGE_PREFILTER, STAGE_TOXICITY, STAGE_DOWNLOAD, STAGE_DECODE, STAGE_RESIZE, STAGE_CLIP, STAGE_NSFW, STAGE_T5)
 
-# Reasons. Download reasons for HTTP errors are built as f"http_{status}" (http_404, http_410, ...).
-PREFILTER_REASONS = (
-    "url_missing",  # null or empty URL
-    "url_scheme",  # not http/https (file://, ftp://, data:, ...); detail names the scheme
-    "url_invalid",  # unparseable URL / no host
-    "caption_missing",  # null caption
-    "caption_empty",  # empty or whitespace-only caption
-    "caption_too_short",
-    "caption_too_long",
-    "declared_too_small",  # WIDTH/HEIGHT from the metadata below --min-image-size
-    "declared_aspect_ratio",  # WIDTH/HEIGHT from the metadata beyond --max-aspect-ratio
-    "duplicate",  # same uid (url + caption) as a row that was kept
-)
-DOWNLOAD_REASONS = (
-    "private_address",  # resolves to loopback/private/link-local/CGNAT/multicast/metadata/... and not in --allow-hosts
-    "url_scheme",  # a redirect to a non-http(s) URL
-    "url_invalid",
-    "dns_error",
-    "connection_error",
-    "timeout",  # the total per-URL deadline passed (slow drip, stalled connection, ...)
-    "too_many_redirects",
-    "too_large",  # Content-Length or streamed bytes above --max-bytes
-    "empty_body",  # 200 with zero bytes
-    "robots_noai",
-    "robots_noimageai",
-    "robots_noindex",
-    "robots_noimageindex",
-    "http_error",  # a non-2xx status that has no http_<code> spelling (never used for standard codes)
-)
-DECODE_REASONS = (
-    "not_an_image",  # bytes are not a recognised image (HTML served as image/jpeg, ...)
-    "unsupported_format",  # an image format outside the allowed list
-    "decompression_bomb",  # declared pixel count above --max-image-pixels (checked before decoding pixels)
-    "truncated",  # image data ends early
-    "decode_error",
-    "too_small",  # decoded shorter side below --min-image-size
-    "aspect_ratio",  # decoded aspect ratio beyond --max-aspect-ratio
-)
-RESIZE_REASONS = ("resize_error",)
-TOXICITY_REASONS = ("toxic",)  # max score over the chosen Detoxify labels above --max-toxicity
-CLIP_REASONS = ("clip_similarity_low",)  # cosine similarity below --min-clip-similarity
-NSFW_REASONS = ("punsafe_high",)  # punsafe above --max-punsafe
-T5_REASONS = ("t5_fp16_overflow",)  # an embedding value outside float16's finite range
-# Each model stage also has "<stage>_error" for a record its model could not score.
+# The closed vocabulary of reasons, per stage. Download reasons for HTTP errors are spelled
+# f"http_{status}" (http_404, http_410, ...); every model stage also has "<stage>_error" for a record
+# its model could not score. `reject_row` refuses a reason outside this table: a new failure mode
+# must be named here (and in SHARDS.md) before a stage can emit it.
+REASONS = {
+    STAGE_PREFILTER: (
+        "url_missing",  # null or empty URL
+        "url_scheme",  # not http/https (file://, ftp://, data:, ...); detail names the scheme
+        "url_invalid",  # unparseable URL / no host
+        "caption_missing",  # null caption
+        "caption_empty",  # empty or whitespace-only caption
+        "caption_too_short",
+        "caption_too_long",
+        "declared_too_small",  # declared width/height below --min-image-size
+        "declared_aspect_ratio",  # declared width/height beyond --max-aspect-ratio
+        "duplicate",  # same uid (url + caption) as a row that was kept
+    ),
+    STAGE_TOXICITY: ("toxic", "toxicity_error"),  # max over the chosen Detoxify labels above --max-toxicity
+    STAGE_DOWNLOAD: (
+        "private_address",  # resolves to loopback/private/link-local/CGNAT/multicast/metadata/... and not in --allow-hosts
+        "url_scheme",  # a redirect to a non-http(s) URL
+        "url_invalid",
+        "dns_error",
+        "connection_error",
+        "timeout",  # the total per-URL deadline passed (slow drip, stalled connection, ...)
+        "too_many_redirects",
+        "too_large",  # Content-Length or streamed bytes above --max-bytes
+        "empty_body",  # 200 with zero bytes
+        "robots_noai",
+        "robots_noimageai",
+        "robots_noindex",
+        "robots_noimageindex",
+        "http_error",  # a non-2xx status that has no http_<code> spelling (never used for standard codes)
+    ),
+    STAGE_DECODE: (
+        "not_an_image",  # bytes are not a recognised image (HTML served as image/jpeg, ...)
+        "unsupported_format",  # an image format outside the allowed list
+        "decompression_bomb",  # declared pixel count above --max-image-pixels (checked before decoding pixels)
+        "truncated",  # image data ends early
+        "decode_error",
+        "too_small",  # decoded shorter side below --min-image-size
+        "aspect_ratio",  # decoded aspect ratio beyond --max-aspect-ratio
+    ),
+    STAGE_RESIZE: ("resize_error",),
+    STAGE_CLIP: ("clip_similarity_low", "clip_error"),  # cosine similarity below --min-clip-similarity
+    STAGE_NSFW: ("punsafe_high",),  # punsafe above --max-punsafe
+    STAGE_T5: ("t5_fp16_overflow", "t5_error"),  # an embedding value outside float16's finite range
+}
+
+
+def known_reason(stage: str, reason: str) -> bool:
+    if stage == STAGE_DOWNLOAD and reason.startswith("http_") and reason[5:].isdigit():
+        return True
+    return reason in REASONS.get(stage, ())
 
 
 class Reject(Exception):
@@ -88,21 +107,99 @@ def compute_uid(url: str | None, caption: str | None) -> str:
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:32]
 
 
-@dataclass(frozen=True)
-class RejectRow:
-    uid: str
-    sample_id: object
-    url: str | None
-    stage: str
-    reason: str
-    detail: str = ""
 
-    def as_dict(self) -> dict:
-        return {
-            "uid": self.uid,
-            "SAMPLE_ID": self.sample_id,
-            "url": self.url,
-            "stage": self.stage,
-            "reason": self.reason,
-            "detail": self.detail[:1000],
-        }
+
+# -- the record's fields ---------------------------------------------------------------------------
+
+META, JSON_ONLY, TRANSIENT = "meta", "json", "transient"
+
+
+@dataclass(frozen=True)
+class RecordField:
+    name: str
+    stage: str  # the stage that sets it ("read" and "route" are the job's own steps)
+    kind: str  # META: meta column + KEY.json key (unless json=False); JSON_ONLY; TRANSIENT
+    dtype: pa.DataType | None  # the meta column's type (None: not a meta column)
+    doc: str
+    json: bool = True  # written to KEY.json (binary columns are not)
+
+
+RECORD_FIELDS = (
+    RecordField("uid", "read", META, pa.string(), "the sample key: sha256 of (url, caption), 32 hex chars"),
+    RecordField("shard", "route", TRANSIENT, None, "the shard the uid falls in (the writer's group key)"),
+    RecordField("final_url", STAGE_DOWNLOAD, META, pa.string(), "the URL the image came from after redirects"),
+    RecordField("http_status", STAGE_DOWNLOAD, META, pa.int32(), "HTTP status of the final response"),
+    RecordField("content_type", STAGE_DOWNLOAD, META, pa.string(), "the final response's Content-Type, as sent"),
+    RecordField("_body", STAGE_DOWNLOAD, TRANSIENT, None, "the downloaded bytes"),
+    RecordField("original_width", STAGE_DECODE, META, pa.int32(), "px, the downloaded image as decoded, after EXIF orientation"),
+    RecordField("original_height", STAGE_DECODE, META, pa.int32(), "px, the downloaded image as decoded, after EXIF orientation"),
+    RecordField("source_format", STAGE_DECODE, META, pa.string(), "jpeg, png, webp, gif or bmp: the downloaded file's format"),
+    RecordField("_bgr", STAGE_DECODE, TRANSIENT, None, "decoded pixels, uint8 BGR"),
+    RecordField("stored_width", STAGE_RESIZE, META, pa.int32(), "px, the image in the tar"),
+    RecordField("stored_height", STAGE_RESIZE, META, pa.int32(), "px, the image in the tar"),
+    RecordField("image_bytes", STAGE_RESIZE, META, pa.int64(), "bytes of the stored image"),
+    RecordField("image_sha256", STAGE_RESIZE, META, pa.string(), "hex sha256 of the stored image bytes"),
+    RecordField("_image", STAGE_RESIZE, TRANSIENT, None, "the stored image, encoded"),
+    RecordField("toxicity", STAGE_TOXICITY, META, pa.float32(), "max Detoxify score over --toxicity-labels, in [0, 1]; null if --toxicity off"),
+    RecordField("toxicity_label", STAGE_TOXICITY, META, pa.string(), "the label that max came from"),
+    RecordField("toxicity_scores", STAGE_TOXICITY, JSON_ONLY, None, "every Detoxify label's score (KEY.json only)"),
+    RecordField("clip_similarity", STAGE_CLIP, META, pa.float32(), "cosine similarity of the CLIP image and caption embeddings, in [-1, 1]; null if --clip off"),
+    RecordField("punsafe", STAGE_NSFW, META, pa.float32(), "LAION's NSFW head on the CLIP image embedding, in [0, 1]; null if --nsfw off"),
+    RecordField("clip_image_embedding", STAGE_CLIP, META, pa.binary(), "the L2-normalised CLIP image embedding: embed_dim float16 values, little-endian; null if --clip off", json=False),
+    RecordField("t5_len", STAGE_T5, META, pa.int32(), "tokens in the T5 embedding (EOS included), <= --t5-max-length"),
+    RecordField("t5_truncated", STAGE_T5, META, pa.bool_(), "the cleaned caption had more tokens than --t5-max-length and was cut"),
+    RecordField("t5", STAGE_T5, META, pa.binary(), "the same array as KEY.t5.npy: t5_len x d_model float16 little-endian, row-major", json=False),
+    RecordField("_t5", STAGE_T5, TRANSIENT, None, "the T5 embedding as a float16 array (written as KEY.t5.npy and the t5 column)"),
+)
+FIELDS_BY_NAME = {f.name: f for f in RECORD_FIELDS}
+META_FIELDS = tuple(f for f in RECORD_FIELDS if f.kind == META)
+JSON_EXCLUDED = tuple(f.name for f in META_FIELDS if not f.json)  # too big for a per-sample JSON
+TRANSIENT_FIELDS = frozenset(f.name for f in RECORD_FIELDS if f.kind == TRANSIENT)
+# Scores a rejected record already has travel with it into the rejects table (and are Beam
+# distributions while the job runs). The card's tables follow this tuple.
+SCORE_FIELDS = ("toxicity", "clip_similarity", "punsafe")
+
+
+def kiln_column_clashes(input_columns) -> list[str]:
+    """Input columns whose names kiln's own record fields use (uid, shard, toxicity, ...)."""
+    return sorted(c for c in input_columns if c in FIELDS_BY_NAME)
+
+
+# -- reject rows ---------------------------------------------------------------------------------
+
+
+def rejects_schema(id_type: pa.DataType | None = None) -> pa.Schema:
+    """rejects/NNNNNN.parquet. `SAMPLE_ID` holds the input's --id-col value, in that column's type."""
+    return pa.schema(
+        [
+            pa.field("uid", pa.string(), nullable=False),
+            pa.field("SAMPLE_ID", id_type or pa.int64()),
+            pa.field("url", pa.string()),
+            pa.field("stage", pa.string(), nullable=False),
+            pa.field("reason", pa.string(), nullable=False),
+            pa.field("detail", pa.string()),
+            pa.field("shard", pa.int32()),
+            *(pa.field(name, pa.float32()) for name in SCORE_FIELDS),
+        ]
+    )
+
+
+def reject_row(record: dict, rej: Reject, url_col: str = "URL", id_col: str = "SAMPLE_ID") -> dict:
+    """The one way to turn a record (or an input row) and its `Reject` into a rejects-table row.
+
+    The row keeps the routing key (`shard`, None before routing) and the scores the record had."""
+    if rej.stage not in STAGES or not known_reason(rej.stage, rej.reason):
+        raise ValueError(f"reject reason {rej.stage}/{rej.reason} is not in pipeline.records.REASONS")
+    url = record.get(url_col)
+    row = {
+        "uid": record["uid"],
+        "SAMPLE_ID": record.get(id_col),
+        "url": None if url is None else str(url),
+        "stage": rej.stage,
+        "reason": rej.reason,
+        "detail": str(rej.detail)[:1000],
+        "shard": record.get("shard"),
+    }
+    for name in SCORE_FIELDS:
+        row[name] = record.get(name)
+    return row

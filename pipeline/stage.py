@@ -16,26 +16,12 @@ from typing import Callable
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
-from pipeline.records import Reject, RejectRow
-
-# Keys that only live between stages (bytes, pixel arrays); never written to the metadata.
-TRANSIENT_PREFIX = "_"
-
-
-# Scores a rejected record already has travel with it into the rejects table.
-SCORE_FIELDS = ("toxicity", "clip_similarity", "punsafe")
-
-
-def to_reject(record: dict, rej: Reject, url_column: str = "URL") -> dict:
-    row = RejectRow(record["uid"], record.get("SAMPLE_ID"), record.get(url_column), rej.stage, rej.reason, rej.detail).as_dict()
-    row["shard"] = record.get("shard")
-    for name in SCORE_FIELDS:
-        row[name] = record.get(name)
-    return row
-
+from pipeline.records import Reject, reject_row
 
 class StageCounters:
-    """Beam counters per stage (Dataflow's UI shows them live; stats.json records them)."""
+    """Beam counters per stage (Dataflow's UI shows them live; stats.json records them), the one
+    counters class every stage uses: `<stage>/in`, `/out`, `/rejected`, `/busy_ms`, and
+    `reject/<stage>/<reason>`. The finalizer checks in == out + rejected per stage."""
 
     def __init__(self, stage: str):
         self.stage = stage
@@ -50,11 +36,12 @@ class StageCounters:
 
 
 class _ThreadedStageFn(beam.DoFn):
-    def __init__(self, stage: str, make_fn: Callable[[], Callable[[dict], dict]], threads: int, error_reason: str):
+    def __init__(self, stage: str, make_fn: Callable[[], Callable[[dict], dict]], threads: int, error_reason: str, columns):
         self.stage = stage
         self.make_fn = make_fn
         self.threads = threads
         self.error_reason = error_reason
+        self.columns = columns
 
     def setup(self):
         # Built once per worker process. A make_fn that loads a torch model calls
@@ -82,7 +69,7 @@ class _ThreadedStageFn(beam.DoFn):
                 yield record
             else:
                 self.counters.reject(rej)
-                yield beam.pvalue.TaggedOutput("rejects", to_reject(record, rej))
+                yield beam.pvalue.TaggedOutput("rejects", reject_row(record, rej, self.columns.url_col, self.columns.id_col))
 
     def teardown(self):
         pool = getattr(self, "pool", None)
@@ -93,14 +80,16 @@ class _ThreadedStageFn(beam.DoFn):
 class ThreadedStage(beam.PTransform):
     """records -> {"main": records, "rejects": reject rows}, batched and threaded per worker."""
 
-    def __init__(self, stage: str, make_fn, threads: int = 2, batch_size: int = 32, error_reason: str = "error"):
+    def __init__(self, stage: str, make_fn, columns, threads: int = 2, batch_size: int = 32, error_reason: str = "error"):
+        """`columns`: the run's InputConfig (which input columns hold the URL and the row id)."""
         super().__init__()
-        self.stage, self.make_fn, self.threads, self.batch_size, self.error_reason = stage, make_fn, threads, batch_size, error_reason
+        self.stage, self.make_fn, self.columns = stage, make_fn, columns
+        self.threads, self.batch_size, self.error_reason = threads, batch_size, error_reason
 
     def expand(self, records):
         out = (
             records
             | "Batch" >> beam.BatchElements(min_batch_size=1, max_batch_size=self.batch_size)
-            | "Apply" >> beam.ParDo(_ThreadedStageFn(self.stage, self.make_fn, self.threads, self.error_reason)).with_outputs("rejects", main="main")
+            | "Apply" >> beam.ParDo(_ThreadedStageFn(self.stage, self.make_fn, self.threads, self.error_reason, self.columns)).with_outputs("rejects", main="main")
         )
         return {"main": out.main, "rejects": out.rejects}

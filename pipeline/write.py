@@ -26,38 +26,10 @@ from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
-from pipeline.records import STAGE_PREFILTER, STAGES
-from pipeline.stage import TRANSIENT_PREFIX
+from pipeline.records import JSON_EXCLUDED, META_FIELDS, STAGE_PREFILTER, STAGES, TRANSIENT_FIELDS, kiln_column_clashes
 
 TAR_MTIME = 946684800  # 2000-01-01T00:00:00Z: fixed, so identical samples give identical tars
 META_KEY = b"kiln.shard"  # parquet footer key holding the shard's accounting (JSON)
-
-# Columns kiln adds to every kept sample's metadata row, after the input's own columns.
-KILN_META_FIELDS = [
-    pa.field("uid", pa.string(), nullable=False),
-    pa.field("stored_width", pa.int32()),
-    pa.field("stored_height", pa.int32()),
-    pa.field("original_width", pa.int32()),
-    pa.field("original_height", pa.int32()),
-    pa.field("source_format", pa.string()),
-    pa.field("image_bytes", pa.int64()),
-    pa.field("image_sha256", pa.string()),
-    pa.field("final_url", pa.string()),
-    pa.field("http_status", pa.int32()),
-    pa.field("content_type", pa.string()),
-    # Model scores: null when that filter was off for the run (stats.json records the modes).
-    pa.field("toxicity", pa.float32()),  # max Detoxify score over the chosen labels, in [0, 1]
-    pa.field("toxicity_label", pa.string()),  # the label that max came from
-    pa.field("clip_similarity", pa.float32()),  # cosine(CLIP image, CLIP caption), in [-1, 1]
-    pa.field("punsafe", pa.float32()),  # LAION NSFW head on the CLIP image embedding, in [0, 1]
-    pa.field("clip_image_embedding", pa.binary()),  # L2-normalised, float16 little-endian, embed_dim values
-    # Frozen T5: the caption's unpadded [t5_len, d_model] embedding (EOS included), float16
-    # little-endian, row-major; the same array as KEY.t5.npy. Null when --t5 off.
-    pa.field("t5_len", pa.int32()),
-    pa.field("t5_truncated", pa.bool_()),
-    pa.field("t5", pa.binary()),
-]
-
 
 def shard_of(uid: str, num_shards: int) -> int:
     """The shard holding `uid`: uid space cut into `num_shards` equal ranges (uids are uniform)."""
@@ -69,33 +41,11 @@ def shard_name(shard: int) -> str:
 
 
 def meta_schema(input_schema: pa.Schema) -> pa.Schema:
-    kiln_names = {f.name for f in KILN_META_FIELDS}
-    clash = [n for n in input_schema.names if n in kiln_names]
+    """meta/NNNNNN.parquet: the input's columns, unchanged, then kiln's (pipeline.records.META_FIELDS)."""
+    clash = kiln_column_clashes(input_schema.names)
     if clash:
         raise ValueError(f"input columns {clash} clash with columns kiln adds; rename them in the input")
-    return pa.schema(list(input_schema) + KILN_META_FIELDS)
-
-
-def rejects_schema(input_schema: pa.Schema) -> pa.Schema:
-    sid = input_schema.field("SAMPLE_ID").type if "SAMPLE_ID" in input_schema.names else pa.int64()
-    return pa.schema(
-        [
-            pa.field("uid", pa.string(), nullable=False),
-            pa.field("SAMPLE_ID", sid),
-            pa.field("url", pa.string()),
-            pa.field("stage", pa.string(), nullable=False),
-            pa.field("reason", pa.string(), nullable=False),
-            pa.field("detail", pa.string()),
-            pa.field("shard", pa.int32()),
-            pa.field("toxicity", pa.float32()),
-            pa.field("clip_similarity", pa.float32()),
-            pa.field("punsafe", pa.float32()),
-        ]
-    )
-
-
-# Too big for a per-sample JSON; the meta parquet has them.
-JSON_EXCLUDED = ("clip_image_embedding",)
+    return pa.schema(list(input_schema) + [pa.field(f.name, f.dtype, nullable=f.name != "uid") for f in META_FIELDS])
 
 
 def _json_default(value):
@@ -107,8 +57,9 @@ def _json_default(value):
 
 
 def sample_json(record: dict) -> bytes:
-    """KEY.json: every metadata field of the sample, keys sorted so the bytes are reproducible."""
-    clean = {k: v for k, v in record.items() if not k.startswith(TRANSIENT_PREFIX) and k not in JSON_EXCLUDED}
+    """KEY.json: the sample's meta row (input columns and kiln's) without the binary columns, plus
+    the JSON-only fields (toxicity_scores); keys sorted so the bytes are reproducible."""
+    clean = {k: v for k, v in record.items() if k not in TRANSIENT_FIELDS and k not in JSON_EXCLUDED}
     return json.dumps(clean, sort_keys=True, ensure_ascii=False, default=_json_default).encode("utf-8")
 
 

@@ -6,7 +6,6 @@ the job's graph is built with each file's options and translated to the runner A
 run. The DirectRunner files run a real (small) pipeline.
 """
 
-import argparse
 import io
 import socket
 import time
@@ -21,7 +20,6 @@ from apache_beam.options.pipeline_options import DebugOptions, DirectOptions, Pi
 from pipeline.beam_yaml import (
     MODEL_STAGE_LABELS,
     OptionsFileError,
-    apply_options_file,
     hinted,
     load_options_file,
     merge_beam_args,
@@ -29,7 +27,8 @@ from pipeline.beam_yaml import (
     placeholders,
     transform_resource_hints,
 )
-from pipeline.testbed.demo import prepare_args
+from pipeline.config import ConfigError, ModelsConfig, config_from_namespace, prepare_parser
+from pipeline.testbed import prepare_config
 from pipeline.progress import LocalProgress, ProgressPrinter, format_line, read_taps, runs_locally, tap, tap_all
 
 REPO = Path(__file__).resolve().parents[2]
@@ -92,7 +91,7 @@ def test_options_files_say_what_each_runner_needs():
     # The GPU goes on the model stages only, through kiln's resource hint, never pipeline-wide.
     assert not df.get_all_options().get("resource_hints")
     assert not any("worker_accelerator" in o for o in (df.get_all_options().get("dataflow_service_options") or []))
-    assert model_stage_hints(kiln) == {"accelerator": kiln["gpu_resource_hint"]}
+    assert model_stage_hints(ModelsConfig(gpu_resource_hint=kiln["gpu_resource_hint"])) == {"accelerator": kiln["gpu_resource_hint"]}
     assert "install-nvidia-driver" in kiln["gpu_resource_hint"] and kiln["gpu_resource_hint"].startswith("type:")
     assert placeholders(argv)  # the shipped file must be filled in before use
 
@@ -131,16 +130,20 @@ def _write(tmp_path, text) -> Path:
     return p
 
 
+def _resolve(argv):
+    """`kiln prepare ARGV` as the CLI resolves it: (config, Beam argv)."""
+    ns, beam_argv = prepare_parser().parse_known_args(argv)
+    return config_from_namespace(ns, beam_argv)
+
+
 def test_kiln_section_gives_defaults_and_typed_flags_win(tmp_path):
     path = _write(tmp_path, "runner: DirectRunner\ndirect_num_workers: 1\nkiln:\n  image_size: 512\n  samples_per_shard: 77\n"
-                            "  clip: score\n  gpu_resource_hint: 'type:nvidia-tesla-t4;count:1'\n")
-    argv = ["prepare", "--input", "x.parquet", "--output", "out", "--image-size", "256", "--options", str(path)]
-    args = prepare_args("x.parquet", "out", "", "--image-size", "256")
-    args.options = str(path)
-    args, beam_argv = apply_options_file(args, ["--direct_num_workers=2"], argv)
-    assert args.image_size == 256  # typed on the command line
-    assert args.samples_per_shard == 77 and args.clip == "score"  # from the file
-    assert args.gpu_resource_hint == "type:nvidia-tesla-t4;count:1"
+                            "  clip: score\n  nsfw: 'off'\n  gpu_resource_hint: 'type:nvidia-tesla-t4;count:1'\n")
+    cfg, beam_argv = _resolve(["--input", "x.parquet", "--output", "out", "--image-size", "256", "--options", str(path),
+                               "--direct_num_workers=2"])
+    assert cfg.image.image_size == 256  # typed on the command line
+    assert cfg.output.samples_per_shard == 77 and cfg.clip.clip_mode == "score"  # from the file
+    assert cfg.models.gpu_resource_hint == "type:nvidia-tesla-t4;count:1"
     assert PipelineOptions(beam_argv).view_as(DirectOptions).direct_num_workers == 2
 
 
@@ -156,26 +159,31 @@ def test_bad_options_files_fail_loudly(tmp_path, text, message):
         load_options_file(_write(tmp_path, text))
 
 
-def test_bad_kiln_settings_fail_loudly(tmp_path):
-    for text, message in (("kiln:\n  image_sise: 3\n", "not a kiln prepare setting"),
-                          ("kiln:\n  clip: maybe\n", "not one of"),
-                          ("kiln:\n  image_size: big\n", "image_size")):
-        args = prepare_args("x.parquet", "out", "")
-        args.options = str(_write(tmp_path, text))
-        with pytest.raises(OptionsFileError, match=message):
-            apply_options_file(args, [], [])
+@pytest.mark.parametrize("text, message", [
+    ("kiln:\n  image_sise: 3\n", "not a kiln prepare setting"),
+    ("kiln:\n  clip: maybe\n", "not one of"),
+    ("kiln:\n  image_size: big\n", "image_size: expected an integer"),
+    ("kiln:\n  samples_per_shard: -5\n", "must be >= 1"),
+    ("kiln:\n  allow_upscale: 'yes'\n", "expected true or false"),
+    ("kiln:\n  output: elsewhere\n", "not a kiln prepare setting"),
+])
+def test_bad_kiln_settings_fail_loudly(tmp_path, text, message):
+    path = _write(tmp_path, text)
+    with pytest.raises(ConfigError, match=message) as err:
+        _resolve(["--input", "x.parquet", "--output", "out", "--nsfw", "off", "--options", str(path)])
+    assert str(path) in str(err.value)  # the message names the file
 
 
 def test_placeholders_must_be_replaced_before_submitting():
-    args = prepare_args("gs://b/x.parquet", "gs://b/out", "")
-    args.options = str(OPTIONS / "dataflow.yaml")
+    base = ["--input", "gs://b/x.parquet", "--output", "gs://b/out", "--nsfw-head", "gs://b/nsfw.safetensors",
+            "--options", str(OPTIONS / "dataflow.yaml")]
     with pytest.raises(OptionsFileError, match="your-project"):
-        apply_options_file(args, [], [])
+        _resolve(base)
     filled = ["--project=kiln-test", "--temp_location=gs://kiln-test-bucket/tmp", "--staging_location=gs://kiln-test-bucket/staging",
               "--sdk_container_image=us-docker.pkg.dev/kiln-test/kiln/worker:1"]
-    args2, beam_argv = apply_options_file(args, filled, [])
+    cfg, beam_argv = _resolve(base + filled)
     assert not placeholders(beam_argv)
-    assert args2.gpu_resource_hint.startswith("type:nvidia-l4") and args2.device == "cuda"
+    assert cfg.models.gpu_resource_hint.startswith("type:nvidia-l4") and cfg.models.device == "cuda"
 
 
 def _metadata(tmp_path) -> Path:
@@ -195,12 +203,11 @@ def _build(tmp_path, argv, *extra, gpu=None):
 
     meta = _metadata(tmp_path)
     # Model specs are only strings here: build_pipeline loads no model (DoFn.setup does).
-    args = prepare_args(str(meta), str(tmp_path / "out"), "", "--toxicity-model", "local:/models/toxicity",
-                        "--clip-model", "local-dir:/models/clip", "--nsfw-head", "/models/nsfw/head.safetensors",
-                        "--t5-model", "local:/models/t5", *extra)
-    args.gpu_resource_hint = gpu
+    cfg = prepare_config(str(meta), str(tmp_path / "out"), "", "--toxicity-model", "local:/models/toxicity",
+                         "--clip-model", "local-dir:/models/clip", "--nsfw-head", "/models/nsfw/head.safetensors",
+                         "--t5-model", "local:/models/t5", *extra, *(["--gpu-resource-hint", gpu] if gpu else []))
     p = beam.Pipeline(options=PipelineOptions(argv))
-    build_pipeline(p, args, pq.read_schema(meta), frozenset(), "fp")
+    build_pipeline(p, cfg, pq.read_schema(meta), frozenset(), "fp")
     return p
 
 
@@ -222,21 +229,20 @@ def test_hinted_puts_the_accelerator_on_that_transform_only():
             return pcoll | "Batch" >> beam.Map(lambda x: [x]) | "Score" >> beam.Map(lambda b: b[0])
 
     p = beam.Pipeline(options=PipelineOptions([]))
-    hints = model_stage_hints({"gpu_resource_hint": GPU})
+    hints = model_stage_hints(ModelsConfig(gpu_resource_hint=GPU))
     (p | "Create" >> beam.Create([1, 2]) | "Before" >> beam.Map(lambda x: x)
        | "Model" >> hinted(Model(), hints) | "After" >> beam.Map(lambda x: x)
-       | "Plain" >> hinted(beam.Map(lambda x: x), model_stage_hints({})))
+       | "Plain" >> hinted(beam.Map(lambda x: x), model_stage_hints(ModelsConfig())))
     leaves = transform_resource_hints(p.to_runner_api())
     hinted_leaves = {name for name, h in leaves.items() if h.get(ACCELERATOR_URN) == GPU.encode()}
     assert hinted_leaves == {"Model/Batch", "Model/Score"}
     assert not any(ACCELERATOR_URN in h for name, h in leaves.items() if not name.startswith("Model/"))
-    assert model_stage_hints(argparse.Namespace(gpu_resource_hint="  ")) == {}
-    assert model_stage_hints(argparse.Namespace()) == {}
+    assert model_stage_hints(ModelsConfig(gpu_resource_hint="  ")) == {}
 
 
 def test_gpu_hint_lands_on_exactly_the_model_stages_of_the_real_graph(tmp_path):
-    """PASSES ONCE prepare.build_pipeline wraps CaptionToxicity, ImageFilters and EmbedT5 in
-    `hinted(..., model_stage_hints(args))` (the integration snippet in the beam_yaml report)."""
+    """build_pipeline wraps CaptionToxicity, ImageFilters and EmbedT5, and nothing else, in
+    `hinted(..., model_stage_hints(cfg.models))`."""
     argv, kiln = load_options_file(OPTIONS / "dataflow.yaml")
     p = _build(tmp_path, load_options_file(OPTIONS / "direct.yaml")[0], gpu=kiln["gpu_resource_hint"])
     leaves = transform_resource_hints(p.to_runner_api())
@@ -341,16 +347,16 @@ def test_progress_rewrites_one_line_on_a_tty():
 
 
 def test_prepare_prints_progress_while_it_runs(tmp_path, capsys):
-    """PASSES ONCE prepare.run starts a ProgressPrinter for local runs (the integration snippet in
-    the progress report): a real, small `kiln prepare` without --quiet prints progress lines."""
+    """prepare.run starts a ProgressPrinter for local runs: a real, small `kiln prepare` without
+    --quiet prints progress lines."""
     from pipeline.prepare import run
     from pipeline.testbed.server import SynthServer
     from pipeline.testbed.synth import synthesize
 
     web = synthesize(tmp_path / "web", rows=80, seed=3, failure_rate=0.3)
     with SynthServer(web) as s:
-        run(prepare_args(str(web.metadata_path), str(tmp_path / "out"), s.allow_hosts, "--image-size", "64",
-                         "--download-timeout", "3", "--toxicity", "off", "--clip", "off", "--nsfw", "off", "--t5", "off"), [])
+        run(prepare_config(str(web.metadata_path), str(tmp_path / "out"), s.allow_hosts, "--image-size", "64",
+                           "--download-timeout", "3", "--toxicity", "off", "--clip", "off", "--nsfw", "off", "--t5", "off"), [])
     err = capsys.readouterr().err
     lines = [line for line in err.replace("\r", "\n").splitlines() if line.startswith("kiln prepare: read ")]
     assert lines, err[-2000:]

@@ -6,7 +6,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.cli import build_parser, main
-from pipeline.testbed.demo import prepare_args
+from pipeline.testbed import prepare_config
+from pipeline.config import parse_prepare
 from pipeline.prepare import build_pipeline
 
 
@@ -27,10 +28,9 @@ def test_every_subcommand_is_listed():
 
 
 def test_prepare_flags_and_beam_passthrough():
-    args, extra = build_parser().parse_known_args(
-        ["prepare", "--input", "x.parquet", "--output", "out", "--direct_running_mode=multi_processing"]
-    )
-    assert args.image_size == 1024 and args.resize_mode == "center_crop" and args.samples_per_shard == 10_000
+    cfg, extra = parse_prepare(["--input", "x.parquet", "--output", "out", "--nsfw-head", "h.safetensors",
+                                "--direct_running_mode=multi_processing"])
+    assert cfg.image.image_size == 1024 and cfg.image.resize_mode == "center_crop" and cfg.output.samples_per_shard == 10_000
     assert extra == ["--direct_running_mode=multi_processing"]
 
 
@@ -40,9 +40,9 @@ def test_unknown_flag_on_a_non_beam_command_is_an_error():
 
 
 def test_prepare_without_input_files_fails_clearly(tmp_path):
-    r = kiln("prepare", "--input", str(tmp_path / "none-*.parquet"), "--output", str(tmp_path / "out"))
-    assert r.returncode != 0
-    assert "no input files match" in r.stderr
+    r = kiln("prepare", "--input", str(tmp_path / "none-*.parquet"), "--output", str(tmp_path / "out"), "--nsfw", "off")
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [f"kiln prepare: no input files match {str(tmp_path / 'none-*.parquet')!r}"]
 
 
 def test_synth_command_writes_a_web(tmp_path):
@@ -59,9 +59,9 @@ def test_graph_has_the_labelled_stages(tmp_path):
 
     schema = pa.schema([("SAMPLE_ID", pa.int64()), ("URL", pa.string()), ("TEXT", pa.string())])
     pq.write_table(pa.Table.from_pylist([], schema=schema), meta)
-    args = prepare_args(str(meta), str(tmp_path / "out"), "")
+    cfg = prepare_config(str(meta), str(tmp_path / "out"), "", "--nsfw", "off")
     p = beam.Pipeline()
-    build_pipeline(p, args, schema, frozenset(), "fp")
+    build_pipeline(p, cfg, schema, frozenset(), "fp")
     proto = p.to_runner_api()
     names = {t.unique_name for t in proto.components.transforms.values()}
     for label in ("ReadMetadata", "AssignUid", "Prefilter", "Download", "Decode", "Resize", "WriteShards"):

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.image import ResizeConfig, decode_image, resize_and_encode, resize_image
+from pipeline.config import ImageConfig
+from pipeline.image import decode_image, resize_and_encode, resize_image
 from pipeline.records import Reject
 
 
@@ -134,25 +135,25 @@ def test_jpeg_draft_reduces_but_covers_target():
     ],
 )
 def test_resize_modes(mode, size, shape):
-    out = resize_image(np.asarray(photo()), ResizeConfig(image_size=size, resize_mode=mode))
+    out = resize_image(np.asarray(photo()), ImageConfig(image_size=size, resize_mode=mode))
     assert out.shape[:2] == shape
 
 
 def test_upscale_only_when_allowed():
-    out = resize_image(np.asarray(photo(100, 80)), ResizeConfig(image_size=256, allow_upscale=True))
+    out = resize_image(np.asarray(photo(100, 80)), ImageConfig(image_size=256, allow_upscale=True))
     assert out.shape[:2] == (256, 256)
 
 
 def test_center_crop_keeps_the_center():
     arr = np.zeros((100, 300, 3), np.uint8)
     arr[:, 100:200] = 255  # white middle third
-    out = resize_image(arr, ResizeConfig(image_size=50))
+    out = resize_image(arr, ImageConfig(image_size=50))
     assert out.shape == (50, 50, 3) and out.min() > 200
 
 
 def test_resize_and_encode_roundtrip_is_deterministic():
     rgb = np.asarray(photo())
-    a, w, h = resize_and_encode(rgb, ResizeConfig(image_size=128))
-    b, _, _ = resize_and_encode(rgb, ResizeConfig(image_size=128))
+    a, w, h = resize_and_encode(rgb, ImageConfig(image_size=128))
+    b, _, _ = resize_and_encode(rgb, ImageConfig(image_size=128))
     assert a == b and (w, h) == (128, 128)
     assert Image.open(io.BytesIO(a)).format == "JPEG"

@@ -6,7 +6,8 @@ from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.testing.util import assert_that, equal_to
 from apache_beam.utils import shared
 
-from pipeline.model_stages import ToxicityConfig, _ModelStageFn, score_captions
+from pipeline.config import InputConfig, ModelsConfig, ToxicityConfig
+from pipeline.model_stages import _ModelStageFn, score_captions
 from pipeline.records import STAGE_TOXICITY
 
 
@@ -20,11 +21,11 @@ class FakeToxicity:
         return S()
 
 
-def _load(cfg):
+def _load(cfg, models):
     return FakeToxicity()
 
 
-def _broken(model, batch, cfg):
+def _broken(model, batch, cfg, caption_col):
     raise RuntimeError("CUDA out of memory")
 
 
@@ -32,7 +33,7 @@ def run_stage(score_fn, records, kept, rejects):
     """Run the DoFn on one batch; `kept`/`rejects` are the expected (uid, stage, reason, has-score) rows."""
     p = beam.Pipeline()
     out = p | beam.Create([records]) | beam.ParDo(
-        _ModelStageFn(_load, score_fn, ToxicityConfig(), (STAGE_TOXICITY,), shared.Shared(), "fake")
+        _ModelStageFn(_load, score_fn, ToxicityConfig(), ModelsConfig(), InputConfig(), (STAGE_TOXICITY,), shared.Shared(), "fake")
     ).with_outputs("rejects", main="main")
     assert_that(out.main | "Kept" >> beam.Map(lambda r: r["uid"]), equal_to(kept), label="CheckKept")
     assert_that(

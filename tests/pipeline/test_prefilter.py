@@ -1,6 +1,7 @@
 import pytest
 
-from pipeline.prefilter import PrefilterConfig, choose_duplicate, prefilter_row
+from pipeline.config import PrefilterConfig
+from pipeline.prefilter import choose_duplicate, prefilter_row
 from pipeline.records import Reject, compute_uid
 
 CFG = PrefilterConfig()
