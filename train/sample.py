@@ -18,8 +18,9 @@ stored in it; guidance weight, steps, sampler, threshold and aug_level default t
 
 from __future__ import annotations
 
+import argparse
 import json
-import textwrap
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,13 +28,20 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import torch
-from PIL import Image, ImageDraw, ImageFont
 
+from train.args import add_sample_args, per_stage
+from train.checkpoint import load_checkpoint, load_stage
+from train.data import ImageSpec, load_records
+from train.diffusion import sample
+from train.grid import save_grid
 from train.text import collate_text, decode_t5_bytes
 
-__all__ = ["Stage", "load_prompts", "run_cascade", "save_grid", "shard_prompts"]
+__all__ = ["STAGE_NAMES", "Stage", "load_cascade", "load_prompts", "main_sample", "run_cascade", "sample_to_grid",
+           "shard_prompts"]
 
 PROMPTS_FOOTER_KEY = b"kiln.t5"  # = pipeline.embed_prompts.FOOTER_KEY (train/ does not import pipeline/)
+PROMPTS_COLUMNS = ("prompt", "t5_len", "t5")  # what the sampler reads of an embed-prompts file
+STAGE_NAMES = ("base", "sr256", "sr1024")  # the cascade's stages, in order (and `kiln sample`'s flags)
 
 
 def load_prompts(path: str | Path) -> tuple[list[str], list[np.ndarray], dict]:
@@ -43,7 +51,10 @@ def load_prompts(path: str | Path) -> tuple[list[str], list[np.ndarray], dict]:
     if PROMPTS_FOOTER_KEY not in meta:
         raise ValueError(f"{path} has no {PROMPTS_FOOTER_KEY.decode()} footer: make it with `kiln embed-prompts`")
     info = json.loads(meta[PROMPTS_FOOTER_KEY])
-    table = pf.read(columns=["prompt", "t5_len", "t5"]).to_pydict()
+    missing = [c for c in PROMPTS_COLUMNS if c not in pf.schema_arrow.names]
+    if missing:
+        raise ValueError(f"{path} has no column {', '.join(missing)}: make it with `kiln embed-prompts`")
+    table = pf.read(columns=list(PROMPTS_COLUMNS)).to_pydict()
     d_model = int(info["d_model"])
     arrays = []
     for prompt, n, b in zip(table["prompt"], table["t5_len"], table["t5"]):
@@ -57,8 +68,6 @@ def load_prompts(path: str | Path) -> tuple[list[str], list[np.ndarray], dict]:
 def shard_prompts(data_dir: str | Path, n: int, *, split: str = "holdout", holdout_fraction: float = 0.0,
                   keep=None) -> tuple[list[str], list[np.ndarray], list]:
     """(captions, T5 arrays, Records) of the first `n` samples of a split of a dataset."""
-    from train.data import ImageSpec, load_records
-
     # Pixels are not needed here, only text; decode at a token size to keep it cheap.
     spec = ImageSpec(resolution=8, text_max_len=1)
     if split == "holdout" and holdout_fraction <= 0:
@@ -84,8 +93,6 @@ class Stage:
 
     @classmethod
     def load(cls, path: str | Path, device="cpu", weights: str = "ema", **settings) -> Stage:
-        from train.trainer import load_stage
-
         model, cfg, step = load_stage(path, weights=weights, device=device)
         return cls(model, cfg, step, **{k: v for k, v in settings.items() if v is not None})
 
@@ -101,9 +108,9 @@ def run_cascade(stages: Sequence[Stage], arrays: Sequence[np.ndarray], *, seed: 
 
     The first stage must be a base stage; each later one (SR) is conditioned on the previous
     stage's output. Stage i's noise comes from a generator seeded by (seed, i), per chunk of
-    `batch_size` prompts, so a prompt's images do not depend on which others share its batch size."""
-    from train.diffusion import sample
-
+    `batch_size` prompts, so a prompt's images do not depend on which other prompts share its chunk."""
+    if not len(arrays):
+        raise ValueError("no prompts to sample")
     if not stages or stages[0].cfg.stage != "base":
         raise ValueError("a cascade starts with a base stage")
     for s in stages[1:]:
@@ -130,61 +137,74 @@ def run_cascade(stages: Sequence[Stage], arrays: Sequence[np.ndarray], *, seed: 
     return [torch.cat(o) for o in outputs]
 
 
-def _font(size: int = 11):
+def load_cascade(checkpoints: Sequence[str | Path], device: str | torch.device = "cpu", weights: str = "ema",
+                 *, guidance: Sequence | None = None, steps: Sequence | None = None,
+                 aug_level: Sequence | None = None, sampler: str | None = None) -> list[Stage]:
+    """The stages of `checkpoints` (base, then up to two SR stages: STAGE_NAMES), each checked to be
+    of its kind. guidance / steps: one value or None (its config's) per stage; aug_level: one per
+    SR stage."""
+    paths = list(checkpoints)
+    if not 1 <= len(paths) <= len(STAGE_NAMES):
+        raise ValueError(f"a cascade has 1 to {len(STAGE_NAMES)} stages ({', '.join(STAGE_NAMES)}), got {len(paths)}")
+    guidance = [None] * len(paths) if guidance is None else list(guidance)
+    steps = [None] * len(paths) if steps is None else list(steps)
+    aug = [None] + ([None] * (len(paths) - 1) if aug_level is None else list(aug_level))
+    if not len(guidance) == len(steps) == len(aug) == len(paths):
+        raise ValueError(f"{len(paths)} stages want {len(paths)} guidance weights and steps and {len(paths) - 1} "
+                         f"aug levels, got {len(guidance)}, {len(steps)}, {len(aug) - 1}")
+    stages = []
+    for name, path, g, n, a in zip(STAGE_NAMES, paths, guidance, steps, aug):
+        stage = Stage.load(path, device=device, weights=weights, guidance_weight=g, steps=n, aug_level=a, sampler=sampler)
+        want = "base" if name == "base" else "sr"
+        if stage.cfg.stage != want:
+            raise ValueError(f"the {name} checkpoint {path} holds a {stage.cfg.stage} stage ({stage.cfg.name}); "
+                             f"{name} needs a {'base' if want == 'base' else 'super-resolution'} stage")
+        stages.append(stage)
+    return stages
+
+
+def sample_to_grid(checkpoints: Sequence[str | Path], captions: Sequence[str], arrays: Sequence[np.ndarray],
+                   out: str | Path, *, seed: int = 0, device: str | torch.device | None = None,
+                   batch_size: int = 16, weights: str = "ema", **settings) -> Path:
+    """Sample the cascade of `checkpoints` (`load_cascade`; settings: guidance, steps, aug_level,
+    sampler) for prompts' T5 arrays and write one PNG: a row per stage, a column per prompt, its
+    caption below. What `kiln sample` does once it has the prompts."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    stages = load_cascade(checkpoints, device=device, weights=weights, **settings)
+    outputs = run_cascade(stages, arrays, seed=seed, device=device, batch_size=batch_size)
+    labels = [f"{n} ({st.cfg.data.resolution}px)" for n, st in zip(STAGE_NAMES, stages)]
+    return save_grid(outputs[-1], list(captions), out, rows=outputs, row_labels=labels)
+
+
+def main_sample(args: argparse.Namespace) -> int:
+    """`kiln sample` (train.args.add_sample_args). 2, with the reason on stderr, on bad input."""
+    if args.sr1024 and not args.sr256:
+        print("kiln sample: error: --sr1024 needs --sr256 (the cascade is base -> sr256 -> sr1024)", file=sys.stderr)
+        return 2
+    paths = [p for p in (args.base, args.sr256, args.sr1024) if p]
+    names = STAGE_NAMES[: len(paths)]
     try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow < 10.1: one bitmap size
-        return ImageFont.load_default()
-
-
-def save_grid(images, captions: Sequence[str] | None, path: str | Path, *, rows: Sequence[torch.Tensor] | None = None,
-              row_labels: Sequence[str] | None = None, min_cell: int = 128, caption_lines: int = 4) -> Path:
-    """A PNG grid: one column per image, captions under each column. `images` is [N, 3, H, W] in
-    [-1, 1] (one row); `rows` gives several rows of the same N prompts (e.g. one per cascade
-    stage), each scaled up to the largest (nearest neighbour for small images, so pixels stay
-    visible). Written atomically."""
-    rows = list(rows) if rows is not None else [images]
-    n = rows[0].shape[0]
-    cell = max(min_cell, max(r.shape[-1] for r in rows))
-    font = _font()
-    line_h = 13
-    text_h = line_h * caption_lines + 6 if captions else 0
-    label_w = 96 if row_labels else 0
-    pad = 4
-    width = label_w + n * (cell + pad) + pad
-    height = len(rows) * (cell + pad) + pad + text_h
-    grid = Image.new("RGB", (width, height), (255, 255, 255))
-    draw = ImageDraw.Draw(grid)
-    for ri, row in enumerate(rows):
-        y = pad + ri * (cell + pad)
-        if row_labels:
-            draw.text((4, y + cell // 2 - 6), str(row_labels[ri]), fill=(0, 0, 0), font=font)
-        for ci in range(n):
-            a = ((row[ci].detach().float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
-            im = Image.fromarray(a)
-            if im.size[0] != cell:
-                im = im.resize((cell, cell), Image.Resampling.NEAREST if im.size[0] * 2 <= cell else Image.Resampling.BICUBIC)
-            grid.paste(im, (label_w + pad + ci * (cell + pad), y))
-    if captions:
-        y0 = len(rows) * (cell + pad) + pad
-        chars = max(8, cell // 6)
-        for ci, cap in enumerate(captions):
-            lines = textwrap.wrap(cap, chars)[:caption_lines]
-            for li, line in enumerate(lines):
-                draw.text((label_w + pad + ci * (cell + pad), y0 + li * line_h), line, fill=(0, 0, 0), font=font)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    grid.save(tmp)
-    tmp.replace(path)
-    return path
+        settings = {"guidance": per_stage(args.guidance, len(paths), "guidance"),
+                    "steps": per_stage(args.steps, len(paths), "steps"),
+                    "aug_level": per_stage(args.aug_level, len(paths) - 1, "aug-level") if len(paths) > 1 else [],
+                    "sampler": args.sampler}
+        if args.prompts:
+            captions, arrays, _ = load_prompts(args.prompts)
+        else:
+            frac = args.holdout_fraction
+            if frac is None:
+                frac = float(load_checkpoint(args.base)["metadata"].get("holdout_fraction", 0.0))
+            captions, arrays, _ = shard_prompts(args.from_shards, args.n, split="holdout", holdout_fraction=frac)
+        path = sample_to_grid(paths, captions, arrays, args.out, seed=args.seed, device=args.device,
+                              batch_size=args.batch_size, weights=args.weights, **settings)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"kiln sample: error: {err}", file=sys.stderr)
+        return 2
+    print(f"kiln sample: {len(captions)} prompts through {' -> '.join(names)}; wrote {path}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    import argparse
-
-    from train.cli import add_sample_args, main_sample
-
     p = argparse.ArgumentParser(prog="python -m train.sample", description="sample the cascade")
     add_sample_args(p)
     return main_sample(p.parse_args(argv))

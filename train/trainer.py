@@ -13,12 +13,10 @@ The workdir:
 
     config.json                        the config this run was started with
     checkpoints/step_NNNNNNNN.safetensors
-                                       model + EMA weights ("model/NAME", "ema/NAME"), the config
-                                       JSON and the step in the safetensors metadata: everything
-                                       sampling needs (`load_stage`)
+                                       model + EMA weights, config and step: everything sampling
+                                       needs (train.checkpoint.load_stage)
     checkpoints/step_NNNNNNNN.state.pt optimizer, scheduler, RNG states and data position: what
-                                       resuming needs (torch.save of plain containers + tensors,
-                                       read back with weights_only=True)
+                                       resuming needs (train.checkpoint describes both files)
     checkpoints/latest.json            names the newest complete pair; written last, atomically
     metrics.jsonl                      one JSON object per logged step (loss, lr, grad_norm, img_s)
     tb/                                the same scalars as TensorBoard events, if tensorboard is installed
@@ -42,37 +40,30 @@ import json
 import math
 import os
 import random
+import sys
 import time
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from safetensors import safe_open
-from safetensors.torch import save_file
 
-from train.config import Config, config_from_dict, config_to_dict
-from train.data import make_source
-from train.diffusion import training_loss
+from train.args import add_train_args, parse_overrides
+from train.checkpoint import (
+    STATE_FORMAT,
+    latest_checkpoint,
+    load_checkpoint,
+    load_train_state,
+    save_step,
+)
+from train.config import Config, config_to_dict, load_config
+from train.data import ImageSpec, collate_examples, load_records, make_example, make_source
+from train.diffusion import sample, training_loss
+from train.grid import save_grid
 from train.unet import EfficientUNet
 
-__all__ = [
-    "CHECKPOINT_FORMAT",
-    "Trainer",
-    "ema_update",
-    "latest_checkpoint",
-    "load_checkpoint",
-    "load_stage",
-    "lr_factor",
-    "save_checkpoint",
-    "train",
-]
-
-CHECKPOINT_FORMAT = "kiln-stage/1"
-STATE_FORMAT = "kiln-train-state/1"
-KEEP_CHECKPOINTS = 2  # older pairs are deleted once a newer one is complete
+__all__ = ["Trainer", "ema_update", "lr_factor", "main_train", "train"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -107,87 +98,13 @@ def ema_update(ema: dict[str, torch.Tensor], model: torch.nn.Module, decay: floa
             e.lerp_(value.to(e.dtype), 1.0 - decay)
 
 
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    return model.module if hasattr(model, "module") else model
-
-
 def _step_seed(*parts: int) -> int:
     """A 63-bit seed from integers (numpy's SeedSequence mixes them well)."""
     return int(np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(2, np.uint64)[0] >> 1)
 
 
 # --------------------------------------------------------------------------------------------
-# Checkpoints
-
-
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Write through `write(tmp)` to a temporary name beside `path`, then rename over it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:12]}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def save_checkpoint(path: str | Path, cfg: Config, step: int, model_state: dict, ema_state: dict | None,
-                    extra_metadata: dict | None = None) -> Path:
-    """model (+ EMA) weights as one safetensors file; config JSON and step in its metadata."""
-    tensors = {f"model/{k}": v.detach().to("cpu").contiguous() for k, v in model_state.items()}
-    if ema_state is not None:
-        tensors.update({f"ema/{k}": v.detach().to("cpu").contiguous() for k, v in ema_state.items()})
-    metadata = {
-        "format": CHECKPOINT_FORMAT,
-        "config": json.dumps(config_to_dict(cfg), sort_keys=True),
-        "step": str(int(step)),
-        "stage": cfg.stage,
-        "name": cfg.name,
-        **{k: str(v) for k, v in (extra_metadata or {}).items()},
-    }
-    path = Path(path)
-    _atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
-    return path
-
-
-def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> dict:
-    """{"config": Config, "step": int, "model": state_dict, "ema": state_dict or None, "metadata": dict}."""
-    model, ema = {}, {}
-    with safe_open(str(path), framework="pt", device=str(device)) as f:
-        metadata = f.metadata() or {}
-        if metadata.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError(f"{path} is not a kiln stage checkpoint (format {metadata.get('format')!r})")
-        for key in f.keys():
-            group, name = key.split("/", 1)
-            (model if group == "model" else ema)[name] = f.get_tensor(key)
-    return {
-        "config": config_from_dict(json.loads(metadata["config"])),
-        "step": int(metadata["step"]),
-        "model": model,
-        "ema": ema or None,
-        "metadata": metadata,
-    }
-
-
-def load_stage(path: str | Path, weights: str = "ema", device: str | torch.device = "cpu"):
-    """(EfficientUNet in eval mode, its Config, step) from a checkpoint; EMA weights by default."""
-    if weights not in ("ema", "model"):
-        raise ValueError(f"weights must be 'ema' or 'model', got {weights!r}")
-    ckpt = load_checkpoint(path)
-    state = ckpt["ema"] if weights == "ema" and ckpt["ema"] is not None else ckpt["model"]
-    model = EfficientUNet(ckpt["config"].unet)
-    model.load_state_dict(state)
-    return model.to(device).eval(), ckpt["config"], ckpt["step"]
-
-
-def latest_checkpoint(workdir: str | Path) -> tuple[Path, Path] | None:
-    """(weights, state) of the newest complete checkpoint in workdir/checkpoints, or None."""
-    ckdir = Path(workdir) / "checkpoints"
-    latest = ckdir / "latest.json"
-    if not latest.exists():
-        return None
-    d = json.loads(latest.read_text())
-    return ckdir / d["weights"], ckdir / d["state"]
+# RNG states for resuming (plain containers + tensors: weights_only-safe)
 
 
 def _numpy_rng_state() -> dict:
@@ -446,20 +363,8 @@ class Trainer:
             dist.barrier()
         if not self.is_main:
             return None
-        ckdir = self.workdir / "checkpoints"
-        name = f"step_{self.step:08d}"
-        weights = save_checkpoint(ckdir / f"{name}.safetensors", self.cfg, self.step, self.model.state_dict(), self.ema,
-                                  {"holdout_fraction": self.holdout_fraction})
-        state = ckdir / f"{name}.state.pt"
-        _atomic_write(state, lambda tmp: torch.save(self.state_dict(), tmp))
-        _atomic_write(ckdir / "latest.json", lambda tmp: tmp.write_text(
-            json.dumps({"step": self.step, "weights": weights.name, "state": state.name})))
-        # Keep the newest few complete pairs.
-        steps = sorted({p.name.split(".")[0] for p in ckdir.glob("step_*.safetensors")})
-        for old in steps[:-KEEP_CHECKPOINTS]:
-            for suffix in (".safetensors", ".state.pt"):
-                (ckdir / f"{old}{suffix}").unlink(missing_ok=True)
-        return weights
+        return save_step(self.workdir, self.cfg, self.step, self.model.state_dict(), self.ema, self.state_dict(),
+                         {"holdout_fraction": self.holdout_fraction})
 
     def load(self, weights: str | Path, state: str | Path) -> None:
         """Restore weights, EMA, optimizer, scheduler, RNG states and data position."""
@@ -470,9 +375,7 @@ class Trainer:
         if ckpt["ema"] is not None:
             for k, v in ckpt["ema"].items():
                 self.ema[k].copy_(v)
-        s = torch.load(state, map_location="cpu", weights_only=True)
-        if s.get("format") != STATE_FORMAT or s["step"] != ckpt["step"]:
-            raise ValueError(f"{state} does not belong to {weights}")
+        s = load_train_state(state, ckpt["step"], weights)
         if s.get("holdout_fraction", 0.0) != self.holdout_fraction:
             raise ValueError(f"{weights} was trained with holdout_fraction {s.get('holdout_fraction')}, "
                              f"not {self.holdout_fraction}: the held-out samples would leak into training")
@@ -499,14 +402,9 @@ class Trainer:
 
     def sample_grid(self, path: str | Path | None = None) -> Path:
         """A grid of EMA samples for the first training captions (SR: from their true low-res)."""
-        from train.diffusion import sample
-        from train.sample import save_grid
-
         if self._sample_batch is None:
             # The first training-split samples, decoded apart from the training source (whose
             # position must not move); SR stages get their true low-res twins.
-            from train.data import ImageSpec, collate_examples, load_records, make_example
-
             spec = ImageSpec.from_config(self.cfg)
             records = load_records(self.data_dir, spec, split="train", holdout_fraction=self.holdout_fraction,
                                    keep=self.keep, limit=self.sample_captions)
@@ -544,9 +442,21 @@ def train(cfg: Config, data_dir: str | Path, workdir: str | Path, max_steps: int
     return trainer
 
 
-def main(argv: list[str] | None = None) -> int:
-    from train.cli import add_train_args, main_train
+def main_train(args: argparse.Namespace) -> int:
+    """`kiln train` (train.args.add_train_args): load the preset with its overrides, train, print
+    the summary as JSON. 2 on a bad config."""
+    try:
+        cfg = load_config(args.config, parse_overrides(args.override))
+    except (FileNotFoundError, KeyError, TypeError, ValueError) as err:
+        print(f"kiln train: error: {err}", file=sys.stderr)
+        return 2
+    trainer = train(cfg, args.data, args.workdir, max_steps=args.max_steps, time_budget_s=args.time_budget_s,
+                    device=args.device, resume=args.resume, holdout_fraction=args.holdout_fraction, cache=args.cache)
+    print(json.dumps(trainer.summary))
+    return 0
 
+
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m train.trainer", description="train one cascade stage")
     add_train_args(p)
     return main_train(p.parse_args(argv))

@@ -27,7 +27,28 @@ import pytest
 import torch
 from PIL import Image
 
+from train.config import load_config
+
 SMALL_D_MODEL = 8
+
+# A U-Net small enough that a step takes milliseconds, reading the 8-dim test "T5".
+MICRO = {
+    "unet.dim": 8, "unet.dim_mults": [1, 2], "unet.num_res_blocks": [1, 1], "unet.attn_levels": [False, True],
+    "unet.cross_attn_levels": [False, False], "unet.heads": 2, "unet.head_dim": 8, "unet.text_dim": SMALL_D_MODEL,
+    "unet.cond_dim": 16, "data.resolution": 16, "data.text_max_len": 6, "data.min_stored_size": 64,
+    "train.batch_size": 4, "train.warmup_steps": 3, "train.log_every": 2, "train.sample_every": 0,
+    "train.ckpt_every": 0, "train.ema_start": 1, "train.ema_decay": 0.9,
+}
+
+
+def micro_cfg(**extra):
+    """tiny-base shrunk to MICRO (16 px, 8-dim text)."""
+    return load_config("tiny-base", {**MICRO, **extra})
+
+
+def micro_sr_cfg(**extra):
+    """tiny-sr shrunk to MICRO (8 -> 16 px unless overridden)."""
+    return load_config("tiny-sr", {**MICRO, "unet.lowres_cond": True, "data.lowres_resolution": 8, **extra})
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +60,8 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
 # stored side -> how many samples: 48 px ones must be skipped by a 64 px stage.
 SMALL_SIZES = {48: 4, 64: 10, 96: 6, 128: 4}
 

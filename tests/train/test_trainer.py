@@ -1,4 +1,4 @@
-"""train/trainer.py: schedule, EMA, checkpoints, gradient accumulation, the loop, resume, DDP, CLI."""
+"""train/trainer.py: schedule, EMA, gradient accumulation, the loop, its checkpoints, resume, DDP, CLI."""
 
 from __future__ import annotations
 
@@ -11,36 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.train.conftest import SMALL_D_MODEL
-from train.config import config_to_dict, load_config
-from train.trainer import (
-    Trainer,
-    ema_update,
-    latest_checkpoint,
-    load_checkpoint,
-    load_stage,
-    lr_factor,
-    save_checkpoint,
-)
+from tests.train.conftest import MICRO, micro_cfg, micro_sr_cfg
+from train.checkpoint import latest_checkpoint, load_stage
+from train.config import config_to_dict
+from train.trainer import Trainer, ema_update, lr_factor
 
 REPO = Path(__file__).resolve().parents[2]
-
-# A U-Net small enough that a step takes milliseconds, reading the 8-dim test "T5".
-MICRO = {
-    "unet.dim": 8, "unet.dim_mults": [1, 2], "unet.num_res_blocks": [1, 1], "unet.attn_levels": [False, True],
-    "unet.cross_attn_levels": [False, False], "unet.heads": 2, "unet.head_dim": 8, "unet.text_dim": SMALL_D_MODEL,
-    "unet.cond_dim": 16, "data.resolution": 16, "data.text_max_len": 6, "data.min_stored_size": 64,
-    "train.batch_size": 4, "train.warmup_steps": 3, "train.log_every": 2, "train.sample_every": 0,
-    "train.ckpt_every": 0, "train.ema_start": 1, "train.ema_decay": 0.9,
-}
-
-
-def micro_cfg(**extra):
-    return load_config("tiny-base", {**MICRO, **extra})
-
-
-def micro_sr_cfg(**extra):
-    return load_config("tiny-sr", {**MICRO, "unet.lowres_cond": True, "data.lowres_resolution": 8, **extra})
 
 
 def params(model) -> dict:
@@ -82,19 +58,6 @@ def test_ema_update_math():
     ema_update(ema, model, decay=0.9, step=2, ema_start=1)
     torch.testing.assert_close(ema["weight"], 0.9 * before["weight"] + 0.1 * model.weight.detach())
     torch.testing.assert_close(ema["bias"], before["bias"])  # unchanged weights stay put
-
-
-def test_checkpoint_round_trip(tmp_path):
-    cfg = micro_cfg()
-    model_state = {"a.weight": torch.randn(3, 4), "b": torch.arange(5)}
-    ema_state = {"a.weight": torch.randn(3, 4), "b": torch.arange(5)}
-    path = save_checkpoint(tmp_path / "c.safetensors", cfg, 17, model_state, ema_state, {"holdout_fraction": 0.25})
-    assert [p.name for p in tmp_path.iterdir()] == ["c.safetensors"]  # no temporary file left behind
-    ck = load_checkpoint(path)
-    assert ck["step"] == 17 and config_to_dict(ck["config"]) == config_to_dict(cfg)
-    assert ck["metadata"]["holdout_fraction"] == "0.25"
-    for k in model_state:
-        assert torch.equal(ck["model"][k], model_state[k]) and torch.equal(ck["ema"][k], ema_state[k])
 
 
 def test_train_writes_checkpoints_metrics_samples_and_resumes(small_shards, tmp_path):
@@ -183,7 +146,7 @@ def test_ddp_two_ranks_on_cpu(small_shards, tmp_path):
     script.write_text(
         "import json, os, sys, torch\n"
         f"sys.path.insert(0, {str(REPO)!r})\n"
-        "from tests.train.test_trainer import micro_cfg\n"
+        "from tests.train.conftest import micro_cfg\n"
         "from train.trainer import Trainer\n"
         "torch.set_num_threads(1)\n"
         f"t = Trainer(micro_cfg(), {str(root)!r}, {str(tmp_path / 'run')!r}, log=None)\n"
@@ -243,36 +206,10 @@ def test_cli_train_then_sample(small_shards, tmp_path):
     assert main_sample(bad) == 2  # two step counts for a one-stage cascade
 
 
-def test_sample_from_embed_prompts_parquet(small_shards, tmp_path):
-    """A prompts file in `kiln embed-prompts`' format (written here with pyarrow, as its docs say)."""
-    import numpy as np
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from train.sample import Stage, load_prompts, run_cascade
-
-    root, _ = small_shards
-    Trainer(micro_cfg(), root, tmp_path / "base", log=None).train(max_steps=1)
-    rng = np.random.default_rng(0)
-    arrays = [rng.standard_normal((n, SMALL_D_MODEL)).astype(np.float16) for n in (3, 9)]
-    table = pa.table({"prompt": ["a red circle", "a blue star"], "prompt_clean": ["a red circle", "a blue star"],
-                      "t5_len": pa.array([3, 9], pa.int32()), "t5_truncated": [False, False],
-                      "t5": [a.astype("<f2").tobytes() for a in arrays]})
-    table = table.replace_schema_metadata({b"kiln.t5": json.dumps({"d_model": SMALL_D_MODEL}).encode()})
-    pq.write_table(table, tmp_path / "p.parquet")
-    prompts, got, info = load_prompts(tmp_path / "p.parquet")
-    assert prompts == ["a red circle", "a blue star"] and all(np.array_equal(a, b) for a, b in zip(got, arrays))
-    stage = Stage.load(latest_checkpoint(tmp_path / "base")[0], steps=2)
-    (images,) = run_cascade([stage], got, seed=0)
-    assert images.shape == (2, 3, 16, 16) and images.abs().max() <= 1
-    (again,) = run_cascade([stage], got, seed=0)
-    assert torch.equal(images, again)
-
-
 def test_train_imports_no_text_encoder():
     """DESIGN.md: the trainer never loads a text encoder (nor transformers, nor pipeline/filters/embed)."""
     code = (
-        "import sys, train.trainer, train.sample, train.data, train.evaluate, train.cli\n"
+        "import sys, train.trainer, train.sample, train.data, train.evaluate, train.cli, train.checkpoint, train.grid\n"
         "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('transformers', 'pipeline', 'filters', 'embed', 'open_clip', 'detoxify'))\n"
         "print(bad)\n"
     )

@@ -1,0 +1,235 @@
+"""train/sample.py: prompts files, held-out shard prompts, loading a cascade, sampling it, `kiln sample`.
+
+The stages are tiny seeded U-Nets written straight to checkpoints (no training): a 16 px base and
+a 16 -> 32 px SR stage reading the 8-dim test "T5". Their zero-initialised output convs are
+given random weights, so the text and the noise change what comes out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from tests.train.conftest import SMALL_D_MODEL, micro_cfg, micro_sr_cfg
+from train.args import add_sample_args
+from train.checkpoint import save_checkpoint
+from train.data import holdout_value
+from train.grid import GridLayout
+from train.sample import STAGE_NAMES, Stage, load_cascade, load_prompts, main_sample, run_cascade, sample_to_grid, shard_prompts
+from train.unet import EfficientUNet
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+SR_OVERRIDES = {"data.resolution": 32, "data.lowres_resolution": 16}
+
+
+def _checkpoint(path, cfg, seed: int):
+    torch.manual_seed(seed)
+    model = EfficientUNet(cfg.unet)
+    with torch.no_grad():
+        model.out_conv.weight.normal_(0, 0.05)
+    state = model.state_dict()
+    return save_checkpoint(path, cfg, 7, state, {k: v.clone() for k, v in state.items()}, {"holdout_fraction": 0.0})
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """{"base": 16 px base stage, "sr": 16 -> 32 px SR stage} checkpoint paths."""
+    root = tmp_path_factory.mktemp("stages")
+    return {"base": _checkpoint(root / "base.safetensors", micro_cfg(), 0),
+            "sr": _checkpoint(root / "sr.safetensors", micro_sr_cfg(**SR_OVERRIDES), 1)}
+
+
+def prompt_arrays(lengths=(3, 9, 5), seed: int = 0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.standard_normal((n, SMALL_D_MODEL)).astype(np.float16) for n in lengths]
+
+
+def write_prompts(path, prompts, arrays, *, footer=True, drop=()):
+    """A prompts file in `kiln embed-prompts`' format (written with pyarrow, as its docs say)."""
+    columns = {"prompt": prompts, "prompt_clean": prompts, "t5_len": pa.array([len(a) for a in arrays], pa.int32()),
+               "t5_truncated": [False] * len(prompts), "t5": [a.astype("<f2").tobytes() for a in arrays]}
+    table = pa.table({k: v for k, v in columns.items() if k not in drop})
+    if footer:
+        table = table.replace_schema_metadata({b"kiln.t5": json.dumps({"d_model": SMALL_D_MODEL}).encode()})
+    pq.write_table(table, path)
+    return path
+
+
+def sample_args(*argv) -> argparse.Namespace:
+    p = argparse.ArgumentParser()
+    add_sample_args(p)
+    return p.parse_args([str(a) for a in argv])
+
+
+# -- prompts --------------------------------------------------------------------------------------
+
+
+def test_load_prompts_reads_an_embed_prompts_file(tmp_path):
+    arrays = prompt_arrays((3, 9))
+    path = write_prompts(tmp_path / "p.parquet", ["a red circle", "a blue star"], arrays)
+    prompts, got, info = load_prompts(path)
+    assert prompts == ["a red circle", "a blue star"] and info == {"d_model": SMALL_D_MODEL}
+    assert [a.shape for a in got] == [(3, SMALL_D_MODEL), (9, SMALL_D_MODEL)]
+    assert all(a.dtype == np.float16 and np.array_equal(a, b) for a, b in zip(got, arrays))
+
+
+@pytest.mark.parametrize("case, match", [
+    ("no footer", "has no kiln.t5 footer: make it with `kiln embed-prompts`"),
+    ("no t5_len", "has no column t5_len: make it with `kiln embed-prompts`"),
+    ("no t5", "has no column t5: make it with `kiln embed-prompts`"),
+    ("short t5", "prompt 'b' has t5_len 4 but 3 rows"),
+])
+def test_load_prompts_refuses_a_bad_file(tmp_path, case, match):
+    arrays = prompt_arrays((2, 3))
+    kwargs = {"no footer": {"footer": False}, "no t5_len": {"drop": ("t5_len",)}, "no t5": {"drop": ("t5",)}}.get(case, {})
+    path = write_prompts(tmp_path / "p.parquet", ["a", "b"], arrays, **kwargs)
+    if case == "short t5":
+        t = pq.read_table(path)
+        t = t.set_column(t.schema.get_field_index("t5_len"), "t5_len", pa.array([2, 4], pa.int32()))
+        pq.write_table(t, path)
+    with pytest.raises(ValueError, match=match):
+        load_prompts(path)
+
+
+def test_shard_prompts_takes_the_first_samples_of_the_split(small_shards):
+    root, samples = small_shards
+    captions, arrays, records = shard_prompts(root, 3, holdout_fraction=0.0)  # nothing held out: any 3
+    assert captions == [s["caption"] for s in samples[:3]]
+    assert all(np.array_equal(a, s["t5"]) for a, s in zip(arrays, samples[:3]))
+    captions, arrays, records = shard_prompts(root, 4, split="holdout", holdout_fraction=0.3)
+    held = [s for s in samples if holdout_value(s["uid"]) < 0.3][:4]
+    assert len(held) == 4 and [r.key for r in records] == [s["uid"] for s in held]
+    assert captions == [s["caption"] for s in held]
+    with pytest.raises(ValueError, match="no holdout samples in .* \\(holdout_fraction 1e-09\\)"):
+        shard_prompts(root, 2, split="holdout", holdout_fraction=1e-9)
+
+
+# -- the cascade ----------------------------------------------------------------------------------
+
+
+def test_stage_settings_default_to_its_config(checkpoints):
+    stage = Stage.load(checkpoints["base"])
+    assert stage.step == 7 and not stage.model.training
+    assert {k: stage.setting(k) for k in ("guidance_weight", "steps", "sampler", "threshold")} == {
+        "guidance_weight": 3.0, "steps": 25, "sampler": "ddim", "threshold": "dynamic"}
+    stage = Stage.load(checkpoints["base"], steps=2, guidance_weight=None)  # None: the config's
+    assert stage.setting("steps") == 2 and stage.setting("guidance_weight") == 3.0
+
+
+def test_cascade_shapes_dtype_range_and_determinism(checkpoints):
+    arrays = prompt_arrays()
+    stages = load_cascade([checkpoints["base"], checkpoints["sr"]], steps=[2, 2], aug_level=[0.25])
+    base, sr = run_cascade(stages, arrays, seed=0, batch_size=2)  # two chunks: prompts 0-1, prompt 2
+    assert base.shape == (3, 3, 16, 16) and sr.shape == (3, 3, 32, 32)
+    assert base.dtype == sr.dtype == torch.float32 and base.device.type == "cpu"
+    for images in (base, sr):
+        assert torch.isfinite(images).all() and images.min() >= -1 and images.max() <= 1
+        assert images.std() > 0.05  # not a constant picture
+    assert not torch.equal(base[0], base[1])  # other text, other noise: other images
+
+    again = run_cascade(stages, arrays, seed=0, batch_size=2)
+    assert torch.equal(again[0], base) and torch.equal(again[1], sr)
+    other = run_cascade(stages, arrays, seed=1, batch_size=2)
+    assert (other[0] - base).abs().max() > 0.05 and (other[1] - sr).abs().max() > 0.05
+    # A prompt's images depend on its own text and its place in its chunk, not on its chunk-mates'.
+    swapped = run_cascade(stages, [arrays[0], prompt_arrays((9,), seed=5)[0], arrays[2]], seed=0, batch_size=2)
+    assert torch.equal(swapped[0][0], base[0]) and torch.equal(swapped[1][0], sr[0])
+    assert torch.equal(swapped[0][2], base[2]) and not torch.equal(swapped[0][1], base[1])
+
+
+def test_absent_stages_are_skipped(checkpoints):
+    """A base-only cascade gives the same base images as the base row of a longer one."""
+    arrays = prompt_arrays((4, 6))
+    (alone,) = run_cascade(load_cascade([checkpoints["base"]], steps=[2]), arrays, seed=3)
+    both = run_cascade(load_cascade([checkpoints["base"], checkpoints["sr"]], steps=[2, 2]), arrays, seed=3)
+    assert len(both) == 2 and torch.equal(alone, both[0])
+
+
+def test_sample_to_grid_writes_a_row_per_stage(checkpoints, tmp_path):
+    arrays = prompt_arrays()
+    out = sample_to_grid([checkpoints["base"], checkpoints["sr"]], ["a", "b", "c"], arrays, tmp_path / "g.png",
+                         device="cpu", steps=[2, 2])
+    base, sr = run_cascade(load_cascade([checkpoints["base"], checkpoints["sr"]], steps=[2, 2]), arrays, seed=0)
+    layout = GridLayout(rows=2, cols=3, cell=128, labelled=True, caption_lines=4)
+    with Image.open(out) as im:
+        assert im.size == layout.size
+        a = np.asarray(im.convert("RGB"))
+    # column 2 of row 1 is prompt 2's SR image, each pixel a 4x4 block (32 -> 128 px, nearest)
+    x0, y0, x1, y1 = layout.tile(1, 2)
+    want = ((sr[2] + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+    np.testing.assert_array_equal(a[y0:y1:4, x0:x1:4], want)
+    x0, y0, x1, y1 = layout.tile(0, 1)
+    want = ((base[1] + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+    np.testing.assert_array_equal(a[y0:y1:8, x0:x1:8], want)
+
+
+@pytest.mark.parametrize("order, match", [
+    (("base", "base"), r"the sr256 checkpoint .*base.safetensors holds a base stage \(tiny-base\); "
+                       r"sr256 needs a super-resolution stage"),
+    (("sr",), r"the base checkpoint .*sr.safetensors holds a sr stage \(tiny-sr\); base needs a base stage"),
+    (("base", "sr", "sr", "sr"), "a cascade has 1 to 3 stages"),
+])
+def test_load_cascade_refuses_a_stage_in_the_wrong_place(checkpoints, order, match):
+    with pytest.raises(ValueError, match=match):
+        load_cascade([checkpoints[k] for k in order])
+
+
+def test_run_cascade_refuses_prompts_of_another_encoder(checkpoints):
+    stages = load_cascade([checkpoints["base"]], steps=[1])
+    wide = [np.zeros((3, SMALL_D_MODEL * 2), np.float16)]
+    with pytest.raises(ValueError, match="wants text_dim 8, prompts have d_model 16"):
+        run_cascade(stages, wide)
+    with pytest.raises(ValueError, match="no prompts"):
+        run_cascade(stages, [])
+
+
+# -- kiln sample ----------------------------------------------------------------------------------
+
+
+def test_kiln_sample_base_only_from_a_prompts_file(checkpoints, tmp_path, capsys):
+    prompts = write_prompts(tmp_path / "p.parquet", ["a", "b"], prompt_arrays((3, 4)))
+    out = tmp_path / "grid.png"
+    assert main_sample(sample_args("--base", checkpoints["base"], "--prompts", prompts, "--out", out,
+                                   "--steps", "2", "--device", "cpu")) == 0
+    assert capsys.readouterr().out.strip() == f"kiln sample: 2 prompts through base; wrote {out}"
+    with Image.open(out) as im:
+        assert im.size == GridLayout(rows=1, cols=2, cell=128, labelled=True, caption_lines=4).size
+
+
+@pytest.mark.parametrize("case, match", [
+    ("sr256 is a base", "the sr256 checkpoint .* holds a base stage"),
+    ("prompts lack t5_len", "has no column t5_len"),
+    ("sr1024 without sr256", "--sr1024 needs --sr256"),
+    ("missing checkpoint", "no checkpoint at .*nope.safetensors"),
+    ("two steps, one stage", r"--steps takes one value or one per stage \(1\), got 2"),
+])
+def test_kiln_sample_bad_input_is_a_clear_error(checkpoints, tmp_path, capsys, case, match):
+    good = write_prompts(tmp_path / "p.parquet", ["a"], prompt_arrays((3,)))
+    out = tmp_path / "grid.png"
+    one_step = ["--steps", "1"]
+    argv = {
+        "sr256 is a base": ["--base", checkpoints["base"], "--sr256", checkpoints["base"], "--prompts", good, *one_step],
+        "prompts lack t5_len": ["--base", checkpoints["base"], *one_step, "--prompts",
+                                write_prompts(tmp_path / "bad.parquet", ["a"], prompt_arrays((3,)), drop=("t5_len",))],
+        "sr1024 without sr256": ["--base", checkpoints["base"], "--sr1024", checkpoints["sr"], "--prompts", good],
+        "missing checkpoint": ["--base", tmp_path / "nope.safetensors", "--prompts", good, *one_step],
+        "two steps, one stage": ["--base", checkpoints["base"], "--prompts", good, "--steps", "2", "2"],
+    }[case]
+    assert main_sample(sample_args(*argv, "--out", out, "--device", "cpu")) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("kiln sample: error: ") and re.search(match, err), err
+    assert not out.exists()
+
+
+def test_stage_names_are_the_cli_flags():
+    args = sample_args("--base", "b", "--sr256", "s", "--sr1024", "t", "--prompts", "p", "--out", "o")
+    assert [getattr(args, n) for n in STAGE_NAMES] == ["b", "s", "t"]
