@@ -38,6 +38,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.compat import ensure_torch_compat
+
 PROMPTS_SCHEMA = pa.schema(
     [
         ("prompt", pa.string()),
@@ -99,9 +101,19 @@ def write_atomic(table: pa.Table, out: str | os.PathLike) -> Path:
     return out
 
 
-def embed_prompts(prompts_path: str | os.PathLike, out: str | os.PathLike, embedder) -> dict:
-    """Read, encode and write; returns a summary (prompts, truncated, d_model, out)."""
-    prompts = read_prompts(prompts_path)
+def embed_prompts(prompts_path: str | os.PathLike, out: str | os.PathLike, t5_model: str = DEFAULT_T5_MODEL, *,
+                  max_length: int = 128, device: str | None = None, embedder=None) -> dict:
+    """Read the prompts, encode them with the T5 that `t5_model` names (as `kiln prepare`'s
+    --t5-model: a hub id in the local HF cache, or local:DIR) or with a ready `embedder`, write the
+    Parquet file; returns a summary (prompts, truncated, d_model, out). What `kiln embed-prompts` runs."""
+    prompts = read_prompts(prompts_path)  # a bad file fails before a multi-GB encoder loads
+    if embedder is None:
+        ensure_torch_compat()
+        # Imported here, not at the top: the CLI imports this module to build `kiln --help`, which
+        # must not import torch and transformers.
+        from embed.t5 import T5Embedder
+
+        embedder = T5Embedder(t5_model, device=device, max_length=max_length)
     results = embedder.embed(prompts)
     path = write_atomic(prompts_table(prompts, results, embedder.source), out)
     return {
@@ -122,16 +134,10 @@ def add_embed_prompts_args(parser: argparse.ArgumentParser) -> None:
 
 
 def main_embed_prompts(args: argparse.Namespace) -> int:
-    from pipeline.compat import ensure_torch_compat
-
-    ensure_torch_compat()
-    from embed.t5 import T5Embedder
-
     t0 = time.monotonic()
     try:
-        read_prompts(args.prompts)  # fail on a bad file before loading a multi-GB encoder
-        embedder = T5Embedder(args.t5_model, device=args.t5_device, max_length=args.t5_max_length)
-        summary = embed_prompts(args.prompts, args.output, embedder)
+        summary = embed_prompts(args.prompts, args.output, args.t5_model, max_length=args.t5_max_length,
+                                device=args.t5_device)
     except (FileNotFoundError, ValueError) as err:
         print(f"kiln embed-prompts: error: {err}", file=sys.stderr)
         return 2

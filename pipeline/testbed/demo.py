@@ -59,23 +59,26 @@ DEMO_PROMPTS = (
 
 
 def _train_and_sample(work: Path, data: Path, models: dict, budget_s: float) -> None:
-    """The tiny cascade on the demo shards for a bounded time, then a sample grid for a few prompts."""
-    from pipeline.cli import main as kiln
+    """The tiny cascade on the demo shards for a bounded time, then a sample grid for a few prompts:
+    what `kiln train`, `kiln embed-prompts` and `kiln sample` run, called directly."""
+    # torch and the trainer are imported only when the demo trains (tests import this module for
+    # prepare_args, and `kiln demo --train-s 0` never needs them).
+    from pipeline.embed_prompts import embed_prompts
+    from train.checkpoint import latest_checkpoint
+    from train.config import load_config
+    from train.sample import load_prompts, sample_to_grid
+    from train.trainer import train
 
     runs = work / "runs"
     base_s, sr_s = budget_s * 2 / 3, budget_s / 3
     print(f"\nkiln demo: training tiny-base for {base_s:.0f}s and tiny-sr for {sr_s:.0f}s on {data} (CPU)")
     for preset, seconds in (("tiny-base", base_s), ("tiny-sr", sr_s)):
-        kiln(["train", "--config", preset, "--data", str(data), "--workdir", str(runs / preset),
-              "--time-budget-s", str(seconds), "--override", "train.sample_every=0"])
+        train(load_config(preset, {"train.sample_every": 0}), data, runs / preset, time_budget_s=seconds)
     prompts = work / "prompts.txt"
     prompts.write_text("\n".join(DEMO_PROMPTS) + "\n")
-    kiln(["embed-prompts", str(prompts), "-o", str(work / "prompts.parquet"), "--t5-model", f"local:{models['t5']}"])
-
-    def newest(run):
-        return str(sorted((runs / run / "checkpoints").glob("*.safetensors"))[-1])
-
-    kiln(["sample", "--base", newest("tiny-base"), "--sr256", newest("tiny-sr"),
-          "--prompts", str(work / "prompts.parquet"), "--out", str(work / "samples.png")])
-    print(f"kiln demo: sample grid for {len(DEMO_PROMPTS)} prompts at {work / 'samples.png'} "
+    embed_prompts(prompts, work / "prompts.parquet", f"local:{models['t5']}")
+    captions, arrays, _ = load_prompts(work / "prompts.parquet")
+    checkpoints = [latest_checkpoint(runs / preset)[0] for preset in ("tiny-base", "tiny-sr")]
+    grid = sample_to_grid(checkpoints, captions, arrays, work / "samples.png")
+    print(f"kiln demo: sample grid for {len(DEMO_PROMPTS)} prompts at {grid} "
           f"(a few CPU minutes of training: expect colours and blobs, not pictures)")
