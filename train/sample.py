@@ -13,7 +13,11 @@ checkpoint's holdout_fraction).
 
 Each stage loads its checkpoint's EMA weights (`--weights model` for the raw ones) and the config
 stored in it; guidance weight, steps, sampler, threshold and aug_level default to that config's
-`sample` section. The output is one PNG: a row per stage, a column per prompt, captions below.
+`sample` section. The output is one PNG: a row per stage, a column per prompt, captions below
+(train.grid).
+
+From Python: `sample_to_grid([base_ckpt, sr_ckpt], captions, arrays, "grid.png")` does what the
+command does once it has the prompts; `load_cascade` + `run_cascade` give the image tensors.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import torch
 
 from train.args import add_sample_args, per_stage
 from train.checkpoint import load_checkpoint, load_stage
+from train.config import Config
 from train.data import ImageSpec, load_records
 from train.diffusion import sample
 from train.grid import save_grid
@@ -83,7 +88,7 @@ class Stage:
     """A loaded cascade stage and how to sample it (defaults from its config's `sample` section)."""
 
     model: torch.nn.Module
-    cfg: object  # train.config.Config
+    cfg: Config
     step: int = 0
     guidance_weight: float | None = None
     steps: int | None = None
