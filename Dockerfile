@@ -8,9 +8,10 @@
 #     --build-arg T5_MODEL=google/t5-v1_1-xxl .
 #   docker push us-docker.pkg.dev/your-project/kiln/worker:latest
 #
-# then run with beam_options/dataflow.yaml and the in-image model paths:
+# then run with beam_options/dataflow.yaml, whose kiln: section names these in-image model paths:
 #   --toxicity-model local:/models/toxicity --clip-model local-dir:/models/clip
-#   --t5-model local:/models/t5 [--nsfw-head /models/nsfw/head.safetensors | --nsfw off]
+#   --t5-model local:/models/t5 --nsfw off  (or --nsfw-head /models/nsfw/head.safetensors | head.pth
+#   for an image built with NSFW_HEAD_URL)
 # /models/MODELS.json records every file's sha256; kiln records the same hashes in stats.json.
 #
 # Base: Beam's own SDK image for the same Beam and Python versions as the submitting machine (the

@@ -268,7 +268,7 @@ class T5Embedder:
             )
 
     def _check_tokenizer(self) -> None:
-        """PITFALLS.md: a T5 tokenizer that did not load spiece.model still "works", mapping every
+        """docs/PITFALLS.md: a T5 tokenizer that did not load spiece.model still "works", mapping every
         word to <unk>. A real one round-trips plain lower-case English exactly, without <unk>."""
         probe = "a photo of a dog"
         ids = self.tokenizer(probe).input_ids

@@ -44,7 +44,6 @@ __all__ = ["LAYOUT", "NsfwHead", "NsfwScorer", "load_nsfw_state_dict"]
 
 LAYOUT = "laion-h14-nsfw-mlp"
 _ACTIVATIONS = ("clamp", "sigmoid")
-_LINEAR_IDX = (0, 3, 6, 9, 12, 15, 16)
 
 
 class NsfwHead(nn.Module):

@@ -5,10 +5,10 @@ socket connects to exactly the address that was checked (http.client never resol
 DNS rebinding between check and connect is impossible. Each URL has one total deadline covering
 DNS, waiting for a per-host slot, connects, TLS, every redirect and retry (including the waits)
 and every byte of headers and body; bodies are capped in bytes. Failures come back as a
-`FetchResult` whose `reason` is one of `records.DOWNLOAD_REASONS` or `http_<status>`.
+`FetchResult` whose `reason` is one of `records.REASONS["download"]` or `http_<status>`.
 
 Stdlib only (socket, ssl, http.client, ipaddress): img2dataset's urllib downloader follows
-redirects anywhere and has no byte cap or total deadline (see /work/shared/PITFALLS.md).
+redirects anywhere and has no byte cap or total deadline (see docs/PITFALLS.md).
 """
 
 from __future__ import annotations
@@ -95,7 +95,7 @@ class FetchConfig:
 class FetchResult:
     url: str
     body: bytes | None  # None on failure
-    reason: str | None  # None on success; else a records.DOWNLOAD_REASONS entry or f"http_{status}"
+    reason: str | None  # None on success; else a records.REASONS["download"] entry or f"http_{status}"
     detail: str = ""  # status line, refused address and category, directive, byte counts, ...
     status: int | None = None  # last HTTP status seen
     final_url: str | None = None  # last URL requested (or refused)

@@ -127,6 +127,8 @@ def decode_image(
                 raise Reject(STAGE_DECODE, "unsupported_format", f"{fmt} not in {ALLOWED_FORMATS}") from None
             raise Reject(STAGE_DECODE, "not_an_image", f"unrecognised data, {len(data)} bytes, starts {data[:8]!r}") from None
         except Exception as err:  # noqa: BLE001 - hostile headers raise all sorts of things
+            if "truncated" in str(err).lower() or isinstance(err, EOFError):  # cut inside its header
+                raise Reject(STAGE_DECODE, "truncated", f"{type(err).__name__}: {err}") from None
             raise Reject(STAGE_DECODE, "decode_error", f"{type(err).__name__}: {err}") from None
 
         with im:

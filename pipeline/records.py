@@ -63,7 +63,6 @@ REASONS = {
         "robots_noimageai",
         "robots_noindex",
         "robots_noimageindex",
-        "http_error",  # a non-2xx status that has no http_<code> spelling (never used for standard codes)
     ),
     STAGE_DECODE: (
         "not_an_image",  # bytes are not a recognised image (HTML served as image/jpeg, ...)
@@ -125,21 +124,19 @@ class RecordField:
 
 
 RECORD_FIELDS = (
+    # In meta-column order (SHARDS.md's table), then the transient fields.
     RecordField("uid", "read", META, pa.string(), "the sample key: sha256 of (url, caption), 32 hex chars"),
     RecordField("shard", "route", TRANSIENT, None, "the shard the uid falls in (the writer's group key)"),
-    RecordField("final_url", STAGE_DOWNLOAD, META, pa.string(), "the URL the image came from after redirects"),
-    RecordField("http_status", STAGE_DOWNLOAD, META, pa.int32(), "HTTP status of the final response"),
-    RecordField("content_type", STAGE_DOWNLOAD, META, pa.string(), "the final response's Content-Type, as sent"),
-    RecordField("_body", STAGE_DOWNLOAD, TRANSIENT, None, "the downloaded bytes"),
+    RecordField("stored_width", STAGE_RESIZE, META, pa.int32(), "px, the image in the tar"),
+    RecordField("stored_height", STAGE_RESIZE, META, pa.int32(), "px, the image in the tar"),
     RecordField("original_width", STAGE_DECODE, META, pa.int32(), "px, the downloaded image as decoded, after EXIF orientation"),
     RecordField("original_height", STAGE_DECODE, META, pa.int32(), "px, the downloaded image as decoded, after EXIF orientation"),
     RecordField("source_format", STAGE_DECODE, META, pa.string(), "jpeg, png, webp, gif or bmp: the downloaded file's format"),
-    RecordField("_bgr", STAGE_DECODE, TRANSIENT, None, "decoded pixels, uint8 BGR"),
-    RecordField("stored_width", STAGE_RESIZE, META, pa.int32(), "px, the image in the tar"),
-    RecordField("stored_height", STAGE_RESIZE, META, pa.int32(), "px, the image in the tar"),
     RecordField("image_bytes", STAGE_RESIZE, META, pa.int64(), "bytes of the stored image"),
     RecordField("image_sha256", STAGE_RESIZE, META, pa.string(), "hex sha256 of the stored image bytes"),
-    RecordField("_image", STAGE_RESIZE, TRANSIENT, None, "the stored image, encoded"),
+    RecordField("final_url", STAGE_DOWNLOAD, META, pa.string(), "the URL the image came from after redirects"),
+    RecordField("http_status", STAGE_DOWNLOAD, META, pa.int32(), "HTTP status of the final response"),
+    RecordField("content_type", STAGE_DOWNLOAD, META, pa.string(), "the final response's Content-Type, as sent"),
     RecordField("toxicity", STAGE_TOXICITY, META, pa.float32(), "max Detoxify score over --toxicity-labels, in [0, 1]; null if --toxicity off"),
     RecordField("toxicity_label", STAGE_TOXICITY, META, pa.string(), "the label that max came from"),
     RecordField("toxicity_scores", STAGE_TOXICITY, JSON_ONLY, None, "every Detoxify label's score (KEY.json only)"),
@@ -149,6 +146,9 @@ RECORD_FIELDS = (
     RecordField("t5_len", STAGE_T5, META, pa.int32(), "tokens in the T5 embedding (EOS included), <= --t5-max-length"),
     RecordField("t5_truncated", STAGE_T5, META, pa.bool_(), "the cleaned caption had more tokens than --t5-max-length and was cut"),
     RecordField("t5", STAGE_T5, META, pa.binary(), "the same array as KEY.t5.npy: t5_len x d_model float16 little-endian, row-major", json=False),
+    RecordField("_body", STAGE_DOWNLOAD, TRANSIENT, None, "the downloaded bytes"),
+    RecordField("_bgr", STAGE_DECODE, TRANSIENT, None, "decoded pixels, uint8 BGR"),
+    RecordField("_image", STAGE_RESIZE, TRANSIENT, None, "the stored image, encoded"),
     RecordField("_t5", STAGE_T5, TRANSIENT, None, "the T5 embedding as a float16 array (written as KEY.t5.npy and the t5 column)"),
 )
 FIELDS_BY_NAME = {f.name: f for f in RECORD_FIELDS}

@@ -254,7 +254,7 @@ def test_missing_model_errors_are_clear(tmp_path):
 
 
 def test_tokenizer_that_ignored_its_vocabulary_is_refused(tiny_t5, tmp_path):
-    """PITFALLS.md: T5Tokenizer(vocab_file=...) silently ignores the file in transformers 5."""
+    """docs/PITFALLS.md: T5Tokenizer(vocab_file=...) silently ignores the file in transformers 5."""
     import shutil
 
     from transformers import T5Tokenizer

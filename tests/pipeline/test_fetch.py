@@ -622,7 +622,7 @@ def test_x_robots_tag(site, values, reason):
     assert r.reason == reason
     if reason is not None:
         assert r.detail.startswith("X-Robots-Tag: ") and values[-1] in r.detail and r.body is None
-        assert reason in records.DOWNLOAD_REASONS
+        assert reason in records.REASONS[records.STAGE_DOWNLOAD]
 
 
 def test_x_robots_tag_on_a_redirect_hop(site):

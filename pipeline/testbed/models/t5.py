@@ -7,7 +7,7 @@ transformers loaders and no network:
     spiece.model            a SentencePiece unigram model trained here, with T5's special ids
                             (<pad>=0, </s>=1, <unk>=2, no BOS) and T5's default nmt_nfkc normaliser
     tokenizer.json,         written by transformers' own `T5Tokenizer.save_pretrained` after loading
-    tokenizer_config.json   spiece.model with `from_pretrained(dir)` (PITFALLS.md: constructing
+    tokenizer_config.json   spiece.model with `from_pretrained(dir)` (docs/PITFALLS.md: constructing
                             `T5Tokenizer(vocab_file=...)` silently ignores the file)
     config.json,            a `T5EncoderModel` shaped like T5 v1.1 but tiny (d_model 64, 2 layers,
     model.safetensors       4 heads x d_kv 16, gated-GELU d_ff 128, 32 relative-position buckets),
@@ -21,7 +21,7 @@ always is. The builder then checks that the tokenizer transformers loads from th
 raw SentencePiece model's ids, plus EOS, on every training sentence and a set of probes, and raises
 otherwise.
 
-Deterministic for a seed: the same spiece.model and model.safetensors bytes. ~2 s on 2 CPU cores.
+Deterministic for a seed: the same bytes in every file (`reproducible`; build.py). ~2 s on one core.
 
     .venv/bin/python -m pipeline.testbed.models.t5 OUT_DIR [--seed 0]
 """
@@ -37,6 +37,7 @@ import tempfile
 from pathlib import Path
 
 from pipeline.compat import ensure_torch_compat
+from pipeline.testbed.models.build import SYNTH_BASE_URL, reproducible
 
 # Bump when the builder's output would change (corpus, vocabulary, config, init).
 TINY_T5_VERSION = 1
@@ -119,7 +120,8 @@ def _synthetic_captions(seed: int, rows: int) -> list[str]:
     from pipeline.testbed.synth import synthesize
 
     with tempfile.TemporaryDirectory(prefix="kiln-t5-synth-") as tmp:
-        web = synthesize(tmp, rows=rows, seed=seed, failure_rate=0.0, size_range=(16, 24), formats=("png",), min_size=8)
+        web = synthesize(tmp, rows=rows, seed=seed, failure_rate=0.0, size_range=(16, 24), formats=("png",), min_size=8,
+                         base_url=SYNTH_BASE_URL)
         return [t for t in pq.read_table(web.ground_truth_path, columns=["TEXT"]).column("TEXT").to_pylist() if t]
 
 
@@ -207,6 +209,7 @@ def _check_tokenizer(out: Path, sp_model: bytes, texts: list[str]) -> dict:
     return {"checked_texts": len(texts), "probe": {"text": _PROBES[0], "ids": tok(_PROBES[0]).input_ids}}
 
 
+@reproducible
 def build_tiny_t5(out_dir: str | Path, seed: int = 0) -> Path:
     """Build the tiny T5 encoder folder into `out_dir` (replaced if it exists); returns its path."""
     ensure_torch_compat()
