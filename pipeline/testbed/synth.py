@@ -176,6 +176,7 @@ _TEMPLATES = (
     "a minimalist poster showing {}",
     "{} - stock image",
 )
+_PLAIN = "a plain {} background"  # the description of a scene with no shapes (the planted bomb's)
 _LICENSES = (
     "https://creativecommons.org/licenses/by/4.0/",
     "https://creativecommons.org/licenses/by-sa/4.0/",
@@ -394,7 +395,7 @@ class _Planner:
         shape_kinds = [rng.choice(SHAPES) for _ in range(n_shapes)]
         short = min(w, h)
         if n_shapes == 0:
-            return bg, [], f"a plain {bg} background"
+            return bg, [], _PLAIN.format(bg)
         if n_shapes == 1:
             pos = rng.choice(("center", "left", "right", "top", "bottom"))
             frac = {
@@ -568,6 +569,23 @@ class _Planner:
             # ok, the size/format failures, and caption/declared-size rows (which a broken prefilter
             # would let through to a real image).
             self.routes[path] = file
+
+
+def caption_forms(description: str) -> list[str]:
+    """Every caption `_Planner.caption` can make of `description` (each template, as is and capitalised)."""
+    out: list[str] = []
+    for template in _TEMPLATES:
+        text = template.format(description)
+        for form in (text, text[0].upper() + text[1:]):
+            if form not in out:
+                out.append(form)
+    return out
+
+
+def plain_background_captions() -> list[str]:
+    """Every caption a scene without shapes can get ("Clip art of a plain white background", ...):
+    only planted decompression bombs have one, so a model trained on "ok" rows never sees them."""
+    return [c for colour in COLOURS for c in caption_forms(_PLAIN.format(colour))]
 
 
 def _tiny_png(colour: str) -> bytes:

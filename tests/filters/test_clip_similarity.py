@@ -1,7 +1,7 @@
 """filters.clip_similarity on the tiny CLIP trained on the synthetic web (pipeline.testbed.models.clip).
 
-The tiny model comes from `pipeline.testbed.models.cached_test_models()` (built once into
-`.kiln-cache/test-models/`, gitignored; KILN_TEST_MODELS overrides; rebuilt only when a builder changes).
+The tiny model comes from `pipeline.testbed.models.cached_test_models()` (built once into the user's
+cache, ~/.cache/kiln/test-models/ by default; KILN_TEST_MODELS overrides; rebuilt only when a builder changes).
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ def test_model_facts(scorer, tiny_clip_dir, calibration):
     print(
         f"\ntiny CLIP calibration: threshold {calibration['min_clip_similarity']:.4f}, held-out true above "
         f"{calibration['held_out']['true_above_threshold']}, mismatched below {calibration['held_out']['mismatched_below_threshold']}, "
-        f"build {calibration['build_seconds']} s"
+        f"{calibration['training']['steps']} training steps"
     )
 
 

@@ -18,24 +18,24 @@ pairs are above, or fewer than 95% of mismatched pairs below, the recommended th
 `build_nsfw_head(out_dir, input_dim)` writes a seeded random-init `filters.nsfw.NsfwHead` (LAION's
 H14 layout) whose scores are low (~0.1) and vary across inputs. It is NOT a classifier.
 
-`cached_tiny_clip(cache_dir)` / `cached_nsfw_head(...)` build once into a cache folder and reuse it.
+Both are functions of the seed: the same seed gives the same bytes under `build.deterministic`
+(one thread, deterministic kernels) in a fresh interpreter (`build.run_isolated`); the cached copies
+come from `pipeline.testbed.models.cached_test_models()`.
 """
 
 from __future__ import annotations
 
-import fcntl
 import json
 import math
 import os
-import shutil
 import tempfile
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 
 from pipeline.compat import ensure_torch_compat
+from pipeline.testbed.models.build import reproducible
 
 # Bump when the builder's output would change (config, data, training): cached copies are rebuilt.
 TINY_CLIP_VERSION = 2
@@ -59,9 +59,8 @@ TINY_PREPROCESS_CFG = {
     "fill_color": 0,
 }
 
-# Training recipe (CPU, 2 idle cores: ~45 s). Fixed steps, so a build is a function of the seed (on
-# a given torch build and thread count); `minutes_budget` only caps a pathologically slow machine: it
-# stops training early, which calibration.json records, and the separation check still decides.
+# Training recipe (CPU, one thread: ~45 s). Fixed steps and no clock anywhere, so a build is a
+# function of the seed (on a given torch build; see build.py for the rest).
 _ROWS, _HELD_OUT = 2400, 400
 _SIZE_RANGE = (96, 256)
 _STEPS, _BATCH, _LR, _WARMUP, _WD = 400, 128, 2e-3, 30, 0.05
@@ -81,9 +80,10 @@ def _load_synthetic(root: Path, rows: int, seed: int):
     import cv2
     import pyarrow.parquet as pq
 
+    from pipeline.testbed.models.build import SYNTH_BASE_URL
     from pipeline.testbed.synth import synthesize
 
-    web = synthesize(root, rows, seed=seed, failure_rate=0.0, size_range=_SIZE_RANGE)
+    web = synthesize(root, rows, seed=seed, failure_rate=0.0, size_range=_SIZE_RANGE, base_url=SYNTH_BASE_URL)
     gt = pq.read_table(web.ground_truth_path, columns=["TEXT", "background", "image_file"]).to_pylist()
     images = [cv2.imread(str(web.images_dir / r["image_file"]), cv2.IMREAD_COLOR) for r in gt]
     if any(im is None for im in images):
@@ -105,8 +105,21 @@ def _quantiles(x: np.ndarray) -> dict:
     return {f"p{q:02d}": round(float(np.percentile(x, q)), 6) for q in (1, 5, 25, 50, 75, 95, 99)}
 
 
-def build_tiny_clip(out_dir: str | os.PathLike, seed: int = 0, minutes_budget: float = 3.0) -> Path:
-    """Train the tiny CLIP into `out_dir` (created/overwritten) and return that path."""
+@reproducible
+def build_tiny_clip(
+    out_dir: str | os.PathLike,
+    seed: int = 0,
+    *,
+    steps: int = _STEPS,
+    rows: int = _ROWS,
+    held_out: int = _HELD_OUT,
+    check: bool = True,
+) -> Path:
+    """Train the tiny CLIP into `out_dir` (created/overwritten) and return that path.
+
+    `steps`, `rows` and `held_out` exist so a test can build a small one quickly (with
+    check=False: it will not separate pairs); the cached test model uses the defaults.
+    """
     ensure_torch_compat()
     import open_clip
     import torch
@@ -123,9 +136,9 @@ def build_tiny_clip(out_dir: str | os.PathLike, seed: int = 0, minutes_budget: f
     _write_json(out / "open_clip_config.json", {"model_cfg": TINY_CLIP_CFG, "preprocess_cfg": TINY_PREPROCESS_CFG})
 
     with tempfile.TemporaryDirectory(prefix="kiln-tiny-clip-") as tmp:
-        texts, backgrounds, images = _load_synthetic(Path(tmp) / "web", _ROWS, seed)
+        texts, backgrounds, images = _load_synthetic(Path(tmp) / "web", rows, seed)
     t_data = time.monotonic() - t0
-    n_train = _ROWS - _HELD_OUT
+    n_train = rows - held_out
     size = TINY_PREPROCESS_CFG["size"]
     pix = preprocess_images(images[:n_train], size, channel_order="bgr")  # [n, S, S, 3] RGB uint8
 
@@ -145,17 +158,13 @@ def build_tiny_clip(out_dir: str | os.PathLike, seed: int = 0, minutes_budget: f
         def lr_at(step: int) -> float:
             if step < _WARMUP:
                 return _LR * (step + 1) / _WARMUP
-            return _LR * 0.5 * (1 + math.cos(math.pi * (step - _WARMUP) / max(1, _STEPS - _WARMUP)))
+            return _LR * 0.5 * (1 + math.cos(math.pi * (step - _WARMUP) / max(1, steps - _WARMUP)))
 
         rng = np.random.default_rng(seed)
         labels = torch.arange(_BATCH)
         model.train()
-        deadline = t0 + minutes_budget * 60.0
         steps_done, loss_v = 0, float("nan")
-        for step in range(_STEPS):
-            if time.monotonic() > deadline:
-                _log(f"time budget of {minutes_budget} min reached after {step} steps")
-                break
+        for step in range(steps):
             for g in opt.param_groups:
                 g["lr"] = lr_at(step)
             idx = torch.from_numpy(rng.choice(n_train, _BATCH, replace=False))
@@ -169,13 +178,14 @@ def build_tiny_clip(out_dir: str | os.PathLike, seed: int = 0, minutes_budget: f
             with torch.no_grad():
                 model.logit_scale.clamp_(0, math.log(100.0))
             steps_done, loss_v = step + 1, loss.item()
-            if step % 100 == 0 or step == _STEPS - 1:
+            if step % 100 == 0 or step == steps - 1:
                 _log(f"step {step:4d} loss {loss_v:.4f} t={time.monotonic() - t0:.1f}s")
         model.eval()
         state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     t_train = time.monotonic() - t0 - t_data
     # One metadata key only: safetensors writes its metadata map in hash order, so several keys would
-    # make the bytes (and the recorded sha256) differ between identical builds.
+    # make the bytes (and the recorded sha256) differ between identical builds. No time in calibration.json
+    # either: it is part of the model folder, whose bytes are a function of the seed.
     save_file(state, str(out / "open_clip_model.safetensors"), metadata={"format": "pt"})
 
     # Held-out measurement through the real loading path (local-dir:), BGR arrays as the pipeline has them.
@@ -202,12 +212,9 @@ def build_tiny_clip(out_dir: str | os.PathLike, seed: int = 0, minutes_budget: f
         "training": {
             "rows": n_train,
             "steps": steps_done,
-            "steps_planned": _STEPS,
             "batch_size": _BATCH,
             "lr": _LR,
             "final_loss": round(loss_v, 6),
-            "stopped_by_time_budget": steps_done < _STEPS,
-            "seconds": round(t_train, 1),
         },
         "held_out": {
             "pairs": len(ho_txt),
@@ -221,7 +228,6 @@ def build_tiny_clip(out_dir: str | os.PathLike, seed: int = 0, minutes_budget: f
         },
         "min_clip_similarity": round(thr, 6),
         "threshold_rule": "midway between the true pairs' 5th percentile and the mismatched pairs' 95th percentile",
-        "build_seconds": round(elapsed, 1),
         "weights_sha256": scorer.sha256,
     }
     _write_json(out / "calibration.json", calibration)
@@ -229,7 +235,7 @@ def build_tiny_clip(out_dir: str | os.PathLike, seed: int = 0, minutes_budget: f
         f"built in {elapsed:.1f}s (data {t_data:.1f}s, train {t_train:.1f}s, {steps_done} steps): threshold {thr:.4f}, "
         f"true above {true_above:.3f}, mismatched below {mis_below:.3f}, any-other below {any_below:.3f}"
     )
-    if true_above < _MIN_RATE or mis_below < _MIN_RATE:
+    if check and (true_above < _MIN_RATE or mis_below < _MIN_RATE):
         (out / "calibration.json").rename(out / "calibration.failed.json")
         raise RuntimeError(
             f"tiny CLIP does not separate held-out pairs: {true_above:.3f} of true pairs above and {mis_below:.3f} of "
@@ -238,6 +244,7 @@ def build_tiny_clip(out_dir: str | os.PathLike, seed: int = 0, minutes_budget: f
     return out
 
 
+@reproducible
 def build_nsfw_head(
     out_dir: str | os.PathLike,
     input_dim: int,
@@ -303,62 +310,4 @@ def build_nsfw_head(
             "punsafe_on_calibration": {"min": float(p.min()), "median": float(p.median()), "max": float(p.max())},
         },
     )
-    return path
-
-
-@contextmanager
-def _locked(cache_dir: Path):
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    with open(cache_dir / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-
-
-def cached_tiny_clip(cache_dir: str | os.PathLike, seed: int = 0, minutes_budget: float = 10.0) -> Path:
-    """The tiny CLIP folder under `cache_dir`, built (atomically, under a file lock) only if missing.
-
-    The default budget is generous: on a shared 2-core machine other processes can slow training
-    several-fold, and the fixed step count (not the clock) is what makes the build reproducible.
-    """
-    cache = Path(cache_dir)
-    target = cache / f"tiny-clip-v{TINY_CLIP_VERSION}-seed{seed}"
-    done = lambda: (target / "calibration.json").is_file() and (target / "open_clip_model.safetensors").is_file()
-    if done():
-        return target
-    with _locked(cache):
-        if done():
-            return target
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=cache))
-        try:
-            build_tiny_clip(tmp, seed=seed, minutes_budget=minutes_budget)
-            if target.exists():
-                shutil.rmtree(target)
-            os.replace(tmp, target)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
-    return target
-
-
-def cached_nsfw_head(cache_dir: str | os.PathLike, input_dim: int, seed: int = 0) -> Path:
-    """A random-init NSFW head file under `cache_dir` (random-unit-vector calibration), built if missing."""
-    cache = Path(cache_dir)
-    target = cache / f"nsfw-head-v{NSFW_HEAD_VERSION}-d{input_dim}-seed{seed}"
-    path = target / "nsfw_head.safetensors"
-    if path.is_file():
-        return path
-    with _locked(cache):
-        if not path.is_file():
-            tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=cache))
-            try:
-                build_nsfw_head(tmp, input_dim, seed=seed)
-                if target.exists():
-                    shutil.rmtree(target)
-                os.replace(tmp, target)
-            finally:
-                if tmp.exists():
-                    shutil.rmtree(tmp, ignore_errors=True)
     return path

@@ -13,18 +13,21 @@ with `model="local:<out_dir>"` (and kiln with `--toxicity-model local:<out_dir>`
     model_card.json         what it is, how it was trained, and the held-out check it passed
 
 The training set is `pipeline.testbed.toxic_captions.training_set`: clean captions from the synthetic web
-(some with friendly phrases attached) and toxic captions made from TRAIN_PHRASES. The builder then
+(its "ok" rows, plus every caption a shapeless scene can get -- the planted decompression bomb's --
+since a row that fails elsewhere must not look toxic for want of training text; some with friendly
+phrases attached) and toxic captions made from TRAIN_PHRASES. The builder then
 checks generalisation on captions it never trained on -- HELDOUT_PHRASES around unseen clean
 descriptions must score mean toxicity > 0.8, unseen clean captions (with held-out friendly phrases
 on some) < 0.2 -- and raises if not.
 
-Deterministic for a seed: the same scores (and, on the same machine, the same checkpoint bytes).
+Deterministic for a seed: the same bytes in every file, on a given machine and library versions
+(`reproducible`: one thread, deterministic kernels, seeded RNGs; `build.run_isolated` adds a fresh
+interpreter, which is how the cached test model is built).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import random
 import tempfile
@@ -32,6 +35,7 @@ from pathlib import Path
 
 from filters.toxicity import save_detoxify_checkpoint, sha256_file
 from pipeline.compat import ensure_torch_compat
+from pipeline.testbed.models.build import SYNTH_BASE_URL, reproducible
 from pipeline.testbed.toxic_captions import (
     HELDOUT_BENIGN,
     HELDOUT_PHRASES,
@@ -60,7 +64,8 @@ def _clean_captions(seed: int, rows: int) -> list[str]:
     from pipeline.testbed.synth import synthesize
 
     with tempfile.TemporaryDirectory(prefix="kiln-tox-synth-") as tmp:
-        web = synthesize(tmp, rows=rows, seed=seed, failure_rate=0.0, size_range=(16, 24), formats=("png",), min_size=8)
+        web = synthesize(tmp, rows=rows, seed=seed, failure_rate=0.0, size_range=(16, 24), formats=("png",), min_size=8,
+                         base_url=SYNTH_BASE_URL)
         table = pq.read_table(web.ground_truth_path, columns=["TEXT", "kind"]).to_pylist()
     seen: set[str] = set()
     out = []
@@ -119,18 +124,7 @@ def _scores(model, tokenizer, texts: list[str], batch_size: int = 128):
     return torch.cat(out)
 
 
-@contextlib.contextmanager
-def _one_thread():
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
+@reproducible
 def build_tiny_detoxify(
     out_dir: str | Path,
     seed: int = 0,
@@ -140,11 +134,13 @@ def build_tiny_detoxify(
     eval_rows: int = 300,
     max_epochs: int = 20,
     min_epochs: int = 5,
+    check: bool = True,
 ) -> Path:
     """Build, train, check and save the tiny Detoxify-format model into `out_dir`; return it.
 
     Raises RuntimeError if the trained model does not separate held-out toxic captions (mean
-    toxicity > 0.8) from unseen clean ones (< 0.2) within `max_epochs`.
+    toxicity > 0.8) from unseen clean ones (< 0.2) within `max_epochs` (unless check=False, for a
+    test's deliberately small build: it then trains exactly `max_epochs` epochs).
     """
     ensure_torch_compat()
     import torch
@@ -154,8 +150,10 @@ def build_tiny_detoxify(
     out.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
 
+    from pipeline.testbed.synth import plain_background_captions
+
     captions = _clean_captions(seed, clean_rows + eval_rows)
-    train_clean, eval_clean = captions[:clean_rows], captions[clean_rows:]
+    train_clean, eval_clean = captions[:clean_rows] + plain_background_captions(), captions[clean_rows:]
     examples = training_set(rng, train_clean, n_toxic)
     eval_rng = random.Random(seed + 1)
     heldout_toxic = [toxic_caption(eval_rng, c, heldout=True) for c in eval_clean]
@@ -184,9 +182,9 @@ def build_tiny_detoxify(
     enc = tokenizer(texts, return_tensors="pt", truncation=True, padding=True)
     batch_size = 32
     history = []
-    # One thread: for a model this small it is faster than several (and far faster on a busy
-    # machine, where OpenMP workers spin), and the weights' bits do not depend on the core count.
-    with _one_thread(), torch.random.fork_rng(devices=[]):
+    # One thread (`reproducible`): for a model this small it is faster than several (and far faster on
+    # a busy machine, where OpenMP workers spin), and the weights' bits do not depend on the core count.
+    with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = transformers.BertForSequenceClassification(config)
         optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.01)
@@ -214,10 +212,10 @@ def build_tiny_detoxify(
             tox_mean = float(_scores(model, tokenizer, heldout_toxic)[:, 0].mean())
             clean_mean = float(_scores(model, tokenizer, heldout_clean)[:, 0].mean())
             history.append({"epoch": epoch, "loss": round(total / len(texts), 5), "heldout_toxic_mean": round(tox_mean, 4), "clean_mean": round(clean_mean, 4)})
-            if epoch >= min_epochs and tox_mean > HELDOUT_TOXIC_MIN and clean_mean < CLEAN_MAX:
+            if check and epoch >= min_epochs and tox_mean > HELDOUT_TOXIC_MIN and clean_mean < CLEAN_MAX:
                 passed = True
                 break
-    if not passed:
+    if check and not passed:
         raise RuntimeError(f"tiny Detoxify model did not separate held-out toxic from clean captions: {history}")
 
     model.eval()
