@@ -3,6 +3,13 @@
 The synthetic web plants mismatched captions (another scene's caption) and toxic captions
 (held-out toxic phrases the tiny Detoxify model never saw in training); the filters must catch
 them while keeping true pairs, and every score must reach the shards and the rejects table.
+
+What a tiny model decides on one borderline caption is not asserted anywhere here (it differs
+between machines: PITFALLS.md). Instead:
+  - the planted non-model failures are checked exactly in a run whose model stages only score;
+  - the filtered run's outcome of every row is derived from that run's scores and the thresholds
+    (so a filter that rejects the wrong rows, or a planted failure that ends elsewhere, fails);
+  - the models' quality is asserted as rates, with tolerances measured on this data.
 """
 
 import hashlib
@@ -16,7 +23,7 @@ import pytest
 from pipeline.testbed.demo import prepare_args
 from pipeline.prepare import run
 from pipeline.testbed.server import SynthServer
-from pipeline.testbed.synth import synthesize
+from pipeline.testbed.synth import FILTER_KINDS, synthesize
 from pipeline.testbed.models import cached_test_models, prepare_flags
 
 pytestmark = pytest.mark.slow
@@ -53,10 +60,84 @@ def filtered(web, models, tmp_path_factory):
     return out, prepare(web, models, out)
 
 
+@pytest.fixture(scope="module")
+def scored(web, models, tmp_path_factory):
+    """The same job with every model stage scoring only (and the multi-process runner)."""
+    out = tmp_path_factory.mktemp("fds") / "scored"
+    return out, prepare(web, models, out, "--toxicity", "score", "--clip", "score", "--nsfw", "score", beam=MULTI)
+
+
 def outcome(out: Path) -> dict:
     kept = {r["SAMPLE_ID"]: None for r in rows(out, "meta")}
     kept.update({r["SAMPLE_ID"]: (r["stage"], r["reason"]) for r in rows(out, "rejects")})
     return kept
+
+
+def scores(out: Path) -> dict:
+    """SAMPLE_ID -> the scores its row carries (kept or rejected)."""
+    return {r["SAMPLE_ID"]: {k: r.get(k) for k in ("toxicity", "clip_similarity", "punsafe")}
+            for sub in ("meta", "rejects") for r in rows(out, sub)}
+
+
+MODEL_REJECTS = {("toxicity", "toxic"), ("clip", "clip_similarity_low"), ("nsfw", "punsafe_high")}
+NEAR = 1e-3  # a score this close to its threshold may round either way between two runs: not judged
+
+# Tolerances, measured: on this web (seed 11) and three others like it, 6 tiny Detoxify builds
+# (seeds 0-5) caught 23-24 of 24 toxic captions and flagged 0 of 362 other captions; 3 tiny CLIP
+# builds (seeds 0-2) rejected 48 of 48 mismatched captions and kept 98.3-99.7% of true pairs.
+MIN_TOXIC_CAUGHT, MIN_MISMATCH_CAUGHT, MIN_TRUE_KEPT = 0.9, 0.9, 0.95
+MAX_PLANTED_PREEMPTED = 0.1  # planted non-model failures a model stage rejects first
+
+
+def test_planted_failures_end_where_the_ground_truth_says_when_the_models_only_score(web, scored):
+    w, _ = web
+    out, stats = scored
+    truth = pq.read_table(w.ground_truth_path).to_pylist()
+    got = outcome(out)
+    assert len(got) == len(truth) and stats["accounting"]["ok"]
+    wrong = []
+    for t in truth:
+        want = None if t["kind"] in FILTER_KINDS else (t["expected_stage"], t["expected_reason"])
+        if want == (None, None):
+            want = None
+        if got[t["SAMPLE_ID"]] != want:
+            wrong.append((t["kind"], want, got[t["SAMPLE_ID"]]))
+    assert wrong == []
+    planted = {t["kind"] for t in truth} - {"ok", *FILTER_KINDS}
+    assert {"decompression_bomb", "http_404", "stall", "robots_noai", "duplicate", "too_small"} <= planted
+
+
+def test_filtered_outcomes_follow_from_the_scores_and_thresholds(web, filtered, scored):
+    """Every row of the filtered run ends where the score-only run's scores and the thresholds put it."""
+    out, stats = filtered
+    flags = stats["flags"]
+    thr_tox, thr_clip, thr_nsfw = flags["max_toxicity"], flags["min_clip_similarity"], flags["max_punsafe"]
+    got, base, score = outcome(out), outcome(scored[0]), scores(scored[0])
+    judged, wrong = 0, []
+    for sid, before in base.items():
+        s = score[sid]
+        near = [v for v, t in ((s["toxicity"], thr_tox), (s["clip_similarity"], thr_clip), (s["punsafe"], thr_nsfw))
+                if v is not None and abs(v - t) < NEAR]
+        if near:
+            continue
+        judged += 1
+        if before is not None and before[0] == "prefilter":
+            want = {before}
+        elif s["toxicity"] is not None and s["toxicity"] > thr_tox:
+            want = {("toxicity", "toxic")}
+        elif before is not None:
+            want = {before}  # consent, download, decode: the image stages' own rejects
+        else:
+            want = set()
+            if s["clip_similarity"] < thr_clip:
+                want.add(("clip", "clip_similarity_low"))
+            elif s["punsafe"] > thr_nsfw:
+                want.add(("nsfw", "punsafe_high"))
+            want = want or {None}
+        if got[sid] not in want:
+            wrong.append((sid, before, s, got[sid]))
+    assert judged >= 0.95 * len(base)
+    assert wrong == []
 
 
 def test_filters_catch_planted_mismatches_and_toxic_captions_and_keep_true_pairs(web, filtered):
@@ -67,19 +148,29 @@ def test_filters_catch_planted_mismatches_and_toxic_captions_and_keep_true_pairs
     mismatched = [t for t in truth if t["kind"] == "mismatched_caption"]
     toxic = [t for t in truth if t["kind"] == "toxic_caption"]
     true_pairs = [t for t in truth if t["expected_stage"] is None]  # everything else that should survive
-    assert len(mismatched) >= 40 and len(toxic) >= 20 and len(true_pairs) >= 200
-    mis_rejected = np.mean([got[t["SAMPLE_ID"]] == ("clip", "clip_similarity_low") for t in mismatched])
+    planted = [t for t in truth if t["kind"] not in ("ok", *FILTER_KINDS) and t["expected_stage"] != "prefilter"]
+    assert len(mismatched) >= 40 and len(toxic) >= 20 and len(true_pairs) >= 200 and len(planted) >= 20
+    # A mismatched caption the toxicity model rejected first never reached CLIP.
+    reached_clip = [t for t in mismatched if got[t["SAMPLE_ID"]] != ("toxicity", "toxic")]
+    mis_rejected = np.mean([got[t["SAMPLE_ID"]] == ("clip", "clip_similarity_low") for t in reached_clip])
     tox_rejected = np.mean([got[t["SAMPLE_ID"]] == ("toxicity", "toxic") for t in toxic])
     true_kept = np.mean([got[t["SAMPLE_ID"]] is None for t in true_pairs])
-    print(f"\nmismatched captions rejected by CLIP: {mis_rejected:.1%} of {len(mismatched)}; "
-          f"toxic captions rejected: {tox_rejected:.1%} of {len(toxic)}; true pairs kept: {true_kept:.1%} of {len(true_pairs)}")
-    assert mis_rejected >= 0.9
-    assert tox_rejected >= 0.9
-    assert true_kept >= 0.9
-    # The non-model failures still end where the ground truth says.
-    for t in truth:
-        if t["kind"] not in ("mismatched_caption", "toxic_caption", "ok") and t["expected_stage"] is not None:
-            assert got[t["SAMPLE_ID"]] == (t["expected_stage"], t["expected_reason"]), t["kind"]
+    # Planted failures (a 404, a bomb, ...) still end where the ground truth says, or at a model
+    # stage that ran first (whether that was right is the previous test's business).
+    preempted = 0
+    for t in planted:
+        want = None if t["expected_stage"] is None else (t["expected_stage"], t["expected_reason"])
+        if got[t["SAMPLE_ID"]] != want:
+            assert got[t["SAMPLE_ID"]] in MODEL_REJECTS, (t["kind"], want, got[t["SAMPLE_ID"]])
+            preempted += 1
+    print(f"\nmismatched captions rejected by CLIP: {mis_rejected:.1%} of {len(reached_clip)}; "
+          f"toxic captions rejected: {tox_rejected:.1%} of {len(toxic)}; true pairs kept: {true_kept:.1%} of {len(true_pairs)}; "
+          f"planted failures a model stage rejected first: {preempted} of {len(planted)}")
+    assert len(reached_clip) >= 0.9 * len(mismatched)
+    assert mis_rejected >= MIN_MISMATCH_CAUGHT
+    assert tox_rejected >= MIN_TOXIC_CAUGHT
+    assert true_kept >= MIN_TRUE_KEPT
+    assert preempted <= MAX_PLANTED_PREEMPTED * len(planted)
     assert stats["accounting"]["ok"]
 
 
@@ -118,13 +209,13 @@ def test_models_recorded_with_sha256(filtered, models):
     assert all(len(m["sha256"]) == 64 for m in recorded.values())
 
 
-def test_score_only_mode_rejects_nothing_but_records_scores(web, models, filtered, tmp_path):
+def test_score_only_mode_rejects_nothing_but_records_scores(filtered, scored):
     out, _ = filtered
-    stats = prepare(web, models, tmp_path / "score", "--toxicity", "score", "--clip", "score", "--nsfw", "score", beam=MULTI)
+    score_out, stats = scored
     assert stats["accounting"]["ok"]
-    rej = rows(tmp_path / "score", "rejects")
+    rej = rows(score_out, "rejects")
     assert not [r for r in rej if r["stage"] in ("toxicity", "clip", "nsfw")]
-    meta = rows(tmp_path / "score", "meta")
+    meta = rows(score_out, "meta")
     assert all(r["clip_similarity"] is not None and r["toxicity"] is not None for r in meta)
     # Scores do not depend on the runner mode or on what else was in the batch.
     filtered_scores = {r["uid"]: r["clip_similarity"] for r in rows(out, "meta")}

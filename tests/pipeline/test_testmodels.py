@@ -22,7 +22,7 @@ from pipeline.testbed.models.build import isolated_env, run_isolated, tree_diges
 SMALL = {
     "clip": {"steps": 12, "rows": 200, "held_out": 60, "check": False},
     "nsfw": {"input_dim": 64},
-    "toxicity": {"clean_rows": 200, "n_toxic": 200, "eval_rows": 60, "max_epochs": 2, "check": False},
+    "toxicity": {"clean_rows": 200, "n_toxic": 200, "eval_rows": 60, "epochs": 2, "check": False},
     "t5": {},
 }
 

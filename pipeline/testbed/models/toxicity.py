@@ -15,10 +15,10 @@ with `model="local:<out_dir>"` (and kiln with `--toxicity-model local:<out_dir>`
 The training set is `pipeline.testbed.toxic_captions.training_set`: clean captions from the synthetic web
 (its "ok" rows, plus every caption a shapeless scene can get -- the planted decompression bomb's --
 since a row that fails elsewhere must not look toxic for want of training text; some with friendly
-phrases attached) and toxic captions made from TRAIN_PHRASES. The builder then
-checks generalisation on captions it never trained on -- HELDOUT_PHRASES around unseen clean
-descriptions must score mean toxicity > 0.8, unseen clean captions (with held-out friendly phrases
-on some) < 0.2 -- and raises if not.
+phrases attached) and toxic captions made from TRAIN_PHRASES. The builder then checks
+generalisation on captions it never trained on -- HELDOUT_PHRASES around unseen clean descriptions
+must be flagged (>= 95%), unseen clean captions must not (<= 1%), nor those with a held-out friendly
+phrase (<= 5%) -- and retrains from another initialisation if not (see `build_tiny_detoxify`).
 
 Deterministic for a seed: the same bytes in every file, on a given machine and library versions
 (`reproducible`: one thread, deterministic kernels, seeded RNGs; `build.run_isolated` adds a fresh
@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import random
 import tempfile
 from pathlib import Path
@@ -53,8 +54,16 @@ JIGSAW_CLASSES = ["toxic", "severe_toxic", "obscene", "threat", "insult", "ident
 MODEL_TYPE = "kiln-tiny-detoxify-bert"  # informational: a local: folder supplies config + tokenizer
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 MAX_LENGTH = 128
-HELDOUT_TOXIC_MIN = 0.8
-CLEAN_MAX = 0.2
+HELDOUT_TOXIC_MIN = 0.8  # mean toxicity of held-out toxic captions
+CLEAN_MAX = 0.2  # mean toxicity of unseen clean captions
+# Decisions, as the pipeline makes them (max over the labels > 0.5): a low mean can hide a few
+# percent of clean captions scored 0.99, which is what a filter test then trips over.
+HELDOUT_TOXIC_FLAGGED_MIN = 0.95
+CLEAN_FLAGGED_MAX = 0.01
+BENIGN_FLAGGED_MAX = 0.05  # clean captions with a held-out friendly phrase ("you talented painter")
+EPOCHS, LR = 8, 2e-3
+BENIGN_FRACTION = 0.5  # of the clean training captions, decorated with a friendly phrase
+ATTEMPTS = 4
 
 
 def _clean_captions(seed: int, rows: int) -> list[str]:
@@ -124,6 +133,57 @@ def _scores(model, tokenizer, texts: list[str], batch_size: int = 128):
     return torch.cat(out)
 
 
+def _train(config, enc, targets, train_seed: int, epochs: int, lr: float, evaluate) -> tuple:
+    """(model, history): `epochs` epochs of AdamW, linear warm-up over half an epoch, then cosine
+    decay to zero; `evaluate(model)` after each epoch gives the history's held-out figures."""
+    import torch
+    import transformers
+
+    batch_size = 32
+    n = len(targets)
+    history = []
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(train_seed)
+        model = transformers.BertForSequenceClassification(config)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+        loss_fn = torch.nn.BCEWithLogitsLoss()
+        gen = torch.Generator().manual_seed(train_seed)
+        per_epoch = -(-n // batch_size)
+        total_steps, warmup = epochs * per_epoch, max(1, per_epoch // 2)
+        step = 0
+        for epoch in range(1, epochs + 1):
+            model.train()
+            perm = torch.randperm(n, generator=gen)
+            total = 0.0
+            for i in range(0, n, batch_size):
+                frac = (step - warmup) / max(1, total_steps - warmup)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr * (step + 1) / warmup if step < warmup else lr * 0.5 * (1 + math.cos(math.pi * frac))
+                step += 1
+                idx = perm[i : i + batch_size]
+                mask = enc["attention_mask"][idx]
+                width = int(mask.sum(1).max())
+                logits = model(
+                    input_ids=enc["input_ids"][idx, :width],
+                    token_type_ids=enc["token_type_ids"][idx, :width],
+                    attention_mask=mask[:, :width],
+                ).logits
+                loss = loss_fn(logits, targets[idx])
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                total += float(loss.detach()) * len(idx)
+            history.append({"epoch": epoch, "loss": round(total / n, 5), **evaluate(model)})
+    model.eval()
+    return model, history
+
+
+def _passes(figures: dict) -> bool:
+    return (figures["heldout_toxic_mean"] > HELDOUT_TOXIC_MIN and figures["clean_mean"] < CLEAN_MAX
+            and figures["heldout_toxic_flagged"] >= HELDOUT_TOXIC_FLAGGED_MIN
+            and figures["clean_flagged"] <= CLEAN_FLAGGED_MAX and figures["benign_flagged"] <= BENIGN_FLAGGED_MAX)
+
+
 @reproducible
 def build_tiny_detoxify(
     out_dir: str | Path,
@@ -132,32 +192,39 @@ def build_tiny_detoxify(
     clean_rows: int = 1000,
     n_toxic: int = 1000,
     eval_rows: int = 300,
-    max_epochs: int = 20,
-    min_epochs: int = 5,
+    epochs: int = EPOCHS,
+    lr: float = LR,
+    benign_fraction: float = BENIGN_FRACTION,
+    attempts: int = ATTEMPTS,
     check: bool = True,
 ) -> Path:
     """Build, train, check and save the tiny Detoxify-format model into `out_dir`; return it.
 
-    Raises RuntimeError if the trained model does not separate held-out toxic captions (mean
-    toxicity > 0.8) from unseen clean ones (< 0.2) within `max_epochs` (unless check=False, for a
-    test's deliberately small build: it then trains exactly `max_epochs` epochs).
+    A fixed number of epochs (`_train`), then the held-out check (`_passes`): held-out toxic
+    captions must score mean toxicity > 0.8 with >= 95% flagged (max over the labels > 0.5), unseen
+    clean captions < 0.2 with <= 1% flagged, and clean captions with a held-out friendly phrase
+    <= 5% flagged. What a tiny model generalises to depends on its initialisation, so a failed check
+    retrains from another initialisation (train seed `seed + 1000 * attempt`; the data stay those of
+    `seed`), up to `attempts` times, then raises RuntimeError. Every step is a function of `seed`:
+    the same attempts, the same bytes. check=False keeps the first attempt whatever it scores (for a
+    test's deliberately small build).
     """
     ensure_torch_compat()
     import torch
     import transformers
 
+    from pipeline.testbed.synth import plain_background_captions
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
 
-    from pipeline.testbed.synth import plain_background_captions
-
     captions = _clean_captions(seed, clean_rows + eval_rows)
     train_clean, eval_clean = captions[:clean_rows] + plain_background_captions(), captions[clean_rows:]
-    examples = training_set(rng, train_clean, n_toxic)
+    examples = training_set(rng, train_clean, n_toxic, benign_fraction=benign_fraction)
     eval_rng = random.Random(seed + 1)
     heldout_toxic = [toxic_caption(eval_rng, c, heldout=True) for c in eval_clean]
-    heldout_clean = [benign_caption(eval_rng, c, heldout=True) if i % 3 == 0 else c for i, c in enumerate(eval_clean)]
+    heldout_benign = [benign_caption(eval_rng, c, heldout=True) for c in eval_clean]
 
     vocab = _build_vocab([t for t, _ in examples] + [p for p, _ in TRAIN_PHRASES] + TRAIN_BENIGN)
     tokenizer = _save_tokenizer(out, vocab)
@@ -176,50 +243,29 @@ def build_tiny_detoxify(
         id2label=dict(enumerate(LABELS)),
         label2id={name: i for i, name in enumerate(LABELS)},
     )
-
     texts = [t for t, _ in examples]
     targets = torch.tensor([y for _, y in examples], dtype=torch.float32)
     enc = tokenizer(texts, return_tensors="pt", truncation=True, padding=True)
-    batch_size = 32
-    history = []
+
+    def evaluate(model) -> dict:
+        tox, clean, benign = (_scores(model, tokenizer, t) for t in (heldout_toxic, eval_clean, heldout_benign))
+        flagged = lambda s: round(float((s.max(1).values > 0.5).float().mean()), 4)  # noqa: E731
+        return {"heldout_toxic_mean": round(float(tox[:, 0].mean()), 4), "clean_mean": round(float(clean[:, 0].mean()), 4),
+                "heldout_toxic_flagged": flagged(tox), "clean_flagged": flagged(clean), "benign_flagged": flagged(benign)}
+
     # One thread (`reproducible`): for a model this small it is faster than several (and far faster on
     # a busy machine, where OpenMP workers spin), and the weights' bits do not depend on the core count.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = transformers.BertForSequenceClassification(config)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.01)
-        loss_fn = torch.nn.BCEWithLogitsLoss()
-        gen = torch.Generator().manual_seed(seed)
-        passed = False
-        for epoch in range(1, max_epochs + 1):
-            model.train()
-            perm = torch.randperm(len(texts), generator=gen)
-            total = 0.0
-            for i in range(0, len(texts), batch_size):
-                idx = perm[i : i + batch_size]
-                mask = enc["attention_mask"][idx]
-                width = int(mask.sum(1).max())
-                logits = model(
-                    input_ids=enc["input_ids"][idx, :width],
-                    token_type_ids=enc["token_type_ids"][idx, :width],
-                    attention_mask=mask[:, :width],
-                ).logits
-                loss = loss_fn(logits, targets[idx])
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                total += float(loss.detach()) * len(idx)
-            tox_mean = float(_scores(model, tokenizer, heldout_toxic)[:, 0].mean())
-            clean_mean = float(_scores(model, tokenizer, heldout_clean)[:, 0].mean())
-            history.append({"epoch": epoch, "loss": round(total / len(texts), 5), "heldout_toxic_mean": round(tox_mean, 4), "clean_mean": round(clean_mean, 4)})
-            if check and epoch >= min_epochs and tox_mean > HELDOUT_TOXIC_MIN and clean_mean < CLEAN_MAX:
-                passed = True
-                break
-    if check and not passed:
-        raise RuntimeError(f"tiny Detoxify model did not separate held-out toxic from clean captions: {history}")
+    tried = []
+    for attempt in range(max(1, attempts)):
+        train_seed = seed + 1000 * attempt
+        model, history = _train(config, enc, targets, train_seed, epochs, lr, evaluate)
+        tried.append({"train_seed": train_seed, **history[-1]})
+        if not check or _passes(history[-1]):
+            break
+    else:
+        raise RuntimeError(f"tiny Detoxify model did not separate held-out toxic from clean captions in {len(tried)} attempts: {tried}")
 
-    model.eval()
-    probes = [eval_clean[0], heldout_clean[0], toxic_caption(random.Random(seed + 2), eval_clean[1], heldout=False), heldout_toxic[1]]
+    probes = [eval_clean[0], heldout_benign[0], toxic_caption(random.Random(seed + 2), eval_clean[1], heldout=False), heldout_toxic[1]]
     probe_scores = _scores(model, tokenizer, probes).tolist()  # the in-memory model, before saving
     ckpt = save_detoxify_checkpoint(
         out, model, JIGSAW_CLASSES, MODEL_TYPE, tokenizer_name="BertTokenizer", name="kiln-tiny-detoxify"
@@ -231,6 +277,8 @@ def build_tiny_detoxify(
         "labels": list(LABELS),
         "checkpoint_classes": list(JIGSAW_CLASSES),
         "seed": seed,
+        "train_seed": train_seed,
+        "attempts": tried,
         "train_examples": len(examples),
         "train_toxic": n_toxic,
         "train_phrases": len(TRAIN_PHRASES),
@@ -240,6 +288,9 @@ def build_tiny_detoxify(
         "epochs": last["epoch"],
         "heldout_toxic_mean": last["heldout_toxic_mean"],
         "clean_mean": last["clean_mean"],
+        "heldout_toxic_flagged": last["heldout_toxic_flagged"],
+        "clean_flagged": last["clean_flagged"],
+        "benign_flagged": last["benign_flagged"],
         "history": history,
         "vocab_size": len(vocab),
         "max_length": MAX_LENGTH,
@@ -247,7 +298,7 @@ def build_tiny_detoxify(
         "checkpoint_sha256": sha256_file(ckpt),
         "probes": [{"caption": c, "scores": [round(v, 6) for v in row]} for c, row in zip(probes, probe_scores)],
     }
-    (out / "model_card.json").write_text(json.dumps(card, indent=1) + "\n")
+    (out / "model_card.json").write_text(json.dumps(card, indent=1, sort_keys=True) + "\n")
     return out
 
 
