@@ -1,7 +1,7 @@
-"""The dataset card (pipeline/card.py) on a dataset made by the real pipeline over the synthetic web.
+"""The dataset card (pipeline/card/) on a dataset made by the real pipeline over the synthetic web.
 
 The card's numbers must be the files' numbers: the funnel is recounted here from the rejects and
-meta parquet files and the manifest, independently of card.py, and compared with the card's
+meta parquet files and the manifest, independently of pipeline/card/, and compared with the card's
 tables; tampering with a rejects file must stop the card. Nothing here reaches the network: the
 Hub's `DatasetCard.validate()` posts to huggingface.co, so the metadata is checked offline
 (DatasetCardData round trip + the Hub's rules for the fields kiln writes) with every non-loopback
@@ -20,7 +20,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.card import CardError, _md, add_card_args, main_card, validate_card_metadata, write_card
+from pipeline.card import CardError, add_card_args, main_card, write_card
+from pipeline.card.hub import validate_card_metadata
+from pipeline.card.render import md
 from pipeline.testbed.demo import prepare_args
 from pipeline.prepare import run
 from pipeline.testbed.server import SynthServer
@@ -174,7 +176,7 @@ def test_card_states_every_flag_threshold_model_hash_and_run_fact_of_stats_json(
     text = card_path.read_text()
     stats = json.loads((out / "stats.json").read_text())
     for key, value in stats["flags"].items():
-        assert f"| `--{key.replace('_', '-')}` | `{_md(value)}` |" in text, key
+        assert f"| `--{key.replace('_', '-')}` | `{md(value)}` |" in text, key
     for threshold in ("min_clip_similarity", "max_punsafe", "max_toxicity"):
         assert f"--{threshold.replace('_', '-')} {stats['flags'][threshold]}" in text, threshold
     for stage, mode in stats["stage_modes"].items():
@@ -186,10 +188,14 @@ def test_card_states_every_flag_threshold_model_hash_and_run_fact_of_stats_json(
         if fact:
             assert str(fact) in text
     assert "DirectRunner" in text and "apache-beam 2.77.0" in text
+    # The exact command the run recorded, as it recorded it (not rebuilt from the flags).
+    assert stats["command"].startswith("kiln prepare --input ")
+    assert f"same kiln commit):\n\n```\n{stats['command']}\n```\n" in text and "rebuilt from the flags" not in text
     # Opt-outs: each honoured directive with the rows it removed.
     robots = collections.Counter(r["reason"] for r in _rows(out, "rejects", ["reason"]) if r["reason"].startswith("robots_"))
     rows = {d.strip("`"): _int(n) for d, n, _ in _table(text, "| directive honoured |")}
-    assert set(rows) == set(stats["flags"]["disallowed_directives"].split(","))
+    directives = stats["flags"]["disallowed_directives"]  # a list (a comma-separated string before the config schema)
+    assert set(rows) == set(directives.split(",") if isinstance(directives, str) else directives)
     assert {f"robots_{d}": n for d, n in rows.items() if n} == dict(robots) and sum(robots.values()) >= 1
     # Licence mix and top domains of the kept rows.
     licences = collections.Counter(r["LICENSE"] for r in _rows(out, "meta", ["LICENSE"]))
