@@ -50,10 +50,10 @@ def count_img2dataset(out: str) -> int:
 
 
 def run_kiln(meta: str, out: str, allow: str, image_size: int, beam: list[str]) -> tuple[float, int]:
-    from pipeline.testbed.demo import prepare_args
+    from pipeline.testbed import prepare_config
     from pipeline.prepare import run
 
-    args = prepare_args(meta, out, allow, "--quiet", "--overwrite", "--image-size", str(image_size), "--download-timeout", "10",
+    args = prepare_config(meta, out, allow, "--quiet", "--overwrite", "--image-size", str(image_size), "--download-timeout", "10",
                         "--toxicity", "off", "--clip", "off", "--nsfw", "off", "--t5", "off")
     t0 = time.perf_counter()
     stats = run(args, beam)

@@ -106,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
         "safetensors NSFW head, Detoxify checkpoint). Takes a few minutes on 2 CPU cores; downloads nothing.",
     )
     m.add_argument("dir", help="output directory")
-    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--seed", type=int, default=0, help="seed of every builder [0]")
     m.set_defaults(func=_make_test_models)
 
     e = sub.add_parser("embed-prompts", help="encode sampling prompts with the same frozen T5 and cleaning -> parquet")
@@ -130,8 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="synthesise a small web, serve it, run `kiln prepare` on it and print the funnel")
     d.add_argument("--workdir", default="build/demo", help="where the web and the dataset go [build/demo]")
-    d.add_argument("--rows", type=int, default=500)
-    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--rows", type=int, default=500, help="rows of the synthetic web [500]")
+    d.add_argument("--seed", type=int, default=0, help="seed of the synthetic web [0]")
     d.add_argument("--train-s", type=float, default=240.0, help="seconds of tiny-cascade training after prepare; 0 skips [240]")
     d.set_defaults(func=_demo, beam_args=True)
     return parser

@@ -18,7 +18,6 @@ import json
 from dataclasses import dataclass
 
 import pyarrow as pa
-from dataclasses import dataclass
 
 # Stage names, in the order a row meets them.
 STAGE_PREFILTER = "prefilter"

@@ -12,15 +12,7 @@ import argparse
 import shutil
 from pathlib import Path
 
-from pipeline.options import add_prepare_args
-
-
-def prepare_args(input_glob: str, output: str, allow_hosts: str, *extra: str) -> argparse.Namespace:
-    """`kiln prepare` flags as the CLI would parse them (used by the demo, tests and benchmarks)."""
-    p = argparse.ArgumentParser()
-    add_prepare_args(p)
-    return p.parse_args(["--input", input_glob, "--output", output, "--allow-hosts", allow_hosts, *extra])
-
+from pipeline.testbed import prepare_config
 
 def main(args: argparse.Namespace, beam_argv: list[str]) -> int:
     from pipeline.prepare import run
@@ -40,10 +32,10 @@ def main(args: argparse.Namespace, beam_argv: list[str]) -> int:
     with SynthServer(web) as server:
         print(f"kiln demo: serving the synthetic web at {server.base_url}; allowing only {server.allow_hosts}")
         # A short deadline keeps the planted slow-drip and stalled URLs from dominating the demo.
-        pargs = prepare_args(str(web_dir / "metadata.parquet"), str(out_dir), server.allow_hosts,
+        cfg = prepare_config(str(web_dir / "metadata.parquet"), str(out_dir), server.allow_hosts,
                              "--overwrite", "--download-timeout", "4", "--samples-per-shard", "200",
                              *prepare_flags(models))
-        run(pargs, beam_argv)
+        run(cfg, beam_argv)
     if args.train_s > 0:
         _train_and_sample(work, out_dir, models, args.train_s)
     print(f"\nkiln demo: done. Read a shard with: tar tvf {out_dir}/shards/000000.tar | head")
@@ -62,7 +54,7 @@ def _train_and_sample(work: Path, data: Path, models: dict, budget_s: float) -> 
     """The tiny cascade on the demo shards for a bounded time, then a sample grid for a few prompts:
     what `kiln train`, `kiln embed-prompts` and `kiln sample` run, called directly."""
     # torch and the trainer are imported only when the demo trains (tests import this module for
-    # prepare_args, and `kiln demo --train-s 0` never needs them).
+    # prepare_config, and `kiln demo --train-s 0` never needs them).
     from pipeline.embed_prompts import embed_prompts
     from train.checkpoint import latest_checkpoint
     from train.config import load_config

@@ -23,7 +23,7 @@ import pytest
 from pipeline.card import CardError, add_card_args, main_card, write_card
 from pipeline.card.hub import validate_card_metadata
 from pipeline.card.render import md
-from pipeline.testbed.demo import prepare_args
+from pipeline.testbed import prepare_config
 from pipeline.prepare import run
 from pipeline.testbed.server import SynthServer
 from pipeline.testbed.synth import synthesize
@@ -71,7 +71,7 @@ def _prepare(tmp_path_factory, name, *flags):
     out = root / "dataset"
     with SynthServer(web) as s:
         # --samples-per-shard 60: several shards, so a missing rejects file is one of many.
-        run(prepare_args(str(web.metadata_path), str(out), s.allow_hosts, "--quiet", "--image-size", "128",
+        run(prepare_config(str(web.metadata_path), str(out), s.allow_hosts, "--quiet", "--image-size", "128",
                          "--download-timeout", "3", "--samples-per-shard", "60", *flags), [])
     return out
 

@@ -15,8 +15,9 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from pipeline.testbed.demo import prepare_args
+from pipeline.testbed import prepare_config
 from pipeline.finalize import AccountingError, check_accounting, count_input_rows, read_footers
+from pipeline.config import ConfigError
 from pipeline.prepare import run
 from pipeline.records import compute_uid
 from pipeline.testbed.server import SynthServer
@@ -38,7 +39,7 @@ def web(tmp_path_factory):
 
 def prepare(web_server, out: Path, *flags, beam=()):
     w, server = web_server
-    args = prepare_args(str(w.metadata_path), str(out), server.allow_hosts, "--quiet", "--image-size", str(IMAGE_SIZE),
+    args = prepare_config(str(w.metadata_path), str(out), server.allow_hosts, "--quiet", "--image-size", str(IMAGE_SIZE),
                         "--download-timeout", "3", "--samples-per-shard", "60",
                         "--toxicity", "off", "--clip", "off", "--nsfw", "off", "--t5", "off", *flags)
     return run(args, list(beam))
@@ -164,9 +165,9 @@ def test_changed_settings_do_not_resume_silently(web, clean_run, tmp_path):
     partial = tmp_path / "p"
     shutil.copytree(out, partial)
     (partial / "_SUCCESS").unlink()
-    with pytest.raises(SystemExit, match="other input files or settings"):
+    with pytest.raises(ConfigError, match="other input files or settings"):
         prepare(web, partial, "--min-image-size", "100")
-    with pytest.raises(SystemExit, match="complete but was made from other"):
+    with pytest.raises(ConfigError, match="complete but was made from other"):
         prepare(web, out, "--min-image-size", "100")
 
 

@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.testbed.demo import prepare_args
+from pipeline.testbed import prepare_config
 from pipeline.prepare import run
 from pipeline.testbed.server import SynthServer
 from pipeline.testbed.synth import FILTER_KINDS, synthesize
@@ -45,7 +45,7 @@ def web(tmp_path_factory):
 
 def prepare(web_server, models, out: Path, *flags, beam=()):
     w, server = web_server
-    args = prepare_args(str(w.metadata_path), str(out), server.allow_hosts, "--quiet", "--image-size", "256",
+    args = prepare_config(str(w.metadata_path), str(out), server.allow_hosts, "--quiet", "--image-size", "256",
                         "--download-timeout", "3", "--samples-per-shard", "100", *prepare_flags(models), *flags)
     return run(args, list(beam))
 

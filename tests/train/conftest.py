@@ -186,7 +186,7 @@ def synth_dataset(tmp_path_factory):
     The web's metadata is cut to `unambiguous_scene` rows before the pipeline runs (~1000 of
     12000): the same selection as filtering the shards afterwards, without preparing samples no
     test reads."""
-    from pipeline.testbed.demo import prepare_args
+    from pipeline.testbed import prepare_config
     from pipeline.prepare import run
     from pipeline.testbed.server import SynthServer
     from pipeline.testbed.synth import synthesize
@@ -206,7 +206,7 @@ def synth_dataset(tmp_path_factory):
     pq.write_table(pa.Table.from_pylist(rows, schema=meta.schema), metadata)
     out = root / "dataset"
     with SynthServer(web) as server:
-        args = prepare_args(str(metadata), str(out), server.allow_hosts, "--quiet", "--image-size", "128",
+        args = prepare_config(str(metadata), str(out), server.allow_hosts, "--quiet", "--image-size", "128",
                             "--toxicity", "off", "--clip", "off", "--nsfw", "off", "--t5-model", f"local:{models['t5']}",
                             "--samples-per-shard", "500")
         run(args, [])

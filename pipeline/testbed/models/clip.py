@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.compat import ensure_torch_compat
-from pipeline.testbed.models.build import reproducible
+from pipeline.testbed.models.determinism import reproducible
 
 # Bump when the builder's output would change (config, data, training): cached copies are rebuilt.
 TINY_CLIP_VERSION = 2
@@ -80,7 +80,7 @@ def _load_synthetic(root: Path, rows: int, seed: int):
     import cv2
     import pyarrow.parquet as pq
 
-    from pipeline.testbed.models.build import SYNTH_BASE_URL
+    from pipeline.testbed.models.determinism import SYNTH_BASE_URL
     from pipeline.testbed.synth import synthesize
 
     web = synthesize(root, rows, seed=seed, failure_rate=0.0, size_range=_SIZE_RANGE, base_url=SYNTH_BASE_URL)

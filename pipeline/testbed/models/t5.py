@@ -37,7 +37,7 @@ import tempfile
 from pathlib import Path
 
 from pipeline.compat import ensure_torch_compat
-from pipeline.testbed.models.build import SYNTH_BASE_URL, reproducible
+from pipeline.testbed.models.determinism import SYNTH_BASE_URL, reproducible
 
 # Bump when the builder's output would change (corpus, vocabulary, config, init).
 TINY_T5_VERSION = 1

@@ -36,7 +36,7 @@ from pathlib import Path
 
 from filters.toxicity import save_detoxify_checkpoint, sha256_file
 from pipeline.compat import ensure_torch_compat
-from pipeline.testbed.models.build import SYNTH_BASE_URL, reproducible
+from pipeline.testbed.models.determinism import SYNTH_BASE_URL, reproducible
 from pipeline.testbed.toxic_captions import (
     HELDOUT_BENIGN,
     HELDOUT_PHRASES,
