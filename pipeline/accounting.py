@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
+from pipeline.errors import RunFailed
 from pipeline.records import STAGES
 from pipeline.write import shard_name
 
@@ -34,7 +35,7 @@ SHARD_FILE = re.compile(r"(\d{6})\.(tar|parquet)")
 KINDS = {"meta": ("meta", "parquet"), "rejects": ("rejects", "parquet"), "tar": ("shards", "tar")}
 
 
-class AccountingError(RuntimeError):
+class AccountingError(RunFailed):
     """input rows != kept + rejected, or the files disagree with what the run says: the run has failed.
 
     `result` is check()'s full record (every check, passed or not); `problems` lists what failed."""

@@ -34,6 +34,8 @@ from pathlib import Path
 
 import yaml
 
+from pipeline.errors import UserError
+
 KILN_SECTION = "kiln"
 # The labels of the transforms that load a model; the only ones an accelerator hint goes on.
 MODEL_STAGE_LABELS = ("CaptionToxicity", "ImageFilters", "EmbedT5")
@@ -43,7 +45,7 @@ MODEL_STAGE_LABELS = ("CaptionToxicity", "ImageFilters", "EmbedT5")
 PLACEHOLDER = re.compile(r"\byour-(project|bucket)\b")
 
 
-class OptionsFileError(ValueError):
+class OptionsFileError(UserError, ValueError):
     """An options file that is not a mapping, names an unknown option, or has a bad value."""
 
 

@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import errno
+import os
+import signal
 import sys
+import threading
+
+from pipeline.errors import Interrupted, UserError, one_line
 
 
 def _prepare(args, extra):
-    from pipeline.beam_yaml import OptionsFileError
-    from pipeline.config import ConfigError, config_from_namespace
+    from pipeline.config import config_from_namespace
 
-    try:
-        cfg, beam_argv = config_from_namespace(args, extra)
-    except (ConfigError, OptionsFileError) as err:
-        print(f"kiln prepare: error: {err}", file=sys.stderr)  # one line, before any work starts
-        return 2
+    cfg, beam_argv = config_from_namespace(args, extra)  # ConfigError: one line, before any work starts
     from pipeline.prepare import main
 
     return main(cfg, beam_argv)
@@ -143,13 +144,58 @@ def _version() -> str:
     return __version__
 
 
+def _debug(argv: list[str]) -> tuple[bool, list[str]]:
+    """`--debug` anywhere on the line (or KILN_DEBUG=1): show tracebacks of user errors too."""
+    debug = os.environ.get("KILN_DEBUG", "").strip().lower() not in ("", "0", "false", "no")
+    return debug or "--debug" in argv, [a for a in argv if a != "--debug"]
+
+
+# OSErrors that are the machine's state, not kiln's bug: said in one line (exit 1), like a UserError.
+ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EMFILE}
+
+
+def _on_sigterm(signum, frame):
+    raise Interrupted("terminated (SIGTERM)")
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    """Run one `kiln` command under the error rule (pipeline.errors): a user's mistake is one line on
+    stderr and exit 2 (usage) or 1 (failed run); Ctrl-C / SIGTERM one line and 130 / 143; a bug in
+    kiln keeps its traceback."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    debug, argv = _debug(argv)
+    parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra and not getattr(args, "beam_args", False):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    return int(args.func(args, extra) or 0)
+    name = f"kiln {args.command}"
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        return int(args.func(args, extra) or 0)
+    except UserError as err:
+        if debug:
+            raise
+        print(f"{name}: error: {one_line(err)}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt as err:
+        if debug:
+            raise
+        what = "terminated" if isinstance(err, Interrupted) else "interrupted"
+        print(f"\n{name}: {what}; nothing partial was left as a finished file -- re-run the same command to resume",
+              file=sys.stderr)
+        return getattr(err, "exit_code", 130)
+    except OSError as err:
+        if debug or err.errno not in ENVIRONMENT_ERRNOS:
+            raise
+        where = f": {err.filename}" if err.filename else ""
+        print(f"{name}: error: {err.strerror or one_line(err)}{where} -- fix that and re-run the same command "
+              f"(finished shards are kept and skipped)", file=sys.stderr)
+        return 1
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

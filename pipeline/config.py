@@ -33,10 +33,12 @@ RESIZE_MODES = ("center_crop", "keep_ratio", "keep_ratio_largest", "border", "no
 INTERPOLATIONS = ("nearest", "linear", "bilinear", "cubic", "bicubic", "area", "lanczos", "lanczos4")  # img2dataset's
 ENCODE_FORMATS = ("jpg", "png", "webp")
 DEFAULT_MAX_PIXELS = 178_956_970  # 2x Pillow's MAX_IMAGE_PIXELS (89,478,485): where Pillow itself starts raising
+from pipeline.errors import UserError  # noqa: E402 - stdlib-only, like this module
+
 REQUIRED = object()  # default of a setting that has none (--input, --output)
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A setting with a bad value, an unknown setting, or settings that contradict each other."""
 
 

@@ -378,15 +378,7 @@ def print_funnel(stats: dict, output: str) -> None:
 
 
 def main(cfg: PrepareConfig, beam_argv: list[str]) -> int:
-    """`kiln prepare`: 0 done, 1 the run failed its checks, 2 a bad input or output (one line each)."""
-    from pipeline.card import CardError
-
-    try:
-        run(cfg, beam_argv)
-    except ConfigError as err:
-        print(f"kiln prepare: {err}", file=sys.stderr)
-        return 2
-    except (AccountingError, CardError) as err:
-        print(f"kiln prepare: FAILED: {err}", file=sys.stderr)
-        return 1
+    """`kiln prepare`. A bad input or output raises ConfigError (exit 2), a failed run AccountingError
+    or CardError (exit 1): pipeline.cli turns each into one line."""
+    run(cfg, beam_argv)
     return 0

@@ -36,8 +36,10 @@ import argparse
 import sys
 from pathlib import Path
 
+from pipeline.errors import RunFailed
 
-class CardError(RuntimeError):
+
+class CardError(RunFailed):
     """The dataset's files disagree with stats.json or manifest.json (or the card's metadata breaks
     the Hub's rules): no card is written."""
 
