@@ -42,7 +42,7 @@ def test_unknown_flag_on_a_non_beam_command_is_an_error():
 def test_prepare_without_input_files_fails_clearly(tmp_path):
     r = kiln("prepare", "--input", str(tmp_path / "none-*.parquet"), "--output", str(tmp_path / "out"), "--nsfw", "off")
     assert r.returncode == 2
-    assert r.stderr.strip().splitlines() == [f"kiln prepare: no input files match {str(tmp_path / 'none-*.parquet')!r}"]
+    assert r.stderr.strip().splitlines() == [f"kiln prepare: error: no input files match {str(tmp_path / 'none-*.parquet')!r}"]
 
 
 def test_synth_command_writes_a_web(tmp_path):
