@@ -96,6 +96,52 @@ def _is_repeatable(action) -> bool:
     return type(action).__name__ in ("_CommaSeparatedListAction", "_DictUnionAction", "_GcsCustomAuditEntriesAction")
 
 
+class BeamFlagError(UserError):
+    """A flag that is neither kiln's nor Beam's (a typo), a Beam flag with a bad value, or an unknown runner."""
+
+
+def check_beam_args(argv: list[str], kiln_flags: tuple[str, ...] = ()) -> None:
+    """Refuse, before any work, what Beam itself would only warn about and drop: a flag neither kiln
+    nor Beam knows (with the closest names, kiln's `kiln_flags` included), a stray argument, a bad
+    value for a Beam option, and a --runner Beam cannot create."""
+    import difflib
+
+    parser = _beam_parser()
+
+    def error(message):
+        raise BeamFlagError(f"{message} (Beam pipeline options; see `kiln prepare --help`)")
+
+    parser.error = error
+    known, unknown = parser.parse_known_args(list(argv))
+    for arg in unknown:
+        if not arg.startswith("-"):
+            raise BeamFlagError(f"unexpected argument {arg!r}: every kiln prepare setting is a --flag (did you forget a flag name, or quote a glob?)")
+        name = arg.split("=", 1)[0]
+        names = list(kiln_flags) + [o for o in parser._option_string_actions if o.startswith("--")]  # noqa: SLF001
+        close = difflib.get_close_matches(name, names, n=2, cutoff=0.6)
+        hint = f"; did you mean {' or '.join(close)}?" if close else "; see `kiln prepare --help` for kiln's flags and Beam's pipeline options for the rest"
+        raise BeamFlagError(f"unknown flag {name}: neither a kiln prepare flag nor a Beam pipeline option{hint}")
+    runner = getattr(known, "runner", None)
+    if runner:
+        from apache_beam.runners.runner import _RUNNER_MAP  # noqa: PLC2701 - the names create_runner accepts
+
+        if runner.lower() not in _RUNNER_MAP and runner.lower() + "runner" not in _RUNNER_MAP:
+            if "." not in runner:
+                close = difflib.get_close_matches(runner.lower(), list(_RUNNER_MAP), n=1, cutoff=0.8)
+                hint = f" (did you mean {close[0]}?)" if close else ""
+                raise BeamFlagError(f"--runner {runner}: not a Beam runner{hint}; use DirectRunner locally, or "
+                                    f"DataflowRunner, FlinkRunner, SparkRunner, PortableRunner, or a PipelineRunner's full import path")
+            import importlib
+
+            module, _, cls = runner.rpartition(".")
+            try:
+                found = getattr(importlib.import_module(module), cls, None)
+            except ImportError as err:
+                raise BeamFlagError(f"--runner {runner}: cannot import {module} ({err}); install it or name another runner") from None
+            if found is None:
+                raise BeamFlagError(f"--runner {runner}: {module} has no {cls}")
+
+
 # -- YAML -> flags ---------------------------------------------------------------------------------
 
 

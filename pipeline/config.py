@@ -411,10 +411,15 @@ def parse_prepare(argv: list[str]) -> tuple[PrepareConfig, list[str]]:
 def config_from_namespace(ns: argparse.Namespace, beam_argv: list[str]) -> tuple[PrepareConfig, list[str]]:
     """Apply the options file named by `--options` (if any) and resolve. Raises ConfigError (bad
     settings) or pipeline.beam_yaml.OptionsFileError (a bad file)."""
+    from pipeline.beam_yaml import check_beam_args
+
     values = namespace_values(ns)
     path = getattr(ns, "options", None)
+    kiln_flags = tuple(s.flag for s in SETTINGS.values()) + ("--options",)
     if not path:
-        return resolve(values), list(beam_argv)
+        cfg = resolve(values)
+        check_beam_args(beam_argv, kiln_flags)
+        return cfg, list(beam_argv)
     from pipeline.beam_yaml import load_options_file, merge_beam_args, placeholders, OptionsFileError
 
     file_argv, kiln_values = load_options_file(path)
@@ -423,6 +428,7 @@ def config_from_namespace(ns: argparse.Namespace, beam_argv: list[str]) -> tuple
     left = placeholders(merged)
     if left:
         raise OptionsFileError(f"{path}: replace the placeholder values before submitting (in the file or on the command line): {' '.join(left)}")
+    check_beam_args(merged, kiln_flags)
     return cfg, merged
 
 
