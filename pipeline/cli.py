@@ -151,7 +151,7 @@ def _debug(argv: list[str]) -> tuple[bool, list[str]]:
 
 
 # OSErrors that are the machine's state, not kiln's bug: said in one line (exit 1), like a UserError.
-ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EMFILE}
+ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.EMFILE}
 
 
 def _on_sigterm(signum, frame):
@@ -164,6 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     kiln keeps its traceback."""
     argv = sys.argv[1:] if argv is None else list(argv)
     debug, argv = _debug(argv)
+    if debug:
+        os.environ["KILN_DEBUG"] = "1"  # what the job's error reporting reads (pipeline.prepare)
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra and not getattr(args, "beam_args", False):

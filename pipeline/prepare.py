@@ -19,13 +19,19 @@ The configuration is pipeline.config's tree; each stage receives its section as 
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import errno
 import json
+import logging
 import math
+import os
 import platform
 import re
+import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -40,6 +46,7 @@ from pipeline import __version__
 from pipeline.beam_yaml import hinted, model_stage_hints
 from pipeline.config import ConfigError, InputConfig, PrepareConfig, command_line, fingerprint as config_fingerprint, flat
 from pipeline.decode import Decode, Resize
+from pipeline.errors import Interrupted, RunFailed
 from pipeline.download import Download
 from pipeline.finalize import AccountingError, build_manifest, check_accounting, count_input_rows, funnel_from, match, read_footers, write_json
 from pipeline.model_stages import CaptionToxicity, EmbedT5, ImageFilters
@@ -236,6 +243,123 @@ def _remove_temp_files(output: str) -> None:
         FileSystems.delete(stale)
 
 
+# What the machine says when the job cannot write (disk full, read-only, permissions): the run
+# failed for a reason the user fixes, said in one line. Beam re-raises a worker's OSError as a
+# RuntimeError naming it ("OSError: [Errno 28] No space left on device: '...' [while running ...]"),
+# and a KeyboardInterrupt in a worker thread the same way.
+_ENV_ERRNO = re.compile(r"\[Errno (\d+)\] ([^:\[]+)(?::\s*'([^']*)')?")
+_ENV_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.EMFILE}
+
+
+def _raise_as_user_error(err: BaseException, output: str) -> None:
+    """Re-raise a job failure that is the user's to fix as Interrupted/KeyboardInterrupt/RunFailed;
+    return for anything else (a bug keeps its traceback)."""
+    if isinstance(err, KeyboardInterrupt):
+        raise err
+    if _SIGNALLED:  # Ctrl-C / SIGTERM reached a worker thread first; Beam re-raised it as RuntimeError
+        raise (Interrupted("terminated (SIGTERM)") if _SIGNALLED[-1] == signal.SIGTERM else KeyboardInterrupt()) from None
+    if "KeyboardInterrupt" in str(err)[:200]:
+        raise KeyboardInterrupt() from None
+    code, what, path = (err.errno, err.strerror, err.filename) if isinstance(err, OSError) else (None, None, None)
+    if code is None:
+        m = _ENV_ERRNO.search(str(err))
+        if m:
+            code, what, path = int(m.group(1)), m.group(2).strip(), m.group(3)
+    if code in _ENV_ERRNOS:
+        where = f" ({path})" if path else ""
+        raise RunFailed(f"the job could not write{where}: {what}. Fix that (free space, permissions) and re-run the "
+                        f"same command: the shards already complete in {output} are kept and skipped") from None
+
+
+_SIGNALLED: list[int] = []
+
+
+@contextlib.contextmanager
+def _beam_errors_reported_once():
+    """While the job runs: note Ctrl-C / SIGTERM (Beam turns them into RuntimeErrors in its worker
+    threads), and keep Beam from logging a worker's exception with its traceback -- kiln reports it
+    once, as one line for a user's problem, with the traceback for a bug (or with --debug)."""
+    debug = os.environ.get("KILN_DEBUG", "").strip().lower() not in ("", "0", "false", "no")
+    installed = {}
+    if threading.current_thread() is threading.main_thread():
+        def note(signum, frame, previous=None):
+            _SIGNALLED.append(signum)
+            raise Interrupted("terminated (SIGTERM)") if signum == signal.SIGTERM else KeyboardInterrupt()
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            installed[sig] = signal.signal(sig, note)
+    quiet = _DropLoggedWorkerErrors()
+    loggers = [logging.getLogger(n) for n in ("apache_beam.runners.common", "apache_beam.runners.worker.sdk_worker",
+                                             "apache_beam.runners.direct.executor")]
+    if not debug:
+        for lg in loggers:
+            lg.addFilter(quiet)
+    _SIGNALLED.clear()
+    # multi_processing workers run in their own session: Ctrl-C in a terminal reaches the driver
+    # only (not every worker, each printing its own traceback); the driver's shutdown stops them.
+    from apache_beam.runners.portability import local_job_service
+
+    previous_hook = threading.excepthook
+
+    def thread_hook(args):
+        if not _SIGNALLED or debug:  # a worker thread failing after Ctrl-C is the shutdown itself
+            previous_hook(args)
+
+    threading.excepthook = thread_hook
+    popen_module = local_job_service.subprocess
+    _OwnSessionSubprocess.debug = debug
+    local_job_service.subprocess = _OwnSessionSubprocess
+    if not debug:
+        loggers.append(logging.getLogger("apache_beam.runners.portability.local_job_service"))
+        quiet_worker = _DropWorkerChatter()
+        loggers[-1].addFilter(quiet_worker)
+    try:
+        yield
+    finally:
+        local_job_service.subprocess = popen_module
+        if not _SIGNALLED:  # else keep it: the workers' threads end after this returns
+            threading.excepthook = previous_hook
+        for sig, previous in installed.items():
+            signal.signal(sig, previous)
+        for lg in loggers:
+            lg.removeFilter(quiet)
+            for f in [f for f in lg.filters if isinstance(f, _DropWorkerChatter)]:
+                lg.removeFilter(f)
+
+
+class _OwnSessionSubprocess:
+    """`subprocess` as Beam's local job service uses it, starting each worker in a new session."""
+
+    def __getattr__(self, name):
+        return getattr(subprocess, name)
+
+    debug = False
+
+    def Popen(self, *args, **kwargs):  # noqa: N802 - subprocess's name
+        kwargs.setdefault("start_new_session", True)
+        if not self.debug:
+            # The worker's own log lines reach the driver through Beam's logging service (errors
+            # with their tracebacks included); its stderr only repeats them, at INFO.
+            kwargs.setdefault("stdout", subprocess.DEVNULL)
+            kwargs.setdefault("stderr", subprocess.DEVNULL)
+        return subprocess.Popen(*args, **kwargs)
+
+
+_OwnSessionSubprocess = _OwnSessionSubprocess()
+
+
+class _DropWorkerChatter(logging.Filter):
+    """multi_processing workers' forwarded log lines below ERROR (their start-up notices)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.ERROR
+
+
+class _DropLoggedWorkerErrors(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.levelno >= logging.ERROR and record.exc_info)
+
+
 def check_input(input_schema, columns: InputConfig) -> None:
     """The input has the URL and caption columns, and none that clash with kiln's own fields."""
     for flag, col in (("--url-col", columns.url_col), ("--caption-col", columns.caption_col)):
@@ -299,10 +423,15 @@ def run(cfg: PrepareConfig, beam_argv: list[str], test_pipeline=None) -> dict:
     build_pipeline(p, cfg, input_schema, done, fingerprint, progress_dir=progress.dir if progress else None)
     printer = progress.printer(input_rows).start() if progress else None
     try:
-        result = p.run()
-        if printer is None and not quiet:
-            printer = ProgressPrinter(result, input_rows, interval_s=30).start()
-        result.wait_until_finish()
+        with _beam_errors_reported_once():
+            result = p.run()
+            if printer is None and not quiet:
+                printer = ProgressPrinter(result, input_rows, interval_s=30).start()
+            result.wait_until_finish()
+    except BaseException as err:
+        _remove_temp_files(output)  # an interrupted or failed run leaves no partial file
+        _raise_as_user_error(err, output)
+        raise
     finally:
         if printer is not None:
             printer.stop()
