@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -39,6 +38,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.compat import ensure_torch_compat
+from pipeline.errors import UserError, one_line
 
 PROMPTS_SCHEMA = pa.schema(
     [
@@ -56,16 +56,36 @@ DEFAULT_T5_MODEL = "google/t5-v1_1-xxl"
 
 
 def read_prompts(path: str | os.PathLike) -> list[str]:
-    """The prompts in `path`: one per line, blank lines skipped. ValueError if there are none."""
+    """The prompts in `path`: one per line, blank lines skipped. A UserError (one line, exit 2) if
+    the file is missing, not UTF-8 or holds no prompts."""
     path = Path(path)
+    if not path.is_file():
+        what = "is a directory" if path.is_dir() else "does not exist"
+        raise PromptsFileError(f"prompts file {path} {what}: give a UTF-8 text file, one prompt per line")
     try:
         text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as err:
-        raise ValueError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start})") from err
+        raise PromptsFileError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start}): "
+                               "save it as UTF-8, one prompt per line") from err
     prompts = [line.rstrip("\r") for line in text.split("\n") if line.strip()]
     if not prompts:
-        raise ValueError(f"{path} holds no prompts: expected one prompt per non-empty line")
+        raise PromptsFileError(f"{path} holds no prompts: expected one prompt per non-empty line")
     return prompts
+
+
+class PromptsFileError(UserError, ValueError):
+    """A prompts file or output path `kiln embed-prompts` cannot use."""
+
+
+def check_output(out: str | os.PathLike) -> Path:
+    """-o must name a file: not a directory, not under a file (checked before T5 loads)."""
+    out = Path(out)
+    if out.is_dir():
+        raise PromptsFileError(f"-o {out} is a directory: give a file name, e.g. {out / 'prompts.parquet'}")
+    parent = next((p for p in out.parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise PromptsFileError(f"-o {out}: {parent} is a file, not a directory; give a path in a directory")
+    return out
 
 
 def prompts_table(prompts: list[str], results, source: dict) -> pa.Table:
@@ -107,6 +127,7 @@ def embed_prompts(prompts_path: str | os.PathLike, out: str | os.PathLike, t5_mo
     --t5-model: a hub id in the local HF cache, or local:DIR) or with a ready `embedder`, write the
     Parquet file; returns a summary (prompts, truncated, d_model, out). What `kiln embed-prompts` runs."""
     prompts = read_prompts(prompts_path)  # a bad file fails before a multi-GB encoder loads
+    check_output(out)
     if embedder is None:
         ensure_torch_compat()
         # Imported here, not at the top: the CLI imports this module to build `kiln --help`, which
@@ -134,13 +155,18 @@ def add_embed_prompts_args(parser: argparse.ArgumentParser) -> None:
 
 
 def main_embed_prompts(args: argparse.Namespace) -> int:
+    """`kiln embed-prompts`. A bad prompts file, output path or T5 spec raises a UserError: the kiln
+    CLI prints it as one line and exits 2 (pipeline.errors)."""
     t0 = time.monotonic()
+    if args.t5_max_length < 1:
+        raise PromptsFileError(f"--t5-max-length must be >= 1, got {args.t5_max_length}")
     try:
         summary = embed_prompts(args.prompts, args.output, args.t5_model, max_length=args.t5_max_length,
                                 device=args.t5_device)
-    except (FileNotFoundError, ValueError) as err:
-        print(f"kiln embed-prompts: error: {err}", file=sys.stderr)
-        return 2
+    except UserError:
+        raise
+    except (FileNotFoundError, ValueError) as err:  # the T5 spec: no such local dir, not in the HF cache, ...
+        raise UserError(f"{one_line(err)}") from err
     print(
         f"wrote {summary['prompts']} prompts ({summary['truncated']} truncated to {args.t5_max_length} tokens), "
         f"d_model {summary['d_model']}, to {summary['out']} in {time.monotonic() - t0:.1f}s"

@@ -12,7 +12,12 @@ Each sample of `DATASET/shards/NNNNNN.tar` becomes
 
 Samples are skipped (and counted, `SkipCounts`) when their stored side is below
 data.min_stored_size (from KEY.json: a stage never learns from upscaled pixels, DESIGN.md), when
-they fall in the other split, or when a caller's `keep(meta, caption)` says no.
+they fall in the other split, or when a caller's `keep(meta, caption)` says no. A corrupt sample
+is skipped and counted by reason (CORRUPT_REASONS: a tar cut off mid-sample, a KEY.json that is not
+JSON, a KEY.t5.npy that is a pickled object array, not float, not 2-D or of another d_model than the
+stage's unet.text_dim, an image that does not decode), as a web sample is: never trained on, never a
+crash. T5 arrays are read with allow_pickle=False. `check_dataset` refuses, before training, a
+directory that cannot be trained on at all (train.errors.DatasetError, one line).
 
 Splits: a sample is held out when hash(uid) < holdout_fraction (`holdout_value`), so the same
 fraction of the same uids is held out on every run, by every reader, whatever the shard layout.
@@ -24,9 +29,9 @@ Two batch sources, both infinite, both deterministic for a seed and both resumab
                      the whole run) from a per-epoch seeded permutation: its position is just k,
                      so resuming at step N continues bit-for-bit. Used when the split fits in
                      `cache_max_bytes` (tests, tiny presets, small fine-tuning sets).
-    StreamingSource  wds.WebDataset over the shard list, re-shuffled per epoch (seeded), split
-                     over DDP ranks (wds.split_by_node) and DataLoader workers
-                     (wds.split_by_worker), a seeded shuffle buffer; resumes by skipping the
+    StreamingSource  the shard list re-shuffled per epoch (seeded), split over DDP ranks and
+                     DataLoader workers (as webdataset's split_by_node / split_by_worker do),
+                     a seeded shuffle buffer; resumes by skipping the
                      batches already consumed (exact, costs decoding them again).
 
     source = make_source(cfg, "DATASET", seed=0)          # picks one; cfg = train.config.Config
@@ -43,6 +48,10 @@ import hashlib
 import io
 import json
 import math
+import os
+import re
+import tarfile
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from itertools import count, islice
@@ -51,9 +60,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-import webdataset as wds
 from PIL import Image
 
+from train.errors import DatasetError, MissingFile, NoSamples, one_line
 from train.text import collate_text
 
 __all__ = [
@@ -61,6 +70,7 @@ __all__ = [
     "ImageSpec",
     "SkipCounts",
     "StreamingSource",
+    "check_dataset",
     "collate_examples",
     "decode_record",
     "holdout_value",
@@ -83,14 +93,76 @@ DEFAULT_CACHE_MAX_BYTES = 2 * 2**30  # decoded uint8 pixels a CachedSource may h
 def shard_urls(data_dir: str | Path) -> list[str]:
     """The dataset's tar paths in shard order: from manifest.json when present, else shards/*.tar."""
     root = Path(data_dir)
+    if not root.exists():
+        raise MissingFile(f"dataset {root} does not exist: give a `kiln prepare` output directory")
+    if not root.is_dir():
+        raise DatasetError(f"{root} is a file, not a dataset: give a `kiln prepare` output directory")
     manifest = root / "manifest.json"
     if manifest.exists():
-        shards = json.loads(manifest.read_text())["shards"]
-        urls = [str(root / s["tar"]) for s in shards if s.get("samples", 1)]
+        try:
+            shards = json.loads(manifest.read_text())["shards"]
+            urls = [str(root / s["tar"]) for s in shards if s.get("samples", 1)]
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as err:
+            raise DatasetError(f"{manifest} is unreadable ({type(err).__name__}: {one_line(err)}): "
+                               "re-run `kiln prepare` to rewrite it") from err
     else:
         urls = [str(p) for p in sorted((root / "shards").glob("*.tar"))]
     if not urls:
-        raise FileNotFoundError(f"no shards in {root} (expected {root}/shards/NNNNNN.tar, SHARDS.md)")
+        raise DatasetError(f"{root} is not a kiln dataset: no shards (expected manifest.json and "
+                           "shards/NNNNNN.tar, SHARDS.md); give a `kiln prepare` output directory")
+    return urls
+
+
+PEEK_SAMPLES = 64  # samples check_dataset reads to see what the T5 arrays are
+
+
+def check_dataset(data_dir: str | Path, spec: ImageSpec | None = None) -> list[str]:
+    """Refuse, in one line (DatasetError / MissingFile), a directory a stage cannot train on:
+    missing, not a kiln dataset, shards missing, made with `--t5 off` (no KEY.t5.npy), or T5
+    arrays of another d_model than `spec.d_model`. Reads stats.json and the first samples only.
+    Returns the shard paths."""
+    root = Path(data_dir)
+    urls = shard_urls(root)
+    missing = [u for u in urls if not Path(u).is_file()]
+    if missing:
+        raise DatasetError(f"{root}: {len(missing)} of {len(urls)} shards listed in manifest.json are missing "
+                           f"(first: {missing[0]}); re-run the same `kiln prepare` command to rewrite them")
+    d_model = spec.d_model if spec is not None else None
+    no_t5 = (f"{root} has no T5 arrays (KEY.t5.npy): it was prepared with --t5 off; re-run `kiln prepare` "
+             "with T5 on to train on it")
+
+    def wrong_width(width) -> DatasetError:
+        return DatasetError(f"{root} holds T5 arrays of d_model {width}, the stage wants unet.text_dim {d_model}: "
+                            f"use a preset made for that text encoder (or --override unet.text_dim={width}), "
+                            "or re-embed the captions with the stage's T5")
+
+    try:
+        stats = json.loads((root / "stats.json").read_text())
+    except (OSError, ValueError):
+        stats = None
+    if isinstance(stats, dict):
+        if (stats.get("stage_modes") or {}).get("t5") == "off":
+            raise DatasetError(no_t5)
+        width = ((stats.get("models") or {}).get("t5") or {}).get("d_model")
+        if d_model is not None and isinstance(width, int) and width != d_model:
+            raise wrong_width(width)
+    read = with_t5 = 0
+    widths: dict[int, int] = {}
+    for sample in islice(_raw_samples(urls), PEEK_SAMPLES):
+        if sample.get("__truncated__"):
+            continue
+        read += 1
+        if "t5.npy" in sample:
+            with_t5 += 1
+            try:
+                w = int(load_t5(sample["t5.npy"]).shape[1])
+                widths[w] = widths.get(w, 0) + 1
+            except CorruptSample:
+                pass
+    if read and not with_t5:
+        raise DatasetError(no_t5)
+    if d_model is not None and widths and d_model not in widths:
+        raise wrong_width(max(widths, key=widths.get))
     return urls
 
 
@@ -119,6 +191,7 @@ class ImageSpec:
     crop_size: int | None = None
     text_max_len: int = 128
     min_stored_size: int = 0
+    d_model: int | None = None  # the stage's unet.text_dim: T5 arrays of another width are skipped
 
     @classmethod
     def from_config(cls, cfg) -> ImageSpec:
@@ -130,6 +203,7 @@ class ImageSpec:
             crop_size=d.crop_size,
             text_max_len=d.text_max_len,
             min_stored_size=d.min_stored_size if d.min_stored_size is not None else d.resolution,
+            d_model=cfg.unet.text_dim,
         )
 
     @property
@@ -145,9 +219,16 @@ class ImageSpec:
         return self.output_size * self.lowres_resolution // self.resolution
 
 
+# Why a corrupt sample was skipped (SkipCounts fields), in the order a reader checks them.
+CORRUPT_REASONS = ("truncated", "bad_meta", "t5_pickle", "bad_t5", "t5_dtype", "wrong_d_model", "bad_image")
+
+
 @dataclass
 class SkipCounts:
-    """What a reader saw and why samples did not reach a batch."""
+    """What a reader saw and why samples did not reach a batch.
+
+    Training data is treated like web data: a corrupt sample is skipped and counted by reason
+    (CORRUPT_REASONS), never trained on and never a crash."""
 
     seen: int = 0
     kept: int = 0
@@ -155,9 +236,28 @@ class SkipCounts:
     too_small: int = 0  # stored side < data.min_stored_size
     filtered: int = 0  # the caller's keep() said no
     no_text: int = 0  # no KEY.t5.npy (a dataset made with --t5 off)
+    truncated: int = 0  # cut off by a truncated or corrupt tar (the rest of that shard is unreadable)
+    bad_meta: int = 0  # KEY.json missing or not a JSON object
+    t5_pickle: int = 0  # KEY.t5.npy is an object array: loading it would unpickle, which kiln never does
+    bad_t5: int = 0  # KEY.t5.npy unreadable or not [t5_len, d_model]
+    t5_dtype: int = 0  # KEY.t5.npy not a float array (e.g. int64)
+    wrong_d_model: int = 0  # KEY.t5.npy's d_model is not the stage's unet.text_dim
+    bad_image: int = 0  # no image member, or it does not decode (e.g. a corrupt JPEG)
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
+
+    @property
+    def corrupt(self) -> int:
+        return sum(getattr(self, r) for r in CORRUPT_REASONS)
+
+    def skipped(self) -> dict:
+        """The non-zero skip reasons: {"too_small": 4, "bad_image": 1, ...}."""
+        return {k: v for k, v in self.__dict__.items() if k not in ("seen", "kept") and v}
+
+    def add(self, other: SkipCounts | dict) -> None:
+        for k, v in (other.as_dict() if isinstance(other, SkipCounts) else other).items():
+            setattr(self, k, getattr(self, k) + int(v))
 
 
 # --------------------------------------------------------------------------------------------
@@ -186,6 +286,35 @@ class Record:
     meta: dict = field(repr=False)
 
 
+def load_t5(data: bytes) -> np.ndarray:
+    """A KEY.t5.npy member -> its array, never unpickling. Raises `CorruptSample(reason)`."""
+    try:
+        text = np.load(io.BytesIO(data), allow_pickle=False)
+    except ValueError as err:
+        if "allow_pickle" in str(err) or "Object arrays" in str(err):
+            raise CorruptSample("t5_pickle") from err
+        raise CorruptSample("bad_t5") from err
+    except Exception as err:  # a truncated header, garbage bytes: numpy raises several kinds
+        raise CorruptSample("bad_t5") from err
+    if not isinstance(text, np.ndarray):
+        raise CorruptSample("bad_t5")
+    if text.dtype.hasobject:
+        raise CorruptSample("t5_pickle")
+    if not np.issubdtype(text.dtype, np.floating):
+        raise CorruptSample("t5_dtype")
+    if text.ndim != 2 or text.shape[0] < 1:
+        raise CorruptSample("bad_t5")
+    return text
+
+
+class CorruptSample(Exception):
+    """A sample that cannot be trained on; `reason` is a SkipCounts field (CORRUPT_REASONS)."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
 def decode_record(
     sample: dict,
     spec: ImageSpec,
@@ -195,35 +324,61 @@ def decode_record(
     keep: Callable[[dict, str], bool] | None = None,
     counts: SkipCounts | None = None,
 ) -> Record | None:
-    """A webdataset sample dict (raw bytes per extension) -> Record, or None if it is skipped."""
+    """A webdataset sample dict (raw bytes per extension) -> Record, or None if it is skipped
+    (counted in `counts` by reason: a corrupt member skips its sample, it never raises)."""
     counts = counts if counts is not None else SkipCounts()
     counts.seen += 1
+    try:
+        return _decode(sample, spec, split, holdout_fraction, keep, counts)
+    except CorruptSample as err:
+        setattr(counts, err.reason, getattr(counts, err.reason) + 1)
+        return None
+
+
+def _decode(sample, spec, split, holdout_fraction, keep, counts) -> Record | None:
     key = sample["__key__"]
-    meta = json.loads(sample["json"])
+    if sample.get("__truncated__"):
+        raise CorruptSample("truncated")
+    try:
+        meta = json.loads(sample["json"])
+    except (KeyError, ValueError) as err:  # no member, not UTF-8, not JSON
+        raise CorruptSample("bad_meta") from err
+    if not isinstance(meta, dict):
+        raise CorruptSample("bad_meta")
     uid = meta.get("uid", key)
-    if not in_split(uid, split, holdout_fraction):
+    if not in_split(str(uid), split, holdout_fraction):
         counts.other_split += 1
         return None
-    side = min(int(meta.get("stored_width", 0)), int(meta.get("stored_height", 0)))
+    try:
+        side = min(int(meta.get("stored_width", 0)), int(meta.get("stored_height", 0)))
+    except (TypeError, ValueError) as err:
+        raise CorruptSample("bad_meta") from err
     if side < spec.min_stored_size:
         counts.too_small += 1
         return None
-    caption = sample["txt"].decode("utf-8") if "txt" in sample else meta.get("TEXT", "")
+    try:
+        caption = sample["txt"].decode("utf-8") if "txt" in sample else str(meta.get("TEXT", ""))
+    except UnicodeDecodeError as err:
+        raise CorruptSample("bad_meta") from err
     if keep is not None and not keep(meta, caption):
         counts.filtered += 1
         return None
     if "t5.npy" not in sample:
         counts.no_text += 1
         return None
+    text = load_t5(sample["t5.npy"])
+    if spec.d_model is not None and text.shape[1] != spec.d_model:
+        raise CorruptSample("wrong_d_model")
     ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
     if ext is None:
-        raise ValueError(f"sample {key} has no image member (one of {IMAGE_EXTENSIONS})")
-    with Image.open(io.BytesIO(sample[ext])) as im:
-        img = _resize_center_crop(im.convert("RGB"), spec.resolution)
+        raise CorruptSample("bad_image")
+    try:
+        with Image.open(io.BytesIO(sample[ext])) as im:
+            im.load()  # decode now: a truncated or corrupt file fails here, not later
+            img = _resize_center_crop(im.convert("RGB"), spec.resolution)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+        raise CorruptSample("bad_image") from err
     pixels = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
-    text = np.load(io.BytesIO(sample["t5.npy"]), allow_pickle=False)
-    if text.ndim != 2:
-        raise ValueError(f"sample {key}: t5.npy must be [t5_len, d_model], got shape {text.shape}")
     counts.kept += 1
     return Record(key=key, image=pixels, text=text, caption=caption, meta=meta)
 
@@ -258,20 +413,82 @@ def collate_examples(examples: list[dict], text_max_len: int) -> dict:
     }
     if "lowres" in examples[0]:
         batch["lowres"] = torch.stack([e["lowres"] for e in examples])
+    if any("skipped" in e for e in examples):  # a streaming reader's corrupt-sample counts
+        skipped: dict = {}
+        for e in examples:
+            for reason, n in e.get("skipped", {}).items():
+                skipped[reason] = skipped.get(reason, 0) + n
+        batch["skipped"] = skipped
     return batch
+
+
+_KEY_EXT = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # webdataset's KEY.EXT split (first dot of the name)
+TAR_END = 1024  # a complete tar ends with two zero 512-byte blocks
+
+
+def _tar_complete(path: str) -> bool:
+    """Whether the tar file at `path` ends with its end-of-archive blocks (a truncated copy does
+    not; a cut that falls between members would otherwise read as a clean, shorter shard)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            if size < TAR_END or size % 512:
+                return False
+            f.seek(size - TAR_END)
+            return not any(f.read(TAR_END))
+    except OSError:
+        return False
+
+
+def _tar_samples(url: str) -> Iterator[dict]:
+    """One shard's samples as webdataset dicts ({"__key__", "__url__", ext: bytes}), in tar order.
+
+    A tar that is truncated or corrupt yields what it holds before the damage; the sample the
+    damage cut off is yielded with "__truncated__": True (decode_record counts it, reason
+    `truncated`) and the rest of the shard is not read. A shard that cannot be opened at all
+    is one truncated sample."""
+    current: dict | None = None
+    try:
+        complete = _tar_complete(url)
+        with tarfile.open(url, mode="r|*") as tar:
+            for member in tar:
+                if not member.isreg():
+                    continue
+                name = member.name
+                if "/" not in name and name.startswith("__") and name.endswith("__"):
+                    continue
+                m = _KEY_EXT.match(name)
+                if m is None:
+                    continue
+                key, ext = m.group(1), m.group(2).lower()
+                data = tar.extractfile(member).read()
+                if len(data) != member.size:
+                    raise tarfile.ReadError(f"{name}: {len(data)} of {member.size} bytes")
+                if current is None or key != current["__key__"] or ext in current:
+                    if current is not None:
+                        yield current
+                    current = {"__key__": key, "__url__": url}
+                current[ext] = data
+        if current is not None:
+            if not complete:
+                current["__truncated__"] = True  # the cut may have fallen inside this sample
+            yield current
+    except (tarfile.TarError, OSError, EOFError, zlib.error):
+        yield {**(current or {"__key__": f"{Path(url).name}:unreadable", "__url__": url}), "__truncated__": True}
 
 
 def _raw_samples(urls: list[str], nodesplitter=None, workersplitter=None) -> Iterator[dict]:
     """Raw sample dicts in tar order (no shuffling, no decoding). Without splitters every caller
-    reads every shard (a CachedSource then slices batches by rank itself)."""
-    ds = wds.WebDataset(
-        urls,
-        shardshuffle=False,
-        nodesplitter=nodesplitter or (lambda src: src),
-        workersplitter=workersplitter or (lambda src: src),
-        empty_check=False,
-    )
-    return iter(ds)
+    reads every shard (a CachedSource then slices batches by rank itself); a splitter maps the
+    shard list to this reader's share (as webdataset's node/worker splitters do)."""
+    urls = list(urls)
+    if nodesplitter is not None:
+        urls = list(nodesplitter(urls))
+    if workersplitter is not None:
+        urls = list(workersplitter(urls))
+    for url in urls:
+        yield from _tar_samples(url)
 
 
 def load_records(
@@ -315,7 +532,9 @@ class CachedSource:
     def __init__(self, records: list[Record], spec: ImageSpec, batch_size: int, *, seed: int = 0,
                  rank: int = 0, world_size: int = 1, counts: SkipCounts | None = None):
         if not records:
-            raise ValueError("no samples to train on (every sample was skipped: see the skip counts)")
+            skipped = (counts or SkipCounts()).skipped()
+            raise NoSamples(f"no samples to train on: every sample was skipped ({skipped or 'none were read'}); "
+                            "check --data, the stage's min_stored_size and the holdout fraction")
         self.records, self.spec, self.batch_size = records, spec, batch_size
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.counts = counts or SkipCounts(seen=len(records), kept=len(records))
@@ -375,25 +594,36 @@ class _StreamDataset(torch.utils.data.IterableDataset):
         me = self.rank * workers + worker
         by_shard = len(self.urls) >= readers
         yielded = False
+        reported: dict = {}
         for epoch in count():
             order = np.random.default_rng([self.seed, epoch]).permutation(len(self.urls))
             urls = [self.urls[i] for i in order]
             rng = np.random.default_rng([self.seed, epoch, self.rank, worker])
             if by_shard:
-                # wds's own splitters, given the rank/worker we computed (torch.distributed need not
-                # be initialised in tests that fake a rank).
+                # Split by shard, given the rank/worker we computed (torch.distributed need not be
+                # initialised in tests that fake a rank).
                 samples = _raw_samples(urls, nodesplitter=lambda s: islice(s, self.rank, None, self.world_size),
                                        workersplitter=lambda s: islice(s, worker, None, workers))
             else:
                 samples = islice(_raw_samples(urls), me, None, readers)
             counts = SkipCounts()
+            if epoch == 0:
+                first = counts
             decoded = (decode_record(s, self.spec, split=self.split, holdout_fraction=self.holdout_fraction,
                                      keep=self.keep, counts=counts) for s in samples)
             for rec in _shuffled((r for r in decoded if r is not None), self.shuffle_buffer, rng):
                 yielded = True
-                yield make_example(rec, self.spec, rng)
+                example = make_example(rec, self.spec, rng)
+                # The first epoch's corrupt samples travel to the main process with the examples
+                # (DataLoader workers share no memory): StreamingSource adds them to its counts.
+                example["skipped"] = {r: getattr(first, r) - reported.get(r, 0) for r in CORRUPT_REASONS
+                                      if getattr(first, r) != reported.get(r, 0)}
+                reported = {r: getattr(first, r) for r in CORRUPT_REASONS}
+                yield example
             if not yielded:
-                raise ValueError(f"reader {me} of {readers} found no samples in an epoch: {counts.as_dict()}")
+                raise NoSamples(f"reader {me} of {readers} found no samples to train on in an epoch "
+                                f"(skipped: {counts.skipped()}); check --data, the stage's min_stored_size "
+                                "and the holdout fraction")
 
 
 def _shuffled(items: Iterator, buffer_size: int, rng: np.random.Generator) -> Iterator:
@@ -431,13 +661,20 @@ class StreamingSource:
             persistent_workers=False, prefetch_factor=2 if self.num_workers else None,
         ))
 
+    def _next_batch(self) -> dict:
+        batch = next(self._iter)
+        for reason, n in batch.pop("skipped", {}).items():
+            setattr(self.counts, reason, getattr(self.counts, reason) + n)
+            self.counts.kept = max(0, self.counts.kept - n)  # scan_meta counted them as kept
+        return batch
+
     def next(self) -> dict:
         if self._iter is None:
             self._iter = self._loader()
             for _ in range(self.position):  # resume: skip what was consumed (same seeded stream)
-                next(self._iter)
+                self._next_batch()
         self.position += 1
-        return next(self._iter)
+        return self._next_batch()
 
     def state_dict(self) -> dict:
         return {"kind": self.kind, "position": self.position, "seed": self.seed}

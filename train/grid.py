@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from train.atomic import atomic_write
+
 __all__ = ["GridLayout", "make_grid", "save_grid"]
 
 PAD = 4  # px between tiles and around the grid
@@ -118,8 +120,6 @@ def save_grid(images, captions: Sequence[str] | None, path: str | Path, *, rows:
     grid, _ = make_grid(list(rows) if rows is not None else [images], captions, row_labels,
                         min_cell=min_cell, caption_lines=caption_lines)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    grid.save(tmp)
-    tmp.replace(path)
+    atomic_write(path, lambda tmp: grid.save(tmp, format="PNG"))
     return path
+

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +35,8 @@ import torch
 from train.args import add_sample_args, per_stage
 from train.checkpoint import load_checkpoint, load_stage
 from train.config import Config
-from train.data import ImageSpec, load_records
+from train.data import ImageSpec, SkipCounts, check_dataset, load_records
+from train.errors import ConfigError, MissingFile, NoSamples, UserError, one_line, run_command
 from train.diffusion import sample
 from train.grid import save_grid
 from train.text import collate_text, decode_t5_bytes
@@ -49,23 +49,42 @@ PROMPTS_COLUMNS = ("prompt", "t5_len", "t5")  # what the sampler reads of an emb
 STAGE_NAMES = ("base", "sr256", "sr1024")  # the cascade's stages, in order (and `kiln sample`'s flags)
 
 
+class PromptsError(UserError, ValueError):
+    """A prompts file that is not what `kiln embed-prompts` writes."""
+
+
 def load_prompts(path: str | Path) -> tuple[list[str], list[np.ndarray], dict]:
-    """(prompts, float16 [t5_len, d_model] arrays, the footer's kiln.t5 dict) of an embed-prompts file."""
-    pf = pq.ParquetFile(str(path))
+    """(prompts, float16 [t5_len, d_model] arrays, the footer's kiln.t5 dict) of an embed-prompts file.
+    A file that is missing or not an embed-prompts file raises a UserError (one line)."""
+    path = Path(path)
+    if not path.is_file():
+        raise MissingFile(f"no prompts file at {path}{' (a directory)' if path.is_dir() else ''}: "
+                          "make one with `kiln embed-prompts PROMPTS.txt -o PROMPTS.parquet`")
+    try:
+        pf = pq.ParquetFile(str(path))
+    except Exception as err:  # pyarrow: ArrowInvalid "not a parquet file", a truncated footer, ...
+        raise PromptsError(f"{path} is not a readable Parquet file ({one_line(err)[:160]}): "
+                           "make it with `kiln embed-prompts`") from err
     meta = pf.schema_arrow.metadata or {}
     if PROMPTS_FOOTER_KEY not in meta:
-        raise ValueError(f"{path} has no {PROMPTS_FOOTER_KEY.decode()} footer: make it with `kiln embed-prompts`")
-    info = json.loads(meta[PROMPTS_FOOTER_KEY])
+        raise PromptsError(f"{path} has no {PROMPTS_FOOTER_KEY.decode()} footer: make it with `kiln embed-prompts`")
     missing = [c for c in PROMPTS_COLUMNS if c not in pf.schema_arrow.names]
     if missing:
-        raise ValueError(f"{path} has no column {', '.join(missing)}: make it with `kiln embed-prompts`")
-    table = pf.read(columns=list(PROMPTS_COLUMNS)).to_pydict()
-    d_model = int(info["d_model"])
+        raise PromptsError(f"{path} has no column {', '.join(missing)}: make it with `kiln embed-prompts`")
+    try:
+        info = json.loads(meta[PROMPTS_FOOTER_KEY])
+        d_model = int(info["d_model"])
+        table = pf.read(columns=list(PROMPTS_COLUMNS)).to_pydict()
+    except Exception as err:
+        raise PromptsError(f"{path} is unreadable ({one_line(err)[:160]}): make it again with `kiln embed-prompts`") from err
     arrays = []
     for prompt, n, b in zip(table["prompt"], table["t5_len"], table["t5"]):
-        a = decode_t5_bytes(b, d_model)
+        try:
+            a = decode_t5_bytes(b, d_model)
+        except (TypeError, ValueError) as err:
+            raise PromptsError(f"{path}: prompt {prompt!r}: {one_line(err)}; make it again with `kiln embed-prompts`") from err
         if a.shape[0] != n:
-            raise ValueError(f"{path}: prompt {prompt!r} has t5_len {n} but {a.shape[0]} rows")
+            raise PromptsError(f"{path}: prompt {prompt!r} has t5_len {n} but {a.shape[0]} rows")
         arrays.append(a)
     return table["prompt"], arrays, info
 
@@ -75,11 +94,15 @@ def shard_prompts(data_dir: str | Path, n: int, *, split: str = "holdout", holdo
     """(captions, T5 arrays, Records) of the first `n` samples of a split of a dataset."""
     # Pixels are not needed here, only text; decode at a token size to keep it cheap.
     spec = ImageSpec(resolution=8, text_max_len=1)
+    check_dataset(data_dir, spec)
     if split == "holdout" and holdout_fraction <= 0:
         split = "all"  # nothing held out: any sample will do (the caller was told via the checkpoint)
-    records = load_records(data_dir, spec, split=split, holdout_fraction=holdout_fraction, keep=keep, limit=n)
+    counts = SkipCounts()
+    records = load_records(data_dir, spec, split=split, holdout_fraction=holdout_fraction, keep=keep, limit=n,
+                           counts=counts)
     if not records:
-        raise ValueError(f"no {split} samples in {data_dir} (holdout_fraction {holdout_fraction})")
+        raise NoSamples(f"no {split} samples in {data_dir} (holdout_fraction {holdout_fraction}; "
+                        f"skipped: {counts.skipped()}): give --from-shards another dataset or --holdout-fraction")
     return [r.caption for r in records], [r.text for r in records], records
 
 
@@ -115,12 +138,12 @@ def run_cascade(stages: Sequence[Stage], arrays: Sequence[np.ndarray], *, seed: 
     stage's output. Stage i's noise comes from a generator seeded by (seed, i), per chunk of
     `batch_size` prompts, so a prompt's images do not depend on which other prompts share its chunk."""
     if not len(arrays):
-        raise ValueError("no prompts to sample")
+        raise ConfigError("no prompts to sample")
     if not stages or stages[0].cfg.stage != "base":
-        raise ValueError("a cascade starts with a base stage")
+        raise ConfigError("a cascade starts with a base stage")
     for s in stages[1:]:
         if s.cfg.stage != "sr":
-            raise ValueError(f"stage {s.cfg.name} after the base must be a super-resolution stage")
+            raise ConfigError(f"stage {s.cfg.name} after the base must be a super-resolution stage")
     outputs: list[list[torch.Tensor]] = [[] for _ in stages]
     for start in range(0, len(arrays), batch_size):
         chunk = list(arrays[start : start + batch_size])
@@ -128,7 +151,7 @@ def run_cascade(stages: Sequence[Stage], arrays: Sequence[np.ndarray], *, seed: 
         for i, st in enumerate(stages):
             text, mask = collate_text(chunk, st.cfg.data.text_max_len)
             if text.shape[-1] != st.cfg.unet.text_dim:
-                raise ValueError(f"stage {st.cfg.name} wants text_dim {st.cfg.unet.text_dim}, prompts have "
+                raise ConfigError(f"stage {st.cfg.name} wants text_dim {st.cfg.unet.text_dim}, prompts have "
                                  f"d_model {text.shape[-1]}: embed them with the T5 the shards used")
             r = st.cfg.data.resolution
             gen = torch.Generator(device=device).manual_seed(int(seed) * 1000 + i * 100_003 + start)
@@ -150,19 +173,19 @@ def load_cascade(checkpoints: Sequence[str | Path], device: str | torch.device =
     SR stage."""
     paths = list(checkpoints)
     if not 1 <= len(paths) <= len(STAGE_NAMES):
-        raise ValueError(f"a cascade has 1 to {len(STAGE_NAMES)} stages ({', '.join(STAGE_NAMES)}), got {len(paths)}")
+        raise ConfigError(f"a cascade has 1 to {len(STAGE_NAMES)} stages ({', '.join(STAGE_NAMES)}), got {len(paths)}")
     guidance = [None] * len(paths) if guidance is None else list(guidance)
     steps = [None] * len(paths) if steps is None else list(steps)
     aug = [None] + ([None] * (len(paths) - 1) if aug_level is None else list(aug_level))
     if not len(guidance) == len(steps) == len(aug) == len(paths):
-        raise ValueError(f"{len(paths)} stages want {len(paths)} guidance weights and steps and {len(paths) - 1} "
+        raise ConfigError(f"{len(paths)} stages want {len(paths)} guidance weights and steps and {len(paths) - 1} "
                          f"aug levels, got {len(guidance)}, {len(steps)}, {len(aug) - 1}")
     stages = []
     for name, path, g, n, a in zip(STAGE_NAMES, paths, guidance, steps, aug):
         stage = Stage.load(path, device=device, weights=weights, guidance_weight=g, steps=n, aug_level=a, sampler=sampler)
         want = "base" if name == "base" else "sr"
         if stage.cfg.stage != want:
-            raise ValueError(f"the {name} checkpoint {path} holds a {stage.cfg.stage} stage ({stage.cfg.name}); "
+            raise ConfigError(f"the {name} checkpoint {path} holds a {stage.cfg.stage} stage ({stage.cfg.name}); "
                              f"{name} needs a {'base' if want == 'base' else 'super-resolution'} stage")
         stages.append(stage)
     return stages
@@ -181,11 +204,25 @@ def sample_to_grid(checkpoints: Sequence[str | Path], captions: Sequence[str], a
     return save_grid(outputs[-1], list(captions), out, rows=outputs, row_labels=labels)
 
 
+def check_out_file(out: str | Path, flag: str = "--out") -> Path:
+    """An output file path a command may write (atomically): not a directory, not under a file."""
+    out = Path(out)
+    if out.is_dir():
+        raise UserError(f"{flag} {out} is a directory: give a file name, e.g. {out / 'grid.png'}")
+    parent = next((p for p in out.parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise UserError(f"{flag} {out}: {parent} is a file, not a directory; give a path in a directory")
+    return out
+
+
 def main_sample(args: argparse.Namespace) -> int:
-    """`kiln sample` (train.args.add_sample_args). 2, with the reason on stderr, on bad input."""
+    """`kiln sample` (train.args.add_sample_args). Bad input raises a UserError (train.errors):
+    the kiln CLI prints it as one line and exits 2; no grid is written."""
     if args.sr1024 and not args.sr256:
-        print("kiln sample: error: --sr1024 needs --sr256 (the cascade is base -> sr256 -> sr1024)", file=sys.stderr)
-        return 2
+        raise ConfigError("--sr1024 needs --sr256 (the cascade is base -> sr256 -> sr1024)")
+    check_out_file(args.out)
+    if args.n < 1 or args.batch_size < 1:
+        raise ConfigError(f"--n and --batch-size must be >= 1, got {args.n} and {args.batch_size}")
     paths = [p for p in (args.base, args.sr256, args.sr1024) if p]
     names = STAGE_NAMES[: len(paths)]
     try:
@@ -193,18 +230,17 @@ def main_sample(args: argparse.Namespace) -> int:
                     "steps": per_stage(args.steps, len(paths), "steps"),
                     "aug_level": per_stage(args.aug_level, len(paths) - 1, "aug-level") if len(paths) > 1 else [],
                     "sampler": args.sampler}
-        if args.prompts:
-            captions, arrays, _ = load_prompts(args.prompts)
-        else:
-            frac = args.holdout_fraction
-            if frac is None:
-                frac = float(load_checkpoint(args.base)["metadata"].get("holdout_fraction", 0.0))
-            captions, arrays, _ = shard_prompts(args.from_shards, args.n, split="holdout", holdout_fraction=frac)
-        path = sample_to_grid(paths, captions, arrays, args.out, seed=args.seed, device=args.device,
-                              batch_size=args.batch_size, weights=args.weights, **settings)
-    except (FileNotFoundError, ValueError) as err:
-        print(f"kiln sample: error: {err}", file=sys.stderr)
-        return 2
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
+    if args.prompts:
+        captions, arrays, _ = load_prompts(args.prompts)
+    else:
+        frac = args.holdout_fraction
+        if frac is None:
+            frac = float(load_checkpoint(args.base)["metadata"].get("holdout_fraction", 0.0))
+        captions, arrays, _ = shard_prompts(args.from_shards, args.n, split="holdout", holdout_fraction=frac)
+    path = sample_to_grid(paths, captions, arrays, args.out, seed=args.seed, device=args.device,
+                          batch_size=args.batch_size, weights=args.weights, **settings)
     print(f"kiln sample: {len(captions)} prompts through {' -> '.join(names)}; wrote {path}")
     return 0
 
@@ -212,7 +248,7 @@ def main_sample(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m train.sample", description="sample the cascade")
     add_sample_args(p)
-    return main_sample(p.parse_args(argv))
+    return run_command("kiln sample", main_sample, p.parse_args(argv))
 
 
 if __name__ == "__main__":

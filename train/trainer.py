@@ -40,7 +40,6 @@ import json
 import math
 import os
 import random
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -51,14 +50,17 @@ import torch.distributed as dist
 
 from train.args import add_train_args, parse_overrides
 from train.checkpoint import (
+    FRESH,
     STATE_FORMAT,
+    atomic_write,
     latest_checkpoint,
     load_checkpoint,
     load_train_state,
     save_step,
 )
 from train.config import Config, config_to_dict, load_config
-from train.data import ImageSpec, collate_examples, load_records, make_example, make_source
+from train.data import CORRUPT_REASONS, ImageSpec, check_dataset, collate_examples, load_records, make_example, make_source
+from train.errors import CheckpointError, ConfigError, UserError, one_line, run_command
 from train.diffusion import sample, training_loss
 from train.grid import save_grid
 from train.unet import EfficientUNet
@@ -180,6 +182,10 @@ class Trainer:
                  sample_captions: int = 8):
         self.cfg, self.data_dir, self.workdir = cfg, str(data_dir), Path(workdir)
         self.holdout_fraction = float(holdout_fraction)
+        # What the user named is checked before any work (one line each, train.errors): a workdir
+        # that is a file, a --data that is no dataset, has no T5 arrays or another d_model.
+        _check_workdir(self.workdir)
+        check_dataset(data_dir, ImageSpec.from_config(cfg))
         self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -222,12 +228,16 @@ class Trainer:
             elif self._log:
                 self._log(f"kiln train: nothing to resume in {self.workdir}; starting from scratch")
         if self.is_main:
-            self.workdir.mkdir(parents=True, exist_ok=True)
-            (self.workdir / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=2, sort_keys=True))
+            _check_workdir(self.workdir, create=True)
+            text = json.dumps(config_to_dict(cfg), indent=2, sort_keys=True)
+            atomic_write(self.workdir / "config.json", lambda tmp: tmp.write_text(text))
             self.scalars = _Scalars(self.workdir)
-        counts = self.source.counts.as_dict()
+        counts = self.source.counts
         self.info(f"kiln train: {cfg.name} ({cfg.stage}), {self.model.num_params() / 1e6:.2f}M params, "
-                  f"{self.source.kind} data: {counts}, device {self.device}, world size {self.world_size}, step {self.step}")
+                  f"{self.source.kind} data: {counts.as_dict()}, device {self.device}, world size {self.world_size}, step {self.step}")
+        if counts.corrupt:
+            self.info(f"kiln train: skipped {counts.corrupt} corrupt samples: "
+                      f"{ {k: v for k, v in counts.skipped().items() if k in CORRUPT_REASONS} }")
 
     # -- setup ----------------------------------------------------------------------------------
 
@@ -293,7 +303,7 @@ class Trainer:
         if t.lr_schedule == "cosine" and max_steps > t.max_steps:
             # The schedule is fixed by the config (so a resumed run follows the same curve), and
             # every step past its end would run at lr 0.
-            raise ValueError(f"train.lr_schedule 'cosine' reaches lr 0 at train.max_steps={t.max_steps}; "
+            raise ConfigError(f"train.lr_schedule 'cosine' reaches lr 0 at train.max_steps={t.max_steps}; "
                              f"to train to step {max_steps}, set train.max_steps={max_steps} instead")
         start_step, t0 = self.step, time.monotonic()
         window_t, window_images, window_steps = time.monotonic(), 0, 0
@@ -323,9 +333,13 @@ class Trainer:
         path = None
         if self.step != start_step or latest_checkpoint(self.workdir) is None:
             path = self.save()
+        counts = self.source.counts
         summary = {"step": self.step, "steps_this_run": self.step - start_step, "elapsed_s": elapsed,
-                   "loss": self.last_logs.get("loss"), "checkpoint": str(path) if path else None}
-        self.info(f"kiln train: stopped at step {self.step} ({summary['steps_this_run']} steps in {elapsed:.0f}s)")
+                   "loss": self.last_logs.get("loss"), "checkpoint": str(path) if path else None,
+                   "data": {"seen": counts.seen, "kept": counts.kept, "skipped": counts.skipped()}}
+        skipped = {k: v for k, v in counts.skipped().items() if k in CORRUPT_REASONS}
+        self.info(f"kiln train: stopped at step {self.step} ({summary['steps_this_run']} steps in {elapsed:.0f}s)"
+                  + (f"; skipped {sum(skipped.values())} corrupt samples: {skipped}" if skipped else ""))
         return summary
 
     def _agree(self, flag: bool) -> bool:
@@ -367,29 +381,37 @@ class Trainer:
                          {"holdout_fraction": self.holdout_fraction})
 
     def load(self, weights: str | Path, state: str | Path) -> None:
-        """Restore weights, EMA, optimizer, scheduler, RNG states and data position."""
-        ckpt = load_checkpoint(weights, device=self.device)
+        """Restore weights, EMA, optimizer, scheduler, RNG states and data position. A checkpoint
+        that is unreadable or of another run raises CheckpointError, one line naming the file."""
+        ckpt = load_checkpoint(weights, device=self.device, advice=FRESH)
         if config_to_dict(ckpt["config"])["unet"] != config_to_dict(self.cfg)["unet"]:
-            raise ValueError(f"{weights} was trained with another unet config; resume with the same preset")
-        self.model.load_state_dict(ckpt["model"])
-        if ckpt["ema"] is not None:
-            for k, v in ckpt["ema"].items():
-                self.ema[k].copy_(v)
+            raise CheckpointError(f"{weights} was trained with another unet config (preset {ckpt['config'].name!r}, "
+                                  f"this run: {self.cfg.name!r}): resume with the same --config and --override, "
+                                  f"or {FRESH}")
         s = load_train_state(state, ckpt["step"], weights)
         if s.get("holdout_fraction", 0.0) != self.holdout_fraction:
-            raise ValueError(f"{weights} was trained with holdout_fraction {s.get('holdout_fraction')}, "
-                             f"not {self.holdout_fraction}: the held-out samples would leak into training")
-        self.optimizer.load_state_dict(s["optimizer"])
-        self.scheduler.load_state_dict(s["scheduler"])
-        rng = s["rng"]
-        torch.set_rng_state(rng["torch"])
-        if rng["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
-        _set_numpy_rng_state(rng["numpy"])
-        _set_python_rng_state(rng["python"])
-        self.generator.set_state(rng["generator"])
-        self.source.load_state_dict(s["data"])
-        self.step = int(s["step"])
+            raise CheckpointError(f"{weights} was trained with holdout_fraction {s.get('holdout_fraction')}, "
+                                  f"not {self.holdout_fraction}: the held-out samples would leak into training; "
+                                  f"resume with --holdout-fraction {s.get('holdout_fraction')}, or {FRESH}")
+        try:
+            self.model.load_state_dict(ckpt["model"])
+            if ckpt["ema"] is not None:
+                for k, v in ckpt["ema"].items():
+                    self.ema[k].copy_(v)
+            self.optimizer.load_state_dict(s["optimizer"])
+            self.scheduler.load_state_dict(s["scheduler"])
+            rng = s["rng"]
+            torch.set_rng_state(rng["torch"])
+            if rng["cuda"] and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(rng["cuda"])
+            _set_numpy_rng_state(rng["numpy"])
+            _set_python_rng_state(rng["python"])
+            self.generator.set_state(rng["generator"])
+            self.source.load_state_dict(s["data"])
+            self.step = int(s["step"])
+        except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as err:
+            raise CheckpointError(f"cannot resume from {weights} + {Path(state).name}: "
+                                  f"{one_line(err) or type(err).__name__}; {FRESH}") from err
         self.info(f"kiln train: resumed from {weights} at step {self.step}")
 
     # -- samples --------------------------------------------------------------------------------
@@ -442,14 +464,31 @@ def train(cfg: Config, data_dir: str | Path, workdir: str | Path, max_steps: int
     return trainer
 
 
+def _check_workdir(workdir: Path, create: bool = False) -> None:
+    """--workdir must be a directory (or a path one can be made at); `create` makes it."""
+    if workdir.exists() and not workdir.is_dir():
+        raise UserError(f"--workdir {workdir} is a file, not a directory: give a new or existing directory")
+    if create:
+        try:
+            workdir.mkdir(parents=True, exist_ok=True)
+        except (FileExistsError, NotADirectoryError) as err:
+            raise UserError(f"--workdir {workdir} cannot be made: {err.strerror or err} ({err.filename}); "
+                            "give a directory path that is not under a file") from err
+
+
 def main_train(args: argparse.Namespace) -> int:
     """`kiln train` (train.args.add_train_args): load the preset with its overrides, train, print
-    the summary as JSON. 2 on a bad config."""
+    the summary as JSON. A bad flag, dataset or checkpoint raises a UserError (train.errors): the
+    kiln CLI prints it as one line."""
     try:
         cfg = load_config(args.config, parse_overrides(args.override))
     except (FileNotFoundError, KeyError, TypeError, ValueError) as err:
-        print(f"kiln train: error: {err}", file=sys.stderr)
-        return 2
+        msg = err.args[0] if isinstance(err, KeyError) and err.args else err
+        raise ConfigError(f"--config {args.config}: {one_line(msg)}") from err
+    if not 0.0 <= args.holdout_fraction < 1.0:
+        raise ConfigError(f"--holdout-fraction must be in [0, 1), got {args.holdout_fraction}")
+    if args.max_steps is not None and args.max_steps < 0:
+        raise ConfigError(f"--max-steps must be >= 0, got {args.max_steps}")
     trainer = train(cfg, args.data, args.workdir, max_steps=args.max_steps, time_budget_s=args.time_budget_s,
                     device=args.device, resume=args.resume, holdout_fraction=args.holdout_fraction, cache=args.cache)
     print(json.dumps(trainer.summary))
@@ -459,7 +498,7 @@ def main_train(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m train.trainer", description="train one cascade stage")
     add_train_args(p)
-    return main_train(p.parse_args(argv))
+    return run_command("kiln train", main_train, p.parse_args(argv))
 
 
 if __name__ == "__main__":
