@@ -441,14 +441,16 @@ def _tar_complete(path: str) -> bool:
         return False
 
 
-def _tar_samples(url: str) -> Iterator[dict]:
+def _tar_samples(url: str, expected: int | None = None) -> Iterator[dict]:
     """One shard's samples as webdataset dicts ({"__key__", "__url__", ext: bytes}), in tar order.
 
     A tar that is truncated or corrupt yields what it holds before the damage; the sample the
     damage cut off is yielded with "__truncated__": True (decode_record counts it, reason
-    `truncated`) and the rest of the shard is not read. A shard that cannot be opened at all
-    is one truncated sample."""
+    `truncated`) and the rest of the shard is not read. When the manifest says how many samples
+    the shard holds (`expected`), each one lost after the damage is yielded as such a marker too,
+    so the skip counts say how many samples the damage cost."""
     current: dict | None = None
+    read = 0
     try:
         complete = _tar_complete(url)
         with tarfile.open(url, mode="r|*") as tar:
@@ -462,33 +464,52 @@ def _tar_samples(url: str) -> Iterator[dict]:
                 if m is None:
                     continue
                 key, ext = m.group(1), m.group(2).lower()
+                if current is None or key != current["__key__"] or ext in current:
+                    if current is not None:  # complete: the next sample's header was read whole
+                        read += 1
+                        yield current
+                    current = {"__key__": key, "__url__": url}
                 data = tar.extractfile(member).read()
                 if len(data) != member.size:
                     raise tarfile.ReadError(f"{name}: {len(data)} of {member.size} bytes")
-                if current is None or key != current["__key__"] or ext in current:
-                    if current is not None:
-                        yield current
-                    current = {"__key__": key, "__url__": url}
                 current[ext] = data
         if current is not None:
+            read += 1
             if not complete:
                 current["__truncated__"] = True  # the cut may have fallen inside this sample
             yield current
+        if complete:
+            return
     except (tarfile.TarError, OSError, EOFError, zlib.error):
+        read += 1
         yield {**(current or {"__key__": f"{Path(url).name}:unreadable", "__url__": url}), "__truncated__": True}
+    for i in range(max(0, (expected or 0) - read)):
+        yield {"__key__": f"{Path(url).name}:lost-{i}", "__url__": url, "__truncated__": True}
 
 
-def _raw_samples(urls: list[str], nodesplitter=None, workersplitter=None) -> Iterator[dict]:
+def _raw_samples(urls: list[str], nodesplitter=None, workersplitter=None,
+                 expected: dict[str, int] | None = None) -> Iterator[dict]:
     """Raw sample dicts in tar order (no shuffling, no decoding). Without splitters every caller
     reads every shard (a CachedSource then slices batches by rank itself); a splitter maps the
-    shard list to this reader's share (as webdataset's node/worker splitters do)."""
+    shard list to this reader's share (as webdataset's node/worker splitters do). `expected`:
+    samples per shard path (`shard_sizes`), to count what a damaged shard lost."""
     urls = list(urls)
     if nodesplitter is not None:
         urls = list(nodesplitter(urls))
     if workersplitter is not None:
         urls = list(workersplitter(urls))
     for url in urls:
-        yield from _tar_samples(url)
+        yield from _tar_samples(url, (expected or {}).get(url))
+
+
+def shard_sizes(data_dir: str | Path) -> dict[str, int]:
+    """{shard path (as shard_urls gives it): samples} from manifest.json; {} without one."""
+    root = Path(data_dir)
+    try:
+        shards = json.loads((root / "manifest.json").read_text())["shards"]
+        return {str(root / s["tar"]): int(s["samples"]) for s in shards}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
 
 
 def load_records(
@@ -506,7 +527,7 @@ def load_records(
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     counts = counts if counts is not None else SkipCounts()
     out = []
-    for sample in _raw_samples(shard_urls(data_dir)):
+    for sample in _raw_samples(shard_urls(data_dir), expected=shard_sizes(data_dir)):
         rec = decode_record(sample, spec, split=split, holdout_fraction=holdout_fraction, keep=keep, counts=counts)
         if rec is not None:
             out.append(rec)
@@ -581,8 +602,10 @@ class _StreamDataset(torch.utils.data.IterableDataset):
     when there are enough shards for everyone, else by sample), samples through a shuffle buffer
     seeded by (seed, e, rank, worker)."""
 
-    def __init__(self, urls, spec, *, seed, rank, world_size, split, holdout_fraction, keep, shuffle_buffer):
+    def __init__(self, urls, spec, *, seed, rank, world_size, split, holdout_fraction, keep, shuffle_buffer,
+                 expected=None):
         self.urls, self.spec, self.seed = list(urls), spec, seed
+        self.expected = dict(expected or {})
         self.rank, self.world_size = rank, world_size
         self.split, self.holdout_fraction, self.keep = split, holdout_fraction, keep
         self.shuffle_buffer = shuffle_buffer
@@ -603,9 +626,9 @@ class _StreamDataset(torch.utils.data.IterableDataset):
                 # Split by shard, given the rank/worker we computed (torch.distributed need not be
                 # initialised in tests that fake a rank).
                 samples = _raw_samples(urls, nodesplitter=lambda s: islice(s, self.rank, None, self.world_size),
-                                       workersplitter=lambda s: islice(s, worker, None, workers))
+                                       workersplitter=lambda s: islice(s, worker, None, workers), expected=self.expected)
             else:
-                samples = islice(_raw_samples(urls), me, None, readers)
+                samples = islice(_raw_samples(urls, expected=self.expected), me, None, readers)
             counts = SkipCounts()
             if epoch == 0:
                 first = counts
@@ -646,11 +669,13 @@ class StreamingSource:
     kind = "stream"
 
     def __init__(self, urls, spec: ImageSpec, batch_size: int, *, seed=0, rank=0, world_size=1, split="train",
-                 holdout_fraction=0.0, keep=None, num_workers=0, shuffle_buffer=1000, counts: SkipCounts | None = None):
+                 holdout_fraction=0.0, keep=None, num_workers=0, shuffle_buffer=1000, counts: SkipCounts | None = None,
+                 expected: dict[str, int] | None = None):
         self.spec, self.batch_size, self.seed, self.num_workers = spec, batch_size, seed, num_workers
         self.counts = counts or SkipCounts()
         self.dataset = _StreamDataset(urls, spec, seed=seed, rank=rank, world_size=world_size, split=split,
-                                      holdout_fraction=holdout_fraction, keep=keep, shuffle_buffer=shuffle_buffer)
+                                      holdout_fraction=holdout_fraction, keep=keep, shuffle_buffer=shuffle_buffer,
+                                      expected=expected)
         self.position = 0
         self._iter = None
 
@@ -736,5 +761,9 @@ def make_source(
         records = load_records(data_dir, spec, split=split, holdout_fraction=holdout_fraction, keep=keep, counts=counts)
         return CachedSource(records, spec, batch_size, seed=seed, rank=rank, world_size=world_size, counts=counts)
     counts = scan_meta(data_dir, spec, split, holdout_fraction)
+    if counts.seen and not counts.kept:  # said here, not from inside a DataLoader worker
+        raise NoSamples(f"no samples to train on in {data_dir}: every sample is skipped by its metadata "
+                        f"({counts.skipped()}); check --data, the stage's min_stored_size and the holdout fraction")
     return StreamingSource(urls, spec, batch_size, seed=seed, rank=rank, world_size=world_size, split=split,
-                           holdout_fraction=holdout_fraction, keep=keep, num_workers=cfg.train.num_workers, counts=counts)
+                           holdout_fraction=holdout_fraction, keep=keep, num_workers=cfg.train.num_workers, counts=counts,
+                           expected=shard_sizes(data_dir))

@@ -412,6 +412,8 @@ class Trainer:
         except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as err:
             raise CheckpointError(f"cannot resume from {weights} + {Path(state).name}: "
                                   f"{one_line(err) or type(err).__name__}; {FRESH}") from err
+        if self.is_main:
+            _trim_metrics(self.workdir / "metrics.jsonl", self.step)
         self.info(f"kiln train: resumed from {weights} at step {self.step}")
 
     # -- samples --------------------------------------------------------------------------------
@@ -462,6 +464,23 @@ def train(cfg: Config, data_dir: str | Path, workdir: str | Path, max_steps: int
     trainer = Trainer(cfg, data_dir, workdir, device, **kwargs)
     trainer.summary = trainer.train(max_steps=max_steps, time_budget_s=time_budget_s)
     return trainer
+
+
+def _trim_metrics(path: Path, step: int) -> None:
+    """Drop metrics.jsonl lines past `step` (logged after the checkpoint a run resumes from, by a
+    run that was then interrupted), so the resumed run's lines do not repeat their steps."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines()
+    keep = []
+    for line in lines:
+        try:
+            if int(json.loads(line)["step"]) <= step:
+                keep.append(line)
+        except (ValueError, KeyError, TypeError):
+            continue
+    if keep != lines:
+        atomic_write(path, lambda tmp: tmp.write_text("".join(f"{line}\n" for line in keep)))
 
 
 def _check_workdir(workdir: Path, create: bool = False) -> None:

@@ -132,6 +132,68 @@ def write_small_dataset(root: Path, d_model: int = SMALL_D_MODEL, shards: int = 
     return samples
 
 
+# -- breaking a copy of a dataset (tests of corrupt samples: test_data, test_bad_inputs) ----------
+
+
+def members(tar_path: Path) -> list[tuple[str, bytes]]:
+    with tarfile.open(tar_path) as tar:
+        return [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()]
+
+
+def write_members(tar_path: Path, items: list[tuple[str, bytes]]) -> None:
+    with tarfile.open(tar_path, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, data in items:
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime, info.mode = len(data), 946684800, 0o444
+            tar.addfile(info, io.BytesIO(data))
+
+
+def npy(array: np.ndarray, allow_pickle: bool = False) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=allow_pickle)
+    return buf.getvalue()
+
+
+def keys(tar_path: Path) -> list[str]:
+    return sorted({name.split(".")[0] for name, _ in members(tar_path)})
+
+
+def big_keys(tar_path: Path, n: int) -> list[str]:
+    """Keys of `n` samples a 64 px stage keeps (stored side >= 64), in tar order."""
+    out = []
+    for name, data in members(tar_path):
+        if name.endswith(".json") and json.loads(data)["stored_width"] >= 64:
+            out.append(name.split(".")[0])
+    return out[:n]
+
+
+def replace_member(tar_path: Path, key: str, ext: str, data: bytes | None, new_ext: str | None = None) -> None:
+    """Replace (or with data None, drop) member KEY.ext; new_ext renames it."""
+    items = []
+    for name, old in members(tar_path):
+        if name == f"{key}.{ext}":
+            if data is not None:
+                items.append((f"{key}.{new_ext or ext}", data))
+        else:
+            items.append((name, old))
+    write_members(tar_path, items)
+
+
+def truncate_in_member(tar_path: Path, key: str, ext: str, at_header: bool = False) -> None:
+    """Cut the tar in the middle of member KEY.ext's data (a download or copy that stopped), or
+    with `at_header` just before the member's header (tarfile then reads a clean, shorter tar)."""
+    with tarfile.open(tar_path) as tar:
+        m = tar.getmember(f"{key}.{ext}")
+    data = tar_path.read_bytes()
+    tar_path.write_bytes(data[: m.offset if at_header else m.offset_data + m.size // 2])
+
+
+def corrupt_jpeg() -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (96, 96), (200, 30, 30)).save(buf, "JPEG", quality=90)
+    return buf.getvalue()[:300]  # the header and a little scan data: decoding fails
+
+
 @pytest.fixture(scope="session")
 def small_shards(tmp_path_factory):
     root = tmp_path_factory.mktemp("small_shards")

@@ -17,21 +17,30 @@ shrunk to conftest.MICRO, a few steps. Each case is one or two `python -m pipeli
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
-import tarfile
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from tests.train.conftest import MICRO, SMALL_D_MODEL
+from tests.train.conftest import (
+    MICRO,
+    SMALL_D_MODEL,
+    big_keys,
+    corrupt_jpeg,
+    keys,
+    members,
+    npy,
+    replace_member,
+    truncate_in_member,
+    write_members,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 OVERRIDES = [a for k, v in MICRO.items() for a in ("--override", f"{k}={json.dumps(v)}")]
@@ -83,66 +92,6 @@ def copy_dataset(small_shards, dest: Path) -> Path:
     return dest
 
 
-def members(tar_path: Path) -> list[tuple[str, bytes]]:
-    with tarfile.open(tar_path) as tar:
-        return [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()]
-
-
-def write_members(tar_path: Path, items: list[tuple[str, bytes]]) -> None:
-    with tarfile.open(tar_path, "w", format=tarfile.USTAR_FORMAT) as tar:
-        for name, data in items:
-            info = tarfile.TarInfo(name)
-            info.size, info.mtime, info.mode = len(data), 946684800, 0o444
-            tar.addfile(info, io.BytesIO(data))
-
-
-def npy(array: np.ndarray, allow_pickle: bool = False) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, array, allow_pickle=allow_pickle)
-    return buf.getvalue()
-
-
-def keys(tar_path: Path) -> list[str]:
-    return sorted({name.split(".")[0] for name, _ in members(tar_path)})
-
-
-def big_keys(tar_path: Path, n: int) -> list[str]:
-    """Keys of `n` samples a 64 px stage keeps (stored side >= 64), in tar order."""
-    out = []
-    for name, data in members(tar_path):
-        if name.endswith(".json") and json.loads(data)["stored_width"] >= 64:
-            out.append(name.split(".")[0])
-    return out[:n]
-
-
-def replace_member(tar_path: Path, key: str, ext: str, data: bytes | None, new_ext: str | None = None) -> None:
-    """Replace (or with data None, drop) member KEY.ext; new_ext renames it."""
-    items = []
-    for name, old in members(tar_path):
-        if name == f"{key}.{ext}":
-            if data is not None:
-                items.append((f"{key}.{new_ext or ext}", data))
-        else:
-            items.append((name, old))
-    write_members(tar_path, items)
-
-
-def truncate_in_member(tar_path: Path, key: str, ext: str) -> None:
-    """Cut the tar in the middle of member KEY.ext's data (a download or copy that stopped)."""
-    with tarfile.open(tar_path) as tar:
-        m = tar.getmember(f"{key}.{ext}")
-    data = tar_path.read_bytes()
-    tar_path.write_bytes(data[: m.offset_data + m.size // 2])
-
-
-def corrupt_jpeg() -> bytes:
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.new("RGB", (96, 96), (200, 30, 30)).save(buf, "JPEG", quality=90)
-    return buf.getvalue()[:300]  # the header and a little scan data: decoding fails
-
-
 SHARD0 = "shards/000000.tar"
 
 
@@ -151,10 +100,11 @@ def per_sample_case(name: str, root: Path) -> dict:
     tar = root / SHARD0
     two = big_keys(tar, 2)
     if name == "truncated tar member":
-        # Cut inside the 3rd-from-last sample's T5 member: it and the two samples after it are lost.
+        # Cut inside the 3rd-from-last sample's T5 member: it and the two samples after it are lost
+        # (the manifest says how many the shard held).
         key = keys(tar)[-3]
         truncate_in_member(tar, key, "t5.npy")
-        return {"truncated": 1}
+        return {"truncated": 3}
     if name == "corrupt jpeg":
         for k in two:
             replace_member(tar, k, "png", corrupt_jpeg(), new_ext="jpg")
@@ -408,6 +358,8 @@ def test_interrupted_training_leaves_no_partial_file_and_resumes(small_shards, t
     assert resumed.returncode == 0 and "Traceback" not in resumed.stderr, resumed.stderr
     assert f"at step {step}" in resumed.stdout
     assert json.loads(resumed.stdout.strip().splitlines()[-1])["step"] == step + 2
+    logged = [json.loads(line)["step"] for line in (work / "metrics.jsonl").read_text().splitlines()]
+    assert logged == sorted(set(logged)) and logged[-1] == step + 2  # no step logged twice
     if sig == signal.SIGINT:
         # ... and lands where an uninterrupted run does: the same weights, bit for bit (CPU, fp32).
         from safetensors.numpy import load_file

@@ -109,3 +109,67 @@ def test_save_step_writes_the_pair_then_latest_and_keeps_the_newest(tmp_path):
     assert s["step"] == 6 and torch.equal(s["x"], torch.full((2,), 6.0))
     with pytest.raises(ValueError, match=r"step_00000004.state.pt does not belong to .*step_00000006.safetensors"):
         load_train_state(ckdir / "step_00000004.state.pt", 6, weights)
+
+
+@pytest.mark.parametrize("fail_at", ["weights", "state", "latest"])
+def test_an_interrupted_save_leaves_the_previous_pair_and_no_partial_file(tmp_path, monkeypatch, fail_at):
+    """Ctrl-C (or SIGTERM, or a full disk) in the middle of save_step: no temporary file, no half
+    pair, latest.json still names the previous complete checkpoint, which still loads."""
+    import train.checkpoint as ck
+
+    cfg = micro_cfg()
+
+    def save(step):
+        state = {"format": STATE_FORMAT, "step": step}
+        return save_step(tmp_path, cfg, step, {"w": torch.full((3,), float(step))}, None, state)
+
+    save(2)
+    ckdir = tmp_path / "checkpoints"
+    before = sorted(p.name for p in ckdir.iterdir())
+    real = {"weights": ck.save_file, "state": torch.save}
+
+    def interrupted(*args, **kwargs):
+        if fail_at == "latest":
+            raise KeyboardInterrupt
+        real[fail_at](*args, **kwargs)  # a partial temporary file exists when the signal lands
+        raise KeyboardInterrupt
+
+    if fail_at == "weights":
+        monkeypatch.setattr(ck, "save_file", interrupted)
+    elif fail_at == "state":
+        monkeypatch.setattr(ck.torch, "save", interrupted)
+    else:
+        monkeypatch.setattr(ck.Path, "write_text", lambda self, text: interrupted())
+    with pytest.raises(KeyboardInterrupt):
+        save(4)
+    monkeypatch.undo()
+    assert sorted(p.name for p in ckdir.iterdir()) == before
+    weights, state = latest_checkpoint(tmp_path)
+    assert load_checkpoint(weights)["step"] == 2 and load_train_state(state, 2, weights)["step"] == 2
+
+
+@pytest.mark.parametrize("case, match", [
+    ("truncated weights", r"step_00000002.safetensors is not a readable kiln checkpoint \(truncated or corrupt"),
+    ("garbage state", r"train state .*step_00000002.state.pt is unreadable .*start a fresh --workdir or drop --resume"),
+    ("garbage latest", r"latest.json is not a checkpoint pointer .*start a fresh --workdir or drop --resume"),
+    ("latest names a missing file", r"latest.json names step_00000009.safetensors, which is missing"),
+])
+def test_unreadable_checkpoints_are_one_line_user_errors(tmp_path, case, match):
+    from train.errors import CheckpointError
+
+    cfg = micro_cfg()
+    save_step(tmp_path, cfg, 2, {"w": torch.ones(3)}, None, {"format": STATE_FORMAT, "step": 2})
+    ckdir = tmp_path / "checkpoints"
+    w, s = ckdir / "step_00000002.safetensors", ckdir / "step_00000002.state.pt"
+    if case == "truncated weights":
+        w.write_bytes(w.read_bytes()[:100])
+    elif case == "garbage state":
+        s.write_bytes(b"PK\x03\x04 not a zip at all")
+    elif case == "garbage latest":
+        (ckdir / "latest.json").write_text("[1, 2")
+    else:
+        (ckdir / "latest.json").write_text('{"step": 9, "weights": "step_00000009.safetensors", "state": "x"}')
+    with pytest.raises(CheckpointError, match=match) as info:
+        weights, state = latest_checkpoint(tmp_path)
+        load_train_state(state, load_checkpoint(weights)["step"], weights)
+    assert info.value.exit_code == 2 and "\n" not in str(info.value)

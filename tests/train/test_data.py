@@ -8,13 +8,24 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from tests.train.conftest import SMALL_D_MODEL, SMALL_SIZES, small_image
+from tests.train.conftest import (
+    SMALL_D_MODEL,
+    SMALL_SIZES,
+    big_keys,
+    corrupt_jpeg,
+    keys,
+    npy,
+    replace_member,
+    small_image,
+    truncate_in_member,
+)
 from train.data import (
     CachedSource,
     ImageSpec,
     SkipCounts,
     StreamingSource,
     _resize_center_crop,
+    check_dataset,
     holdout_value,
     load_records,
     make_source,
@@ -205,3 +216,82 @@ def test_keep_filter_and_no_samples_error(small_shards):
         CachedSource([], spec, batch_size=2)
     with pytest.raises(FileNotFoundError):
         shard_urls(root / "nowhere")
+
+
+# -- corrupt samples: skipped and counted by reason, never trained on, never a crash ------------------
+
+
+def broken_copy(small_shards, dest):
+    """A copy of the small dataset with one sample of each kind of damage in shard 0, and shard 1
+    cut inside its 3rd-from-last sample. Returns (root, {reason: samples})."""
+    import shutil
+
+    root, _ = small_shards
+    shutil.copytree(root, dest)
+    tar0, tar1 = dest / "shards" / "000000.tar", dest / "shards" / "000001.tar"
+    k = big_keys(tar0, 6)
+    replace_member(tar0, k[0], "png", corrupt_jpeg(), new_ext="jpg")
+    replace_member(tar0, k[1], "t5.npy", npy(np.array([None, {"a": 1}], dtype=object), allow_pickle=True))
+    replace_member(tar0, k[2], "t5.npy", npy(np.ones((3, SMALL_D_MODEL), np.int64)))
+    replace_member(tar0, k[3], "t5.npy", npy(np.ones((3, SMALL_D_MODEL + 1), np.float16)))
+    replace_member(tar0, k[4], "json", b"{not json")
+    replace_member(tar0, k[5], "t5.npy", b"\x93NUMPY garbage")
+    truncate_in_member(tar1, keys(tar1)[-3], "png")
+    return dest, {"bad_image": 1, "t5_pickle": 1, "t5_dtype": 1, "wrong_d_model": 1, "bad_meta": 1, "bad_t5": 1,
+                  "truncated": 3}
+
+
+def test_corrupt_samples_are_skipped_and_counted_by_reason(small_shards, tmp_path):
+    root, samples = small_shards
+    broken, reasons = broken_copy(small_shards, tmp_path / "broken")
+    spec = ImageSpec(resolution=16, text_max_len=4, min_stored_size=64, d_model=SMALL_D_MODEL)
+    counts = SkipCounts()
+    records = load_records(broken, spec, counts=counts)
+    corrupt = {k: v for k, v in counts.skipped().items() if k not in ("too_small",)}
+    assert corrupt == reasons and counts.corrupt == sum(reasons.values())
+    assert counts.seen == len(samples)  # the samples a cut shard lost are counted, not silently gone
+    assert len(records) == counts.kept and all(r.text.dtype == np.float16 and r.text.shape[1] == SMALL_D_MODEL
+                                               for r in records)
+    # The streaming reader (workers in other processes) counts the same, once.
+    for workers in (0, 2):
+        src = StreamingSource(shard_urls(broken), spec, batch_size=4, seed=0, num_workers=workers,
+                              expected={str(broken / "shards" / f"{i:06d}.tar"): n for i, n in enumerate((12, 12))})
+        for _ in range(3 * len(records) // 4):  # three epochs
+            src.next()
+        assert {k: getattr(src.counts, k) for k in reasons} == reasons, workers
+
+
+def test_a_tar_cut_between_members_is_still_seen_as_truncated(small_shards, tmp_path):
+    """tarfile reads a tar cut at a member boundary as a clean, shorter archive: the missing
+    end-of-archive blocks give it away, and the sample the cut fell in is not trained on."""
+    import shutil
+
+    root, _ = small_shards
+    shutil.copytree(root, tmp_path / "d")
+    tar = tmp_path / "d" / "shards" / "000000.tar"
+    last = keys(tar)[-1]
+    truncate_in_member(tar, last, "t5.npy", at_header=True)  # png and json of the last sample survive
+    counts = SkipCounts()
+    records = load_records(tmp_path / "d", ImageSpec(resolution=16, min_stored_size=0), counts=counts)
+    assert counts.truncated == 1 and last not in {r.key for r in records}
+
+
+def test_check_dataset_refuses_what_cannot_be_trained_on(small_shards, tmp_path):
+    import shutil
+
+    from train.errors import DatasetError, UserError
+
+    root, _ = small_shards
+    spec = ImageSpec(resolution=16, d_model=SMALL_D_MODEL)
+    assert check_dataset(root, spec) == shard_urls(root)
+    with pytest.raises(DatasetError, match=f"d_model {SMALL_D_MODEL}, the stage wants unet.text_dim 64"):
+        check_dataset(root, ImageSpec(resolution=16, d_model=64))
+    with pytest.raises(UserError, match="does not exist"):
+        check_dataset(tmp_path / "nowhere", spec)
+    shutil.copytree(root, tmp_path / "t5off")
+    (tmp_path / "t5off" / "stats.json").write_text('{"stage_modes": {"t5": "off"}}')
+    with pytest.raises(DatasetError, match="prepared with --t5 off"):
+        check_dataset(tmp_path / "t5off", spec)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DatasetError, match="is not a kiln dataset"):
+        check_dataset(tmp_path / "empty", spec)
