@@ -45,6 +45,10 @@ REASONS = {
         "caption_too_long",
         "declared_too_small",  # declared width/height below --min-image-size
         "declared_aspect_ratio",  # declared width/height beyond --max-aspect-ratio
+        "declared_size_invalid",  # declared width/height negative, infinite, not numeric, or a side above --max-image-pixels
+        "invalid_utf8",  # a text value of the row is not valid UTF-8; detail names the column
+        "not_text",  # the URL or caption value is not text (a number, ...); detail names the column and type
+        "unreadable_value",  # a value of the row could not be converted from Parquet (out-of-range date, ...)
         "duplicate",  # same uid (url + caption) as a row that was kept
     ),
     STAGE_TOXICITY: ("toxic", "toxicity_error"),  # max over the chosen Detoxify labels above --max-toxicity
@@ -95,14 +99,39 @@ class Reject(Exception):
         self.detail = detail
 
 
-def compute_uid(url: str | None, caption: str | None) -> str:
+def _uid_part(value):
+    """A value as it enters the uid's JSON: text and None as they are (the pinned scheme); anything
+    else (undecodable bytes, a number, ...) tagged with its kind, so it can never equal a text value."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return {"bytes": bytes(value).hex()}
+    return {type(value).__name__: repr(value)}
+
+
+def compute_uid(url, caption) -> str:
     """A sample's key: 32 hex chars of sha256 over (url, caption), exactly as given.
 
     JSON-encoding the pair keeps None distinct from "" and makes the encoding unambiguous.
-    Stable across Python versions and runs; usable as a webdataset key (no dots).
+    Stable across Python versions and runs; usable as a webdataset key (no dots). Any value is
+    accepted (a row the prefilter will reject still needs a key): bytes, numbers, NaN and strings
+    with lone surrogates hash without raising, and never to the uid of a text value.
     """
-    payload = json.dumps([url, caption], ensure_ascii=False, separators=(",", ":"))
-    return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:32]
+    payload = json.dumps([_uid_part(url), _uid_part(caption)], ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(payload.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+
+
+def as_text(value) -> str:
+    """`value` as text that any UTF-8 writer accepts: bytes decoded with undecodable bytes as
+    \\xNN escapes, lone surrogates escaped; anything else through str()."""
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value).decode("utf-8", "backslashreplace")
+    text = value if isinstance(value, str) else str(value)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text
 
 
 
@@ -126,6 +155,8 @@ RECORD_FIELDS = (
     # In meta-column order (SHARDS.md's table), then the transient fields.
     RecordField("uid", "read", META, pa.string(), "the sample key: sha256 of (url, caption), 32 hex chars"),
     RecordField("shard", "route", TRANSIENT, None, "the shard the uid falls in (the writer's group key)"),
+    RecordField("_unreadable", "read", TRANSIENT, None,
+                "(reason, detail) when a value of the input row could not be read as it is (invalid UTF-8, ...); the prefilter rejects the row"),
     RecordField("stored_width", STAGE_RESIZE, META, pa.int32(), "px, the image in the tar"),
     RecordField("stored_height", STAGE_RESIZE, META, pa.int32(), "px, the image in the tar"),
     RecordField("original_width", STAGE_DECODE, META, pa.int32(), "px, the downloaded image as decoded, after EXIF orientation"),
@@ -160,8 +191,10 @@ SCORE_FIELDS = ("toxicity", "clip_similarity", "punsafe")
 
 
 def kiln_column_clashes(input_columns) -> list[str]:
-    """Input columns whose names kiln's own record fields use (uid, shard, toxicity, ...)."""
-    return sorted(c for c in input_columns if c in FIELDS_BY_NAME)
+    """Input columns whose names a field kiln adds to a record uses: every entry of RECORD_FIELDS,
+    meta columns (uid, toxicity, t5, ...) and transient ones (shard, _body, _unreadable, ...) alike:
+    an input column of that name would be silently overwritten (or would overwrite kiln's)."""
+    return sorted({str(c) for c in input_columns if str(c) in FIELDS_BY_NAME})
 
 
 # -- reject rows ---------------------------------------------------------------------------------
@@ -193,10 +226,10 @@ def reject_row(record: dict, rej: Reject, url_col: str = "URL", id_col: str = "S
     row = {
         "uid": record["uid"],
         "SAMPLE_ID": record.get(id_col),
-        "url": None if url is None else str(url),
+        "url": None if url is None else as_text(url),  # bytes / odd values still make a valid string cell
         "stage": rej.stage,
         "reason": rej.reason,
-        "detail": str(rej.detail)[:1000],
+        "detail": as_text(rej.detail)[:1000],
         "shard": record.get("shard"),
     }
     for name in SCORE_FIELDS:

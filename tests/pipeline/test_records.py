@@ -37,13 +37,38 @@ def test_uid_is_sha256_of_the_json_pair_as_given():
     assert re.fullmatch(r"[0-9a-f]{32}", compute_uid("u", None))
 
 
+@pytest.mark.parametrize("url, caption", [(b"http://x.test/\xff", "c"), (123, "c"), (float("nan"), None), ("u\ud800", "c"),
+                                          ("u", b"\xc3"), ([1, 2], {"a": 1}), (bytearray(b"u"), "c")])
+def test_uid_takes_any_value_and_never_collides_with_text(url, caption):
+    uid = compute_uid(url, caption)
+    assert re.fullmatch(r"[0-9a-f]{32}", uid) and uid == compute_uid(url, caption)
+    if not isinstance(url, str):
+        assert uid != compute_uid(str(url), caption)
+        assert uid != compute_uid(repr(url), caption)
+    assert compute_uid(b"u", "c") != compute_uid("u", "c")  # bytes are never taken for the text they may spell
+
+
+def test_as_text_makes_any_value_a_writable_string():
+    assert records.as_text(b"ok \xff") == "ok \\xff"
+    assert records.as_text("lone \udc80").encode("utf-8")
+    assert records.as_text(7) == "7" and records.as_text("é") == "é"
+
+
+def test_reject_row_of_an_undecodable_record_is_a_valid_rejects_row():
+    record = {"uid": "e" * 32, "URL": b"http://x.test/\xff", "SAMPLE_ID": "id-\udc80"}
+    row = reject_row(record, Reject("prefilter", "invalid_utf8", "URL: not valid UTF-8 \ud800"))
+    assert row["url"] == "http://x.test/\\xff"
+    table = pa.Table.from_pylist([{**row, "SAMPLE_ID": None}], schema=rejects_schema(pa.string()))
+    assert table.column("detail").to_pylist()[0].startswith("URL: not valid UTF-8")
+
+
 def test_field_table_is_consistent():
     names = [f.name for f in RECORD_FIELDS]
     assert len(names) == len(set(names))
     for f in RECORD_FIELDS:
         assert f.stage in STAGES or f.stage in ("read", "route"), f
         assert (f.dtype is not None) == (f.kind == records.META), f
-    assert {"shard", "_body", "_bgr", "_image", "_t5"} == TRANSIENT_FIELDS
+    assert {"shard", "_unreadable", "_body", "_bgr", "_image", "_t5"} == TRANSIENT_FIELDS
     assert set(JSON_EXCLUDED) == {"clip_image_embedding", "t5"}
 
 
@@ -86,6 +111,7 @@ def test_shards_md_names_every_reject_reason():
 
 def test_input_columns_that_clash_with_kiln_fields_are_named():
     assert kiln_column_clashes(["URL", "TEXT", "uid", "punsafe", "shard", "WIDTH"]) == ["punsafe", "shard", "uid"]
+    assert kiln_column_clashes([f.name for f in RECORD_FIELDS]) == sorted(f.name for f in RECORD_FIELDS)  # transient ones too
     assert kiln_column_clashes(["url", "caption", "key"]) == []
     with pytest.raises(ValueError, match=r"\['uid'\]"):
         meta_schema(pa.schema([("uid", pa.string()), ("URL", pa.string())]))
@@ -119,3 +145,15 @@ def test_key_json_holds_the_meta_row_without_binaries_or_transients():
     assert js == {"uid": "d" * 32, "URL": "http://x.example.test/a.jpg", "TEXT": "a cat", "t5_len": 2,
                   "toxicity_scores": {"toxicity": 0.01}, "clip_similarity": 0.5}
     assert sample_json(record) == sample_json(dict(reversed(list(record.items()))))  # keys sorted: same bytes
+
+
+def test_every_field_a_stage_sets_is_in_the_field_table():
+    """A key any pipeline module writes into a record is a RECORD_FIELDS entry, so kiln_column_clashes
+    (and so inspect_input) refuses an input column that it would overwrite."""
+    set_keys = set()
+    for path in sorted((REPO / "pipeline").glob("*.py")):
+        text = path.read_text()
+        set_keys |= set(re.findall(r'\b(?:record|row)\["([A-Za-z_][A-Za-z0-9_]*)"\]\s*=(?!=)', text))
+        set_keys |= set(re.findall(r'\b(?:record|row)\.setdefault\("([A-Za-z_][A-Za-z0-9_]*)"', text))
+    assert {"uid", "shard", "_body"} <= set_keys  # the scan sees the stages
+    assert set_keys <= set(records.FIELDS_BY_NAME), set_keys - set(records.FIELDS_BY_NAME)
