@@ -12,12 +12,17 @@ length. The trainer pads on the fly (`train/text.py`) and never loads T5.
 Model specs:
 
     "google/t5-v1_1-xxl"   a hub id, resolved from the local Hugging Face cache only (nothing is
-                           downloaded: HF_HUB_OFFLINE); missing -> FileNotFoundError naming local:DIR
+                           downloaded: HF_HUB_OFFLINE); missing -> ModelLoadError naming local:DIR
     "local:DIR" or "DIR"   a folder with config.json, the tokenizer (spiece.model and/or
                            tokenizer.json + tokenizer_config.json) and weights: model.safetensors,
                            a sharded model.safetensors.index.json, or pytorch_model.bin[.index.json]
                            (loaded by transformers with weights_only=True). No weights -> error:
                            random weights are never used silently.
+
+A model that cannot be used -- not in the cache, a folder without config.json, tokenizer or weights,
+a file that is truncated, not JSON or a pickle that carries code, weights of other shapes than the
+config -- raises `embed.errors.ModelLoadError` (a ValueError): one line naming --t5-model (the flag
+of both `kiln prepare` and `kiln embed-prompts`), the spec, what is wrong and what to do.
 
 What `embed` does, and why:
 
@@ -85,6 +90,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,9 +99,11 @@ import numpy as np
 import torch
 
 from embed.batching import pad_width, plan_batches, scatter
+from embed.errors import ModelLoadError
 from embed.text import clean_caption
 
-__all__ = ["EmbedResult", "T5Embedder", "quiet_hf_progress", "resolve_model_dir", "weight_files", "weights_sha256"]
+__all__ = ["FLAG", "EmbedResult", "ModelLoadError", "T5Embedder", "check_model_dir", "quiet_hf_progress", "resolve_model_dir",
+           "weight_files", "weights_sha256"]
 
 DEFAULT_MODEL = "google/t5-v1_1-xxl"  # Imagen §2.1: T5-XXL; v1.1 is the public release of that family
 # Padded tokens per batch. CPU: compute grows with padded tokens and is already efficient at a few
@@ -108,6 +116,22 @@ MIN_TOKENS_PER_PASS = 64
 _FP16_MAX = float(np.finfo(np.float16).max)  # 65504
 # Weight files in the order transformers prefers them.
 _WEIGHT_NAMES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+FLAG = "--t5-model"
+_TOKENIZER_FILES = ("spiece.model", "tokenizer.json")
+_T5_TYPES = ("t5", "mt5", "umt5")
+_CONVERT_PICKLE = (
+    "python -c \"from transformers import T5EncoderModel as M; M.from_pretrained('DIR').save_pretrained('DIR')\" "
+    "(writes model.safetensors; delete pytorch_model.bin after)"
+)
+
+
+def _todo(spec: str) -> str:
+    """What to do about a T5 model that cannot be used."""
+    if spec.startswith(("local:", "/", ".", "~")) or spec.count("/") != 1 or Path(spec).expanduser().exists():
+        return ("pass --t5-model local:DIR, a folder with config.json, the tokenizer (spiece.model / tokenizer.json) "
+                "and model.safetensors (e.g. google/t5-v1_1-xxl downloaded on a machine with network)")
+    return (f"download it with `huggingface-cli download {spec}` on a machine with network (into the Hugging Face "
+            f"cache this machine reads: HF_HOME), or pass --t5-model local:DIR")
 
 
 @dataclass(frozen=True)
@@ -124,44 +148,84 @@ class EmbedResult:
 # Locating the model and its weights
 
 
-def resolve_model_dir(spec: str) -> Path:
-    """The local folder holding model `spec` ("local:DIR", an existing DIR, or a cached hub id)."""
+def resolve_model_dir(spec: str, check: bool = True) -> Path:
+    """The local folder holding model `spec` ("local:DIR", an existing DIR, or a cached hub id).
+
+    With `check`, the folder must hold what T5Embedder loads (`check_model_dir`). Anything missing
+    -> ModelLoadError (one line: --t5-model, the spec, what is wrong, what to do)."""
     if spec.startswith("local:"):
         path = Path(spec[len("local:"):]).expanduser()
         if not path.is_dir():
-            raise FileNotFoundError(f"T5 model folder not found: {path} (from {spec!r})")
-        return path.resolve()
-    path = Path(spec).expanduser()
-    if path.is_dir():
-        return path.resolve()
-    if spec.count("/") != 1 or spec.startswith(("/", ".")):
-        raise FileNotFoundError(f"T5 model {spec!r} is neither a folder nor a hub id (org/name)")
-    from huggingface_hub import snapshot_download
+            what = "is a file, not a folder" if path.exists() else "does not exist"
+            raise ModelLoadError(FLAG, spec, f"the T5 model folder {path} {what}", _todo(spec))
+        path = path.resolve()
+    elif Path(spec).expanduser().is_dir():
+        path = Path(spec).expanduser().resolve()
+    elif spec.count("/") != 1 or spec.startswith(("/", ".", "~")):
+        raise ModelLoadError(FLAG, spec, "is neither a folder nor a hub id (org/name)", _todo(spec))
+    else:
+        from huggingface_hub import snapshot_download
 
+        try:
+            path = Path(snapshot_download(repo_id=spec, local_files_only=True))
+        except (OSError, ValueError) as err:  # LocalEntryNotFoundError (an OSError); HFValidationError: a malformed id
+            raise ModelLoadError(
+                FLAG, spec, "is not in the local Hugging Face cache, and kiln downloads nothing at run time",
+                _todo(spec)) from err
+    if check:
+        check_model_dir(path, spec)
+    return path
+
+
+def check_model_dir(model_dir: str | os.PathLike, spec: str | None = None) -> None:
+    """ModelLoadError unless `model_dir` holds a T5 config.json (JSON, a T5 model_type), a tokenizer
+    (spiece.model or tokenizer.json) and weights (`weight_files`). Reads only the small files."""
+    model_dir = Path(model_dir)
+    spec = spec or str(model_dir)
+    cfg_path = model_dir / "config.json"
+    if not cfg_path.is_file():
+        raise ModelLoadError(FLAG, spec, f"no config.json in {model_dir}", _todo(spec))
     try:
-        return Path(snapshot_download(repo_id=spec, local_files_only=True))
-    except Exception as err:  # LocalEntryNotFoundError and friends
-        raise FileNotFoundError(
-            f"T5 model {spec!r} is not in the local Hugging Face cache and kiln downloads nothing at run time; "
-            f"put it there (huggingface-cli download {spec}) or pass local:DIR"
-        ) from err
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ModelLoadError(FLAG, spec, f"{cfg_path} is not JSON ({err})", _todo(spec)) from err
+    if not isinstance(cfg, dict):
+        raise ModelLoadError(FLAG, spec, f"{cfg_path} is not a JSON object", _todo(spec))
+    if cfg.get("model_type") not in _T5_TYPES:
+        raise ModelLoadError(FLAG, spec, f"{cfg_path} describes a {cfg.get('model_type')!r} model, not T5 "
+                             f"(model_type one of {list(_T5_TYPES)})", _todo(spec))
+    if not any((model_dir / n).is_file() for n in _TOKENIZER_FILES):
+        raise ModelLoadError(FLAG, spec, f"no tokenizer in {model_dir} (expected {' or '.join(_TOKENIZER_FILES)}, with "
+                             "tokenizer_config.json)", _todo(spec))
+    weight_files(model_dir, spec)
 
 
-def weight_files(model_dir: str | os.PathLike) -> tuple[Path, list[Path]]:
+def weight_files(model_dir: str | os.PathLike, spec: str | None = None) -> tuple[Path, list[Path]]:
     """(the file transformers loads first, every file holding weights) for a model folder."""
     model_dir = Path(model_dir)
+    spec = spec or str(model_dir)
     for name in _WEIGHT_NAMES:
         path = model_dir / name
         if not path.is_file():
             continue
         if name.endswith(".index.json"):
-            shards = sorted(set(json.loads(path.read_text())["weight_map"].values()))
+            try:
+                shards = sorted(set(json.loads(path.read_text(encoding="utf-8"))["weight_map"].values()))
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as err:
+                raise ModelLoadError(FLAG, spec, f"{path} is not a weight index (JSON with a weight_map: "
+                                     f"{type(err).__name__}: {err})", _todo(spec)) from err
             missing = [s for s in shards if not (model_dir / s).is_file()]
             if missing:
-                raise FileNotFoundError(f"{path} names missing shard files: {missing[:3]}")
+                raise ModelLoadError(FLAG, spec, f"{path} names {len(missing)} missing shard file(s), e.g. {missing[0]}",
+                                     "finish copying the model folder, or " + _todo(spec))
             return path, [path] + [model_dir / s for s in shards]
         return path, [path]
-    raise FileNotFoundError(f"no T5 weights in {model_dir}: expected one of {', '.join(_WEIGHT_NAMES)}")
+    raise ModelLoadError(FLAG, spec, f"no T5 weights in {model_dir} (expected one of {', '.join(_WEIGHT_NAMES)})",
+                         _todo(spec))
+
+
+def _first_line(err: BaseException) -> str:
+    return next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)[:160]
 
 
 def _sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -245,27 +309,75 @@ class T5Embedder:
         self.max_batch_size = max_batch_size
         self.window = window
 
-        self.model_dir = resolve_model_dir(model)
-        main_file, self._weight_files = weight_files(self.model_dir)  # refuse a folder without weights
+        self.model_dir = resolve_model_dir(model)  # refuses a folder without config.json, tokenizer or weights
+        main_file, self._weight_files = weight_files(self.model_dir, model)
         self.weights_path = str(main_file)
         self._sha256: str | None = None
 
-        self.tokenizer = AutoTokenizer.from_pretrained(str(self.model_dir), local_files_only=True)
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(str(self.model_dir), local_files_only=True)
+        except (OSError, ValueError) as err:  # a tokenizer file missing, not JSON, not a sentencepiece model
+            raise ModelLoadError(FLAG, model, f"the tokenizer in {self.model_dir} does not load ({type(err).__name__}: "
+                                 f"{_first_line(err)})", _todo(model)) from err
         self.eos_id = self.tokenizer.eos_token_id
         self.pad_id = self.tokenizer.pad_token_id
         if self.eos_id is None or self.pad_id is None:
-            raise RuntimeError(f"the tokenizer in {self.model_dir} has no EOS or PAD token: not a T5 tokenizer")
+            raise ModelLoadError(FLAG, model, f"the tokenizer in {self.model_dir} has no EOS or PAD token: not a T5 "
+                                 "tokenizer", _todo(model))
         self._check_tokenizer()
-
-        with quiet_hf_progress():
-            self.model = T5EncoderModel.from_pretrained(str(self.model_dir), dtype=self.dtype, local_files_only=True)
+        self.model = self._load_encoder(T5EncoderModel)
         self.model.to(self.device).eval()
         self.model.requires_grad_(False)
         self.d_model = int(self.model.config.d_model)
         if len(self.tokenizer) > self.model.config.vocab_size:
-            raise RuntimeError(
-                f"tokenizer has {len(self.tokenizer)} tokens but the model's vocabulary is {self.model.config.vocab_size}"
-            )
+            raise ModelLoadError(
+                FLAG, model, f"the tokenizer in {self.model_dir} has {len(self.tokenizer)} tokens but the model's "
+                f"vocabulary is {self.model.config.vocab_size} (a tokenizer_config.json missing or from another model?)",
+                _todo(model))
+
+    def _load_encoder(self, model_class):
+        """The encoder's weights through transformers; a weight file that is truncated, not a
+        checkpoint, a pickle that carries code, or of other shapes than config.json -> ModelLoadError.
+        transformers' multi-line load report is silenced: what it would say is in that one line."""
+        import pickle
+
+        from safetensors import SafetensorError
+        from transformers.utils import logging as hf_logging
+
+        spec, what = self.spec, f"the weights in {self.model_dir}"
+        verbosity = hf_logging.get_verbosity()
+        try:
+            with quiet_hf_progress():
+                hf_logging.set_verbosity_error()
+                model, info = model_class.from_pretrained(
+                    str(self.model_dir), dtype=self.dtype, local_files_only=True, output_loading_info=True,
+                    ignore_mismatched_sizes=True)  # refused below, in one line
+        except pickle.UnpicklingError as err:
+            code = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+            if code:
+                raise ModelLoadError(FLAG, spec, f"{what} are a pickle that carries code ({code.group(1)}) and are "
+                                     "refused because loading them could run that code", "if you trust the file, "
+                                     f"convert it to safetensors on that machine: {_CONVERT_PICKLE}") from err
+            raise ModelLoadError(FLAG, spec, f"{what} are not a PyTorch checkpoint ({_first_line(err)[:80]})",
+                                 "copy the folder again, or " + _todo(spec)) from err
+        except (SafetensorError, EOFError) as err:
+            raise ModelLoadError(FLAG, spec, f"{what} are truncated or not a checkpoint ({_first_line(err)})",
+                                 "copy the folder again, or " + _todo(spec)) from err
+        except OSError as err:
+            raise ModelLoadError(FLAG, spec, f"{what} cannot be read ({_first_line(err)})", _todo(spec)) from err
+        finally:
+            hf_logging.set_verbosity(verbosity)
+        mismatched = list(info.get("mismatched_keys") or ())
+        if mismatched:
+            key, *shapes = mismatched[0] if isinstance(mismatched[0], tuple | list) else (mismatched[0],)
+            shown = f" (file {list(shapes[0])}, config.json {list(shapes[1])})" if len(shapes) == 2 else ""
+            raise ModelLoadError(FLAG, spec, f"{what} do not fit its config.json: {len(mismatched)} tensor(s) of other "
+                                 f"shapes, e.g. {key}{shown}", _todo(spec))
+        missing = sorted(k for k in info.get("missing_keys") or () if k != "encoder.embed_tokens.weight")  # tied to shared
+        if missing:
+            raise ModelLoadError(FLAG, spec, f"{what} lack {len(missing)} tensor(s) the encoder needs, e.g. {missing[0]} "
+                                 "(they would be random)", _todo(spec))
+        return model
 
     def _check_tokenizer(self) -> None:
         """docs/PITFALLS.md: a T5 tokenizer that did not load spiece.model still "works", mapping every
@@ -273,13 +385,13 @@ class T5Embedder:
         probe = "a photo of a dog"
         ids = self.tokenizer(probe).input_ids
         if not ids or ids[-1] != self.eos_id:
-            raise RuntimeError(f"the tokenizer in {self.model_dir} does not append EOS: {probe!r} -> {ids}")
+            raise ModelLoadError(FLAG, self.spec, f"the tokenizer in {self.model_dir} does not append EOS: {probe!r} -> "
+                                 f"{ids}", _todo(self.spec))
         back = self.tokenizer.decode(ids[:-1])
         if self.tokenizer.unk_token_id in ids or back != probe:
-            raise RuntimeError(
-                f"the tokenizer in {self.model_dir} does not round-trip {probe!r} ({ids} -> {back!r}): "
-                "its vocabulary (spiece.model / tokenizer.json) did not load"
-            )
+            raise ModelLoadError(
+                FLAG, self.spec, f"the tokenizer in {self.model_dir} does not round-trip {probe!r} ({ids[:8]} -> "
+                f"{back[:40]!r}): its vocabulary (spiece.model / tokenizer.json) did not load", _todo(self.spec))
 
     # -- provenance ----------------------------------------------------------------------------
 

@@ -8,7 +8,7 @@ Model specs (`ClipScorer.from_spec`):
 
     "ViT-B-32:openai"             built-in architecture + pretrained tag; the weight file is looked up
                                   in the local caches only (HF hub cache, then open_clip's URL cache):
-                                  nothing is downloaded. Missing -> RuntimeError (use local-dir:).
+                                  nothing is downloaded. Missing -> ModelLoadError (use local-dir:).
     "ViT-B-32:random"             built-in architecture, random weights (benchmarks only)
     "local-dir:/path"             open_clip's folder schema: open_clip_config.json + weights
                                   (open_clip_model.safetensors preferred), loaded by open_clip itself
@@ -21,14 +21,22 @@ stacked uint8 batch goes to the device as uint8 and is normalised there with the
 It tracks open_clip's own PIL pipeline (shortest-side bicubic resize + center crop) to within about
 0.01 cosine similarity (tested), at a fraction of the cost.
 
+A model that cannot be loaded -- an unknown architecture or tag, weights not on this machine, a
+local-dir: folder without its files, a weight file that is truncated, not a checkpoint, a pickle that
+carries code, or of other shapes than the architecture -- raises `filters.errors.ModelLoadError` (a
+ValueError): one line naming --clip-model, the spec, what is wrong and what to do.
+
 This module imports nothing from `pipeline/`. Callers run `pipeline.compat.ensure_torch_compat()`
 before constructing a scorer (open_clip imports torchvision).
 """
 
 from __future__ import annotations
 
+import difflib
 import hashlib
+import json
 import os
+import pickle
 import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -40,12 +48,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["ClipScorer", "ClipScores", "preprocess_images", "sha256_file"]
+from filters.errors import ModelLoadError
+from filters.weights import CONVERT_PICKLE, check_safetensors, pickle_refusal, short
+
+__all__ = ["FLAG", "ClipScorer", "ClipScores", "ModelLoadError", "preprocess_images", "sha256_file"]
 
 # The HF hub file names open_clip uses (open_clip.constants)
 _HF_SAFE_WEIGHTS = "open_clip_model.safetensors"
 _HF_WEIGHTS = "open_clip_pytorch_model.bin"
 _RANDOM_TAGS = ("random", "none")
+FLAG = "--clip-model"
+_TODO = ("pass --clip-model local-dir:DIR (a folder with open_clip_config.json and open_clip_model.safetensors, "
+         "e.g. an open_clip hf-hub repo downloaded on a machine with network), or --clip off")
 
 
 @dataclass
@@ -195,7 +209,7 @@ def _hf_local(repo_id: str, filenames: Sequence[str], cache_dir: str | None, tri
     for fn in filenames:
         try:
             return hf_hub_download(repo_id=repo_id, filename=fn, cache_dir=cache_dir, local_files_only=True)
-        except Exception:  # noqa: BLE001 - not cached (or offline): try the next name
+        except (OSError, ValueError):  # LocalEntryNotFoundError (an OSError), a malformed repo id: try the next name
             tried.append(f"hf-hub cache {repo_id}/{fn}")
     return None
 
@@ -204,14 +218,17 @@ def _resolve_tag_file(name: str, tag: str, cache_dir: str | None) -> tuple[str, 
     """(local weight file, pretrained cfg) for a built-in name + pretrained tag, from caches only."""
     import open_clip
 
+    spec = f"{name}:{tag}"
     cfg = open_clip.get_pretrained_cfg(name, tag)
     if not cfg:
         tags = open_clip.list_pretrained_tags_by_model(name)
-        raise ValueError(f"unknown pretrained tag {tag!r} for open_clip model {name!r}; known tags: {tags}")
+        raise ModelLoadError(FLAG, spec, f"unknown pretrained tag {tag!r} for open_clip model {name!r} (known tags: "
+                             f"{', '.join(tags) or 'none'})", "use a known tag, or " + _TODO)
     if cfg.get("file"):
         return cfg["file"], cfg
     tried: list[str] = []
     hub = cfg.get("hf_hub", "")
+    repo_id = ""
     if hub:
         repo_id, filename = os.path.split(hub)
         if not filename:
@@ -229,12 +246,62 @@ def _resolve_tag_file(name: str, tag: str, cache_dir: str | None) -> tuple[str, 
         if os.path.isfile(path):
             return path, cfg
         tried.append(path)
-    raise RuntimeError(
-        f"weights for open_clip {name}:{tag} are not available offline (looked in: {'; '.join(tried)}). "
-        "kiln never downloads weights at run time: fetch them once on a machine with internet (e.g. the "
-        "open_clip_config.json and open_clip_model.safetensors of the hf-hub repo) and pass "
-        "'local-dir:/path/to/that/folder'."
-    )
+    fetch = (f"download them with `huggingface-cli download {repo_id}` on a machine with network (into the Hugging Face "
+             "cache this machine reads: HF_HOME)" if repo_id else f"download {url} into ~/.cache/clip")
+    raise ModelLoadError(
+        FLAG, spec, f"its weights are not on this machine (looked for {len(tried)} files in the Hugging Face and "
+        "open_clip caches) and kiln never downloads weights at run time", f"{fetch}, or {_TODO}")
+
+
+def _check_open_clip_dir(local: Path, spec: str) -> str:
+    """The weight file of an open_clip folder, after checking its config (ModelLoadError if unusable)."""
+    if not local.is_dir():
+        raise ModelLoadError(FLAG, spec, f"{local} does not exist" if not local.exists() else f"{local} is not a folder",
+                             _TODO)
+    cfg_path = local / "open_clip_config.json"
+    if not cfg_path.is_file():
+        raise ModelLoadError(FLAG, spec, f"no open_clip_config.json in {local}", _TODO)
+    try:
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ModelLoadError(FLAG, spec, f"{cfg_path} is not JSON ({short(err, 80)})", _TODO) from err
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("model_cfg"), dict):
+        raise ModelLoadError(FLAG, spec, f"{cfg_path} has no 'model_cfg' object (not an open_clip config)", _TODO)
+    weights = _local_dir_checkpoint(local)
+    if weights is None:
+        # open_clip would only warn and hand back random weights: refuse instead.
+        raise ModelLoadError(FLAG, spec, f"no weight file (open_clip_model.safetensors, ...) in {local}", _TODO)
+    return weights
+
+
+def _weights_error(err: BaseException, spec: str, weights_file: str | None) -> ModelLoadError | None:
+    """The ModelLoadError for what open_clip's checkpoint loading raised about the weight FILE, or None
+    (then it is not about the file: the caller re-raises it)."""
+    from safetensors import SafetensorError
+
+    what = f"the weight file {weights_file}" if weights_file else "the weights"
+    text = str(err)
+    if isinstance(err, pickle.UnpicklingError):
+        code = pickle_refusal(err)
+        if code:
+            return ModelLoadError(FLAG, spec, f"{what} is a pickle that carries code ({code}) and is refused because "
+                                  "loading it could run that code", f"if you trust the file, convert it to safetensors "
+                                  f"on that machine: {CONVERT_PICKLE}; then point --clip-model at it, or {_TODO}")
+        return ModelLoadError(FLAG, spec, f"{what} is not a PyTorch checkpoint (torch.load: {short(err, 80)})", _TODO)
+    if isinstance(err, SafetensorError | EOFError):
+        return ModelLoadError(FLAG, spec, f"{what} is truncated or not a checkpoint ({short(err, 100)})",
+                              "copy it again, or " + _TODO)
+    if isinstance(err, OSError):
+        return ModelLoadError(FLAG, spec, f"{what} cannot be read ({err.strerror or short(err, 100)})", _TODO)
+    if isinstance(err, RuntimeError) and "Error(s) in loading state_dict" in text:  # load_state_dict(strict=True)
+        lines = [line.strip() for line in text.splitlines()[1:] if line.strip()]
+        detail = next((line for line in lines if "size mismatch" in line), lines[0] if lines else "")
+        return ModelLoadError(FLAG, spec, f"{what} does not fit the architecture ({detail[:200]})",
+                              "pair the weights with their architecture, or " + _TODO)
+    if isinstance(err, RuntimeError) and any(s in text for s in ("PytorchStreamReader", "zip archive", "Invalid magic")):
+        return ModelLoadError(FLAG, spec, f"{what} is truncated or not a PyTorch checkpoint ({short(err, 100)})",
+                              "copy it again, or " + _TODO)
+    return None
 
 
 def _local_dir_checkpoint(path: Path) -> str | None:
@@ -282,16 +349,17 @@ class ClipScorer:
 
         weights_file: str | None = None
         name = model
+        user_spec = spec or (model if model.startswith(("local-dir:", "hf-hub:")) else f"{model}:{pretrained or 'random'}")
         if model.startswith(("local-dir:", "hf-hub:")):
             if model.startswith("hf-hub:"):
                 repo_id = model[len("hf-hub:") :]
                 tried: list[str] = []
                 cfg_file = _hf_local(repo_id, ["open_clip_config.json"], cache_dir, tried)
                 if cfg_file is None:
-                    raise RuntimeError(
-                        f"hf-hub:{repo_id} is not in the local HF cache (looked for {'; '.join(tried)}); kiln never "
-                        "downloads weights at run time: fetch the repo once and pass 'local-dir:/path'."
-                    )
+                    raise ModelLoadError(
+                        FLAG, user_spec, "not in the local Hugging Face cache, and kiln never downloads weights at run "
+                        f"time", f"download it with `huggingface-cli download {repo_id}` on a machine with network (into "
+                        f"the cache this machine reads: HF_HOME), or {_TODO}")
                 _hf_local(repo_id, [_HF_SAFE_WEIGHTS, _HF_WEIGHTS], cache_dir, tried)  # make sure it sits beside the config
                 local = Path(cfg_file).parent
                 name = repo_id
@@ -299,17 +367,22 @@ class ClipScorer:
                 local = Path(model[len("local-dir:") :]).expanduser().resolve()
                 name = local.name
                 model = f"local-dir:{local}"
-            if not (local / "open_clip_config.json").is_file():
-                raise FileNotFoundError(f"{model}: no open_clip_config.json in {local}")
-            weights_file = _local_dir_checkpoint(local)
-            if weights_file is None:
-                # open_clip would only warn and hand back random weights: refuse instead.
-                raise FileNotFoundError(f"{model}: no weight file (open_clip_model.safetensors, ...) in {local}")
+            weights_file = _check_open_clip_dir(local, user_spec)
+            if weights_file.endswith(".safetensors"):
+                check_safetensors(weights_file, FLAG, user_spec, f"the weight file {weights_file}", _TODO)
             open_clip_id = f"local-dir:{local}"
-            self.model = open_clip.create_model(open_clip_id, device=self.device, weights_only=True)
+            try:
+                self.model = open_clip.create_model(open_clip_id, device=self.device, weights_only=True)
+            except (pickle.UnpicklingError, EOFError, OSError, RuntimeError) as err:
+                raise _weights_error(err, user_spec, weights_file) or err
             self.tokenizer = open_clip.get_tokenizer(open_clip_id)
             pretrained = None
         else:
+            if model not in open_clip.list_models():
+                close = difflib.get_close_matches(model, open_clip.list_models(), n=3, cutoff=0.6)
+                hint = f" (did you mean {', '.join(close)}?)" if close else ""
+                raise ModelLoadError(FLAG, user_spec, f"{model!r} is not an open_clip architecture{hint}",
+                                     "use a name from open_clip.list_models() with a tag (e.g. ViT-B-32:openai), or " + _TODO)
             tag_cfg: dict = {}
             if weights_path is not None:
                 weights_file = str(weights_path)
@@ -320,17 +393,22 @@ class ClipScorer:
             elif pretrained:
                 weights_file, tag_cfg = _resolve_tag_file(model, pretrained, cache_dir)
             if weights_file is not None and not os.path.isfile(weights_file):
-                raise FileNotFoundError(f"weight file not found: {weights_file}")
+                raise ModelLoadError(FLAG, user_spec, f"the weight file {weights_file} does not exist", _TODO)
+            if weights_file is not None and weights_file.endswith(".safetensors"):
+                check_safetensors(weights_file, FLAG, user_spec, f"the weight file {weights_file}", _TODO)
             force_pp = {k: tag_cfg[k] for k in ("mean", "std", "interpolation", "resize_mode") if tag_cfg.get(k)}
-            self.model = open_clip.create_model(
-                model,
-                pretrained=weights_file,
-                device=self.device,
-                force_quick_gelu=bool(tag_cfg.get("quick_gelu", False)),
-                force_preprocess_cfg=force_pp or None,
-                weights_only=True,
-                cache_dir=cache_dir,
-            )
+            try:
+                self.model = open_clip.create_model(
+                    model,
+                    pretrained=weights_file,
+                    device=self.device,
+                    force_quick_gelu=bool(tag_cfg.get("quick_gelu", False)),
+                    force_preprocess_cfg=force_pp or None,
+                    weights_only=True,
+                    cache_dir=cache_dir,
+                )
+            except (pickle.UnpicklingError, EOFError, OSError, RuntimeError) as err:
+                raise _weights_error(err, user_spec, weights_file) or err
             self.tokenizer = open_clip.get_tokenizer(model)
         self.model.eval()
         for p in self.model.parameters():
@@ -370,10 +448,9 @@ class ClipScorer:
         if spec.startswith(("local-dir:", "hf-hub:")):
             return cls(model=spec, pretrained=None, **kw)
         if ":" not in spec:
-            raise ValueError(
-                f"CLIP spec {spec!r} names no weights: use 'Name:tag' (e.g. 'ViT-L-14:laion2b_s32b_b82k'), "
-                "'local-dir:/path', 'hf-hub:org/repo', or 'Name:random' for random weights"
-            )
+            raise ModelLoadError(
+                FLAG, spec, "names no weights: use 'Name:tag' (e.g. 'ViT-L-14:laion2b_s32b_b82k'), 'local-dir:/path', "
+                "'hf-hub:org/repo', or 'Name:random' for random weights", "fix the flag, or pass --clip off")
         name, tag = spec.split(":", 1)
         return cls(model=name, pretrained=tag, spec=spec, **kw)
 

@@ -28,6 +28,10 @@ ViT-B/32 (512-d) detectors are autokeras/Keras models (`clip_autokeras_binary_ns
 this one; port their weights into this layout only by retraining. Width mismatches (a 768-d head fed
 512-d ViT-B/32 embeddings) are refused with a ValueError naming both widths.
 
+A head file that cannot be used -- missing, not a checkpoint, truncated, a pickle that carries code,
+another layout, another width than the CLIP model's -- raises `filters.errors.ModelLoadError` (a
+ValueError): one line naming --nsfw-head, the file, what is wrong and what to do.
+
 This module imports nothing from `pipeline/`.
 """
 
@@ -40,10 +44,15 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["LAYOUT", "NsfwHead", "NsfwScorer", "load_nsfw_state_dict"]
+from filters.errors import ModelLoadError
+from filters.weights import load_safetensors, load_torch
+
+__all__ = ["FLAG", "LAYOUT", "ModelLoadError", "NsfwHead", "NsfwScorer", "load_nsfw_state_dict"]
 
 LAYOUT = "laion-h14-nsfw-mlp"
 _ACTIVATIONS = ("clamp", "sigmoid")
+FLAG = "--nsfw-head"
+_TODO = "pass LAION's NSFW head (h14_nsfw.pth layout) trained for your --clip-model, or --nsfw off"
 
 
 class NsfwHead(nn.Module):
@@ -85,22 +94,19 @@ def _sha256(path: str) -> str:
 
 
 def load_nsfw_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """(state_dict with `layers.N.*` keys, safetensors metadata or {}) from .safetensors or .pt/.pth/.bin."""
+    """(state_dict with `layers.N.*` keys, safetensors metadata or {}) from .safetensors or .pt/.pth/.bin.
+
+    A file that is missing, not a checkpoint, truncated, or a pickle carrying code -> ModelLoadError."""
     path = str(path)
     meta: dict[str, str] = {}
     if path.endswith(".safetensors"):
-        from safetensors import safe_open
-        from safetensors.torch import load_file
-
-        with safe_open(path, framework="pt") as f:
-            meta = dict(f.metadata() or {})
-        sd = load_file(path, device="cpu")
+        sd, meta = load_safetensors(path, FLAG, path, "the file", _TODO)
     else:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
+        sd = load_torch(path, FLAG, path, "the file", _TODO)
         if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
             sd = sd["state_dict"]
-        if not isinstance(sd, dict):
-            raise ValueError(f"{path}: expected a state_dict, got {type(sd).__name__}")
+        if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
+            raise ModelLoadError(FLAG, path, f"the file holds a {type(sd).__name__}, not a state_dict of tensors", _TODO)
     sd = {k.removeprefix("module."): v for k, v in sd.items()}
     if sd and all(k.split(".")[0].isdigit() for k in sd):  # a bare Sequential's state_dict
         sd = {f"layers.{k}": v for k, v in sd.items()}
@@ -121,21 +127,24 @@ class NsfwScorer:
     ):
         self.weights_path = os.path.realpath(str(weights_path))
         if not os.path.isfile(self.weights_path):
-            raise FileNotFoundError(f"NSFW head weights not found: {weights_path}")
+            what = "is a folder, not a weight file" if os.path.isdir(self.weights_path) else "does not exist"
+            raise ModelLoadError(FLAG, weights_path, f"the file {what}", _TODO)
         sd, meta = load_nsfw_state_dict(self.weights_path)
         first = sd.get("layers.0.weight")
         if first is None or first.ndim != 2:
-            raise ValueError(
-                f"{weights_path}: not a LAION H14-layout NSFW head (no 2-D 'layers.0.weight'; keys: {sorted(sd)[:8]})"
-            )
+            raise ModelLoadError(
+                FLAG, weights_path,
+                f"not a LAION H14-layout NSFW head (no 2-D 'layers.0.weight'; keys: {sorted(sd)[:4]})", _TODO)
         file_dim = int(first.shape[1])
         if input_dim is not None and int(input_dim) != file_dim:
-            raise ValueError(
-                f"NSFW head weights {weights_path} take {file_dim}-d embeddings, but input_dim={input_dim} was requested"
-            )
+            raise ModelLoadError(
+                FLAG, weights_path, f"the head takes {file_dim}-d embeddings, but {input_dim}-d was requested", _TODO)
         self.input_dim = file_dim
         activation = activation or meta.get("activation") or "clamp"
         if activation not in _ACTIVATIONS:
+            if activation == meta.get("activation"):  # from the file's metadata, not from the caller
+                raise ModelLoadError(FLAG, weights_path, f"its metadata names activation {activation!r}, "
+                                     f"not one of {_ACTIVATIONS}", f"fix the file's metadata, or {_TODO}")
             raise ValueError(f"activation must be one of {_ACTIVATIONS}, got {activation!r}")
         self.activation = activation
         self.device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -144,8 +153,11 @@ class NsfwScorer:
         head = NsfwHead(self.input_dim)
         try:
             head.load_state_dict({k: v.float() for k, v in sd.items()}, strict=True)
-        except RuntimeError as e:
-            raise ValueError(f"{weights_path}: weights do not match the LAION H14 NSFW head layout ({LAYOUT}): {e}") from e
+        except RuntimeError as e:  # load_state_dict: missing / unexpected keys, size mismatch
+            detail = "; ".join(line.strip() for line in str(e).splitlines()[1:3] if line.strip())
+            raise ModelLoadError(
+                FLAG, weights_path, f"the weights do not match the LAION H14 NSFW head layout ({LAYOUT}): {detail[:200]}",
+                _TODO) from e
         self.model = head.to(self.device).eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
@@ -168,13 +180,13 @@ class NsfwScorer:
         }
 
     def check_compatible(self, embed_dim: int, clip_name: str | None = None) -> None:
-        """Raise ValueError unless the CLIP model's embedding width (`clip_name`'s) is the head's input width."""
+        """ModelLoadError unless the CLIP model's embedding width (`clip_name`'s) is the head's input width."""
         if int(embed_dim) != self.input_dim:
-            who = f"the CLIP model {clip_name!r}" if clip_name else "the CLIP model"
-            raise ValueError(
-                f"NSFW head expects {self.input_dim}-d CLIP image embeddings but {who} produces {int(embed_dim)}-d "
-                f"embeddings; use the head trained for that CLIP model (head: {self.weights_path})"
-            )
+            who = f"--clip-model {clip_name}" if clip_name else "the CLIP model"
+            raise ModelLoadError(
+                FLAG, self.weights_path,
+                f"the NSFW head expects {self.input_dim}-d CLIP image embeddings but {who} produces {int(embed_dim)}-d embeddings",
+                "pass the head trained for that CLIP model, or --nsfw off")
 
     def punsafe(self, image_embedding: np.ndarray) -> np.ndarray:
         """float32 [n] in [0, 1] from [n, d] CLIP image embeddings (float32 or float16)."""

@@ -12,7 +12,7 @@ Model specs:
   ``Detoxify(model_type)`` puts it; the transformers config and tokenizer come from the Hugging
   Face hub under the checkpoint's ``model_type`` (e.g. ``bert-base-uncased``), as Detoxify does.
   With ``HF_HUB_OFFLINE`` set (kiln sets it) or no network, and nothing cached, this raises a
-  RuntimeError that says to pass ``local:DIR`` instead; it never falls back to anything silently.
+  ModelLoadError that says to pass ``local:DIR`` instead; it never falls back to anything silently.
 - ``"local:/path/to/dir"``: a folder holding ``checkpoint.ckpt`` in Detoxify's format -- a
   torch-saved dict ``{"config": {"arch": {"args": {"model_type", "model_name", "tokenizer_name",
   "num_classes"}}, "dataset": {"args": {"classes": [...]}}}, "state_dict": {...}}`` -- or the same
@@ -29,6 +29,11 @@ tokenizer with truncation and padding, ``model(**inputs).logits``, a sigmoid per
 names standardised with Detoxify's mapping (toxic -> toxicity, severe_toxic -> severe_toxicity,
 identity_hate -> identity_attack).
 
+A model that cannot be loaded -- an unknown name, a missing folder or file, a file that is not a
+checkpoint or is truncated, a pickle that carries code, a config or tokenizer that is missing or
+does not fit the weights -- raises ``filters.errors.ModelLoadError`` (a ValueError): one line
+naming --toxicity-model, the spec, what is wrong and what to do.
+
 This module imports nothing from ``pipeline/``. transformers is imported lazily by the loader; on
 machines where PyPI's CUDA torchvision sits beside a CPU torch, the caller must first call
 ``pipeline.compat.ensure_torch_compat()`` (every Beam ``DoFn.setup`` and ``tests/conftest.py`` do).
@@ -37,6 +42,7 @@ machines where PyPI's CUDA torchvision sits beside a CPU torch, the caller must 
 from __future__ import annotations
 
 import hashlib
+import http.client
 import json
 import os
 import re
@@ -45,6 +51,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from filters.errors import ModelLoadError
+from filters.weights import load_safetensors, load_torch, short
 
 # The toxicity labels Detoxify's published models report, in their output order. A scorer's own
 # `labels` (read from its checkpoint) are authoritative: the published "unbiased" checkpoint, for
@@ -64,6 +73,9 @@ LOCAL_PREFIX = "local:"
 CHECKPOINT_NAMES = ("checkpoint.ckpt", "checkpoint.safetensors")
 SAFETENSORS_CONFIG_KEY = "detoxify_config"
 MAX_TOKENS = 512
+FLAG = "--toxicity-model"
+_TODO = ("pass --toxicity-model local:DIR (a folder with Detoxify's checkpoint.ckpt plus the config.json and tokenizer "
+         "of its model_type), or --toxicity off")
 # Architectures whose position ids start after the padding index (max_position_embeddings 514 -> 512 tokens).
 _OFFSET_POSITION_TYPES = {"roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "longformer"}
 
@@ -120,10 +132,9 @@ def _offline() -> bool:
 
 def _hub_help(name: str) -> str:
     return (
-        f"Detoxify model {name!r} is not available on this machine. Pass a local model instead: "
-        f"--toxicity-model local:/path/to/dir (ToxicityScorer('local:/path/to/dir')), a folder holding "
-        f"Detoxify's checkpoint.ckpt plus the transformers config.json and tokenizer files of its "
-        f"model_type; `python -m pipeline.testbed.models.toxicity DIR` builds a tiny one for tests and demos."
+        "pass a local model instead: --toxicity-model local:/path/to/dir, a folder holding Detoxify's "
+        "checkpoint.ckpt plus the transformers config.json and tokenizer files of its model_type "
+        "(`python -m pipeline.testbed.models.toxicity DIR` builds a tiny one for tests and demos), or --toxicity off"
     )
 
 
@@ -146,31 +157,36 @@ class ToxicityScorer:
         self.device = device
         self.batch_size = int(batch_size)
         if model.startswith(LOCAL_PREFIX):
-            weights_path, loaded = _load_local_checkpoint(model[len(LOCAL_PREFIX) :])
+            weights_path, loaded = _load_local_checkpoint(model[len(LOCAL_PREFIX) :], model)
             files_dir, local_only, kind = str(weights_path.parent), True, "local"
         elif model in DETOXIFY_LABELS:
             weights_path = _fetch_release_checkpoint(model)
-            loaded = _load_torch_checkpoint(weights_path)
+            loaded = _load_torch_checkpoint(weights_path, model)
             files_dir, local_only, kind = None, _offline(), f"detoxify-{model}"
         else:
-            raise ValueError(
-                f"unknown toxicity model {model!r}: use one of {sorted(DETOXIFY_LABELS)} (Detoxify's published "
-                f"checkpoints) or {LOCAL_PREFIX}/path/to/dir"
-            )
-        arch, class_names = _checkpoint_parts(loaded, weights_path)
+            raise ModelLoadError(
+                FLAG, model, f"not a toxicity model: use one of {sorted(DETOXIFY_LABELS)} (Detoxify's published "
+                f"checkpoints) or {LOCAL_PREFIX}/path/to/dir", "fix the flag, or pass --toxicity off")
+        arch, class_names = _checkpoint_parts(loaded, weights_path, model)
         try:
-            self.model, self.tokenizer = _build_model(arch, loaded["state_dict"], files_dir, local_only)
-        except OSError as err:  # hub names: config/tokenizer not cached and no network / offline
+            self.model, self.tokenizer = _build_model(arch, loaded["state_dict"], files_dir, local_only, model)
+        except OSError as err:  # config/tokenizer missing; hub names: not cached and no network / offline
             if kind == "local":
-                raise RuntimeError(f"cannot load the config/tokenizer in {files_dir}: {err}") from err
-            raise RuntimeError(_hub_help(model) + f" (loading {arch['model_type']!r} failed: {err})") from err
+                raise ModelLoadError(FLAG, model, f"cannot load the transformers config/tokenizer in {files_dir} "
+                                     f"({short(err, 120)})", "put the config.json and tokenizer files of its "
+                                     f"model_type ({arch['model_type']}) next to the checkpoint, or pass --toxicity off") from err
+            raise ModelLoadError(
+                FLAG, model, f"the transformers config/tokenizer of {arch['model_type']!r} are not in the local Hugging "
+                f"Face cache ({short(err, 100)})", f"download them with `huggingface-cli download {arch['model_type']}` "
+                f"on a machine with network, or " + _hub_help(model)) from err
         del loaded
         self.model.to(device)
         self.model.eval()
         self.labels: list[str] = class_names
         n_out = int(getattr(self.model.config, "num_labels", len(class_names)))
         if n_out != len(class_names):
-            raise ValueError(f"{weights_path}: the model has {n_out} outputs but the checkpoint names {len(class_names)} classes")
+            raise ModelLoadError(FLAG, model, f"the model in {weights_path} has {n_out} outputs but its checkpoint names "
+                                 f"{len(class_names)} classes", _TODO)
         self.max_length = _max_length(self.model.config, self.tokenizer, max_length)
         self.source = {
             "name": model,
@@ -266,10 +282,10 @@ def save_detoxify_checkpoint(
         from safetensors.torch import save_file
 
         save_file(state_dict, str(tmp), metadata={SAFETENSORS_CONFIG_KEY: json.dumps(config, sort_keys=True)})
-        _load_safetensors_checkpoint(tmp)
+        _load_safetensors_checkpoint(tmp, f"{LOCAL_PREFIX}{out}")
     else:
         torch.save({"config": config, "state_dict": state_dict}, tmp)
-        _load_torch_checkpoint(tmp)  # the promise: loadable with weights_only=True
+        _load_torch_checkpoint(tmp, f"{LOCAL_PREFIX}{out}")  # the promise: loadable with weights_only=True
     os.replace(tmp, final)
     return final
 
@@ -278,72 +294,69 @@ def save_detoxify_checkpoint(
 # Loading
 
 
-def _load_local_checkpoint(path_text: str):
+def _load_local_checkpoint(path_text: str, spec: str):
     path = Path(path_text).expanduser()
     if path.is_file():
         weights = path
     elif path.is_dir():
         weights = next((path / n for n in CHECKPOINT_NAMES if (path / n).is_file()), None)
         if weights is None:
-            raise FileNotFoundError(f"{path} holds none of {list(CHECKPOINT_NAMES)} (a Detoxify-format checkpoint)")
+            raise ModelLoadError(FLAG, spec, f"the folder holds none of {list(CHECKPOINT_NAMES)} (a Detoxify-format "
+                                 "checkpoint)", _TODO)
     else:
-        raise FileNotFoundError(f"toxicity model folder {path} does not exist")
+        raise ModelLoadError(FLAG, spec, f"{path} does not exist", _TODO)
     if weights.suffix == ".safetensors":
-        return weights, _load_safetensors_checkpoint(weights)
-    return weights, _load_torch_checkpoint(weights)
+        return weights, _load_safetensors_checkpoint(weights, spec)
+    return weights, _load_torch_checkpoint(weights, spec)
 
 
-def _load_torch_checkpoint(path: Path) -> dict:
-    import pickle
-
-    import torch
-
-    try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise RuntimeError(
-            f"{path} cannot be loaded with torch.load(weights_only=True): it pickles more than tensors, dicts, "
-            f"lists, strings and numbers. Re-save it as {{'config': ..., 'state_dict': ...}} or as safetensors. ({err})"
-        ) from err
+def _load_torch_checkpoint(path: Path, spec: str) -> dict:
+    loaded = load_torch(path, FLAG, spec, f"the checkpoint {Path(path).name}", _TODO)
     if not isinstance(loaded, dict) or "config" not in loaded or "state_dict" not in loaded:
-        raise ValueError(f"{path}: a Detoxify checkpoint is a dict with 'config' and 'state_dict'")
+        raise ModelLoadError(FLAG, spec, f"{path} is not a Detoxify checkpoint (a dict with 'config' and 'state_dict')",
+                             _TODO)
     return loaded
 
 
-def _load_safetensors_checkpoint(path: Path) -> dict:
-    from safetensors import safe_open
+def _load_safetensors_checkpoint(path: Path, spec: str) -> dict:
+    state_dict, meta = load_safetensors(path, FLAG, spec, f"the checkpoint {Path(path).name}", _TODO)
+    if SAFETENSORS_CONFIG_KEY not in meta:
+        raise ModelLoadError(FLAG, spec, f"{path} has no {SAFETENSORS_CONFIG_KEY!r} JSON in its safetensors metadata",
+                             _TODO)
+    try:
+        config = json.loads(meta[SAFETENSORS_CONFIG_KEY])
+    except json.JSONDecodeError as err:
+        raise ModelLoadError(FLAG, spec, f"the {SAFETENSORS_CONFIG_KEY!r} metadata of {path} is not JSON ({err})",
+                             _TODO) from err
+    return {"config": config, "state_dict": state_dict}
 
-    with safe_open(str(path), framework="pt", device="cpu") as f:
-        meta = f.metadata() or {}
-        if SAFETENSORS_CONFIG_KEY not in meta:
-            raise ValueError(f"{path}: no {SAFETENSORS_CONFIG_KEY!r} JSON in the safetensors metadata")
-        state_dict = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open is not iterable
-    return {"config": json.loads(meta[SAFETENSORS_CONFIG_KEY]), "state_dict": state_dict}
 
+def _checkpoint_parts(loaded: dict, path: Path, spec: str) -> tuple[dict, list[str]]:
+    def bad(problem: str) -> ModelLoadError:
+        return ModelLoadError(FLAG, spec, f"{path}: {problem}", _TODO)
 
-def _checkpoint_parts(loaded: dict, path: Path) -> tuple[dict, list[str]]:
     try:
         arch = dict(loaded["config"]["arch"]["args"])
-    except (KeyError, TypeError) as err:
-        raise ValueError(f"{path}: config lacks arch.args ({err!r})") from None
+    except (KeyError, TypeError, ValueError) as err:
+        raise bad(f"its config lacks arch.args ({err!r})") from None
     try:
         classes = list(loaded["config"]["dataset"]["args"]["classes"])
     except (KeyError, TypeError):
         # Detoxify's newer training configs keep the class names (and, for the unbiased models,
         # the identity classes that follow them in the output) in arch.args instead.
         if "classes" not in arch or not isinstance(arch["classes"], list | tuple) or not arch["classes"]:
-            raise ValueError(f"{path}: config names no classes (dataset.args.classes or arch.args.classes)") from None
+            raise bad("its config names no classes (dataset.args.classes or arch.args.classes)") from None
         classes = list(arch["classes"]) + list(arch.get("identity_classes") or [])
     for key in ("model_type", "model_name", "tokenizer_name", "num_classes"):
         if key not in arch:
-            raise ValueError(f"{path}: config.arch.args lacks {key!r}")
+            raise bad(f"its config.arch.args lacks {key!r}")
     # Only sequence-classification models and tokenizers: the names index into transformers.
     if not re.fullmatch(r"[A-Za-z0-9]+ForSequenceClassification", str(arch["model_name"])):
-        raise ValueError(f"{path}: unsupported model_name {arch['model_name']!r}")
+        raise bad(f"unsupported model_name {arch['model_name']!r}")
     if not re.fullmatch(r"[A-Za-z0-9]+Tokenizer(Fast)?", str(arch["tokenizer_name"])):
-        raise ValueError(f"{path}: unsupported tokenizer_name {arch['tokenizer_name']!r}")
-    if int(arch["num_classes"]) != len(classes):
-        raise ValueError(f"{path}: num_classes {arch['num_classes']} != {len(classes)} class names")
+        raise bad(f"unsupported tokenizer_name {arch['tokenizer_name']!r}")
+    if not isinstance(arch["num_classes"], int) or arch["num_classes"] != len(classes):
+        raise bad(f"num_classes {arch['num_classes']!r} != {len(classes)} class names")
     return arch, [CLASS_NAME_MAP.get(c, c) for c in classes]
 
 
@@ -371,8 +384,10 @@ def _torchvision_import_error() -> str | None:
     return None
 
 
-def _build_model(arch: dict, state_dict: dict, files_dir: str | None, local_only: bool):
-    """Detoxify's get_model_and_tokenizer, with the config and tokenizer from `files_dir` when given."""
+def _build_model(arch: dict, state_dict: dict, files_dir: str | None, local_only: bool, spec: str = ""):
+    """Detoxify's get_model_and_tokenizer, with the config and tokenizer from `files_dir` when given.
+
+    OSError: the config or tokenizer files are missing (or not cached); the caller says which."""
     transformers = _import_transformers()
     try:
         model_class = getattr(transformers, arch["model_name"])
@@ -384,27 +399,39 @@ def _build_model(arch: dict, state_dict: dict, files_dir: str | None, local_only
                 "transformers' model classes cannot import because torchvision cannot "
                 f"({broken}); call pipeline.compat.ensure_torch_compat() before creating a ToxicityScorer"
             ) from err
-        raise ValueError(f"transformers has no usable {arch['model_name']} / {arch['tokenizer_name']}: {err}") from err
+        raise ModelLoadError(FLAG, spec, f"its checkpoint names {arch['model_name']} / {arch['tokenizer_name']}, which "
+                             f"this transformers does not have ({short(err, 100)})", _TODO) from err
     source = files_dir or arch["model_type"]
-    config = model_class.config_class.from_pretrained(source, num_labels=int(arch["num_classes"]), local_files_only=local_only)
+    where = files_dir or f"the Hugging Face cache of {arch['model_type']}"
+    try:
+        config = model_class.config_class.from_pretrained(source, num_labels=int(arch["num_classes"]), local_files_only=local_only)
+    except json.JSONDecodeError as err:
+        raise ModelLoadError(FLAG, spec, f"the config.json in {where} is not JSON ({err})", _TODO) from err
     from transformers.utils import logging as hf_logging
 
     bar = hf_logging.is_progress_bar_enabled()
+    verbosity = hf_logging.get_verbosity()
     hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()  # its load report would print above the one-line error below
     try:
         model, info = model_class.from_pretrained(
-            None, config=config, state_dict=state_dict, local_files_only=True, output_loading_info=True
+            None, config=config, state_dict=state_dict, local_files_only=True, output_loading_info=True,
+            ignore_mismatched_sizes=True,  # reported (and refused) below, in one line
         )
     finally:
+        hf_logging.set_verbosity(verbosity)
         if bar:
             hf_logging.enable_progress_bar()
     missing = sorted(k for k in info.get("missing_keys", ()) if not k.endswith("position_ids"))
-    if missing or info.get("mismatched_keys"):
-        raise ValueError(
-            f"checkpoint does not fit {arch['model_name']} with this config: missing {missing[:8]}, "
-            f"mismatched {list(info.get('mismatched_keys', ()))[:8]}"
-        )
-    tokenizer = tokenizer_class.from_pretrained(source, local_files_only=local_only)
+    mismatched = [m[0] if isinstance(m, tuple | list) else m for m in info.get("mismatched_keys", ())]
+    if missing or mismatched:
+        raise ModelLoadError(
+            FLAG, spec, f"its checkpoint does not fit {arch['model_name']} with the config in {where}: "
+            f"missing {missing[:4]}, other shapes {sorted(mismatched)[:4]}", _TODO)
+    try:
+        tokenizer = tokenizer_class.from_pretrained(source, local_files_only=local_only)
+    except json.JSONDecodeError as err:
+        raise ModelLoadError(FLAG, spec, f"a tokenizer file in {where} is not JSON ({err})", _TODO) from err
     return model, tokenizer
 
 
@@ -435,20 +462,26 @@ def _fetch_release_checkpoint(name: str) -> Path:
     if path.is_file():
         return path
     if _offline():
-        raise RuntimeError(_hub_help(name) + f" (HF_HUB_OFFLINE is set and {filename} is not in {path.parent})")
+        raise ModelLoadError(
+            FLAG, name, f"Detoxify's checkpoint {filename} is not in torch.hub's cache ({path.parent}) and this "
+            "machine is offline (HF_HUB_OFFLINE)", f"download it from {url} into that folder on a machine with "
+            "network, or " + _hub_help(name))
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         # No hash check, as Detoxify's own download (the names' suffixes are not documented as sha256
         # prefixes); the file's sha256 is recorded in `source` instead.
         torch.hub.download_url_to_file(url, str(path), progress=False)
-    except Exception as err:  # no network, DNS failure, refused, HTTP error, hash mismatch
-        raise RuntimeError(_hub_help(name) + f" (downloading {url} failed: {err!r})") from err
+    except (OSError, http.client.HTTPException) as err:  # no network, DNS failure, refused, HTTP error (URLError is an OSError)
+        raise ModelLoadError(FLAG, name, f"downloading {url} failed ({short(err, 100)})",
+                             f"download it into {path.parent} on a machine with network, or " + _hub_help(name)) from err
     return path
 
 
 __all__ = [
     "CLASS_NAME_MAP",
     "DETOXIFY_LABELS",
+    "FLAG",
+    "ModelLoadError",
     "ToxicityScorer",
     "ToxicityScores",
     "max_score",

@@ -27,6 +27,7 @@ import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
 from pipeline.errors import RunFailed
+from pipeline.outdir import list_files
 from pipeline.records import STAGES
 from pipeline.write import shard_name
 
@@ -166,9 +167,9 @@ class Ledger:
         shards: dict[int, ShardEntry] = collections.defaultdict(ShardEntry)
         unreadable = []
         for kind, (folder, ext) in KINDS.items():
-            for m in sorted((m for r in FileSystems.match([f"{base}/{folder}/*.{ext}"]) for m in r.metadata_list), key=lambda m: m.path):
+            for m in list_files(f"{base}/{folder}"):  # never a glob: the directory's name may hold [ ] * ?
                 name = m.path.rsplit("/", 1)[-1]
-                if not SHARD_FILE.fullmatch(name):
+                if not SHARD_FILE.fullmatch(name) or not name.endswith(f".{ext}"):
                     continue
                 entry = shards[int(name[:6])]
                 try:

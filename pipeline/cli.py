@@ -174,9 +174,11 @@ def main(argv: list[str] | None = None) -> int:
     previous = None
     if threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    from train.errors import UserError as TrainUserError  # standard library only
+
     try:
         return int(args.func(args, extra) or 0)
-    except UserError as err:
+    except (UserError, TrainUserError) as err:
         if debug:
             raise
         print(f"{name}: error: {one_line(err)}", file=sys.stderr)

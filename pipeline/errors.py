@@ -37,6 +37,11 @@ class RunFailed(UserError):
     exit_code = FAILED
 
 
+class CardError(RunFailed):
+    """The dataset's files disagree with stats.json or manifest.json (or the card's metadata breaks
+    the Hub's rules): no card is written."""
+
+
 class Interrupted(KeyboardInterrupt):
     """SIGTERM, raised in the main thread like Ctrl-C's KeyboardInterrupt (exit 143)."""
 

@@ -16,13 +16,16 @@ import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
 from pipeline.accounting import AccountingError, Ledger, check
-from pipeline.write import META_KEY, _atomic_write, shard_name
+from pipeline.outdir import atomic_write, join, list_files
+from pipeline.write import META_KEY, shard_name
 
 __all__ = ["AccountingError", "build_manifest", "check_accounting", "count_input_rows", "funnel_from", "match",
            "read_footer", "read_footers", "write_json"]
 
 
 def match(pattern: str) -> list:
+    """The files matching the glob `pattern` (the input's --input). Never for a path under the output
+    directory: those are listed with pipeline.outdir.list_files, which reads no glob."""
     return sorted((m for r in FileSystems.match([pattern]) for m in r.metadata_list), key=lambda m: m.path)
 
 
@@ -45,7 +48,7 @@ def read_footer(path: str) -> dict | None:
 def read_footers(output_dir: str) -> dict[int, dict]:
     """Footers of every complete shard (meta file present), keyed by shard number."""
     out = {}
-    for m in match(f"{output_dir}/meta/*.parquet"):
+    for m in list_files(join(output_dir, "meta")):
         if not re.fullmatch(r"\d{6}\.parquet", m.path.rsplit("/", 1)[-1]):
             continue
         footer = read_footer(m.path)
@@ -88,5 +91,6 @@ def build_manifest(footers: dict[int, dict]) -> dict:
 
 
 def write_json(path: str, obj) -> None:
+    """`obj` as JSON at `path`, atomically (pipeline.outdir.atomic_write)."""
     data = (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode("utf-8")
-    _atomic_write(path, lambda f: f.write(data))
+    atomic_write(path, lambda f: f.write(data))

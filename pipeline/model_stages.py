@@ -5,17 +5,30 @@ process, shared by all of that process's DoFn instances and threads through Beam
 handle. The scoring itself is a pure function over (model, list of records) -- `score_captions`
 and `score_images` -- that a test can call without Beam. A filter in "score" mode records its
 scores and rejects nothing; "off" removes the stage from the graph.
+
+The loaders (`load_*`) are where kiln's error rule (pipeline.errors) meets the model libraries: a
+model flag naming something that cannot be loaded -- weights not on this machine, a folder without
+its files, a truncated file, a pickle that carries code, a head of another width -- raises
+`ModelError`, a UserError: the `kiln` command prints its one line (flag, path or id, what is wrong,
+what to do) and exits 2. filters/ and embed/ raise their own `ModelLoadError` (they import nothing
+from pipeline/); the loaders re-raise it as ModelError. Anything else keeps its traceback.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import time
+
 import apache_beam as beam
 import numpy as np
 from apache_beam.metrics import Metrics
 from apache_beam.utils import shared
 
+from embed.errors import ModelLoadError as _EmbedModelLoadError
+from filters.errors import ModelLoadError as _FiltersModelLoadError
 from pipeline.config import ClipConfig, InputConfig, ModelsConfig, T5Config, ToxicityConfig
+from pipeline.errors import UserError
 from pipeline.records import SCORE_FIELDS, STAGE_CLIP, STAGE_NSFW, STAGE_T5, STAGE_TOXICITY, Reject, reject_row
 from pipeline.stage import StageCounters
 
@@ -118,13 +131,28 @@ def embed_captions(embedder, records: list[dict], cfg: T5Config, caption_col: st
 # -- loaders (run once per worker process) ---------------------------------------------------
 
 
+class ModelError(UserError, ValueError):
+    """A model flag (--toxicity-model, --clip-model, --nsfw-head, --t5-model) names something kiln
+    cannot load. One line: the flag, the path or id, what is wrong, what to do (exit 2)."""
+
+
+@contextlib.contextmanager
+def model_errors():
+    """Re-raise filters'/embed's ModelLoadError (a bad model spec or file) as ModelError."""
+    try:
+        yield
+    except (_FiltersModelLoadError, _EmbedModelLoadError) as err:
+        raise ModelError(str(err)) from err
+
+
 def load_toxicity(cfg: ToxicityConfig, models: ModelsConfig = ModelsConfig()):
     from pipeline.compat import ensure_torch_compat
 
     ensure_torch_compat()
     from filters.toxicity import ToxicityScorer
 
-    return ToxicityScorer(cfg.model, device=models.device, batch_size=models.batch_size)
+    with model_errors():
+        return ToxicityScorer(cfg.model, device=models.device, batch_size=models.batch_size)
 
 
 def load_image_models(cfg: ClipConfig, models: ModelsConfig = ModelsConfig()):
@@ -133,15 +161,17 @@ def load_image_models(cfg: ClipConfig, models: ModelsConfig = ModelsConfig()):
     ensure_torch_compat()
     from filters.clip_similarity import ClipScorer
 
-    clip = ClipScorer.from_spec(cfg.clip_model, device=models.device, batch_size=models.batch_size)
-    nsfw = None
-    if cfg.nsfw_mode != "off":
-        from filters.nsfw import NsfwScorer
+    if cfg.nsfw_mode != "off" and not cfg.nsfw_head:  # before CLIP loads: pipeline.config checks it too
+        raise ModelError("--nsfw needs --nsfw-head PATH (LAION's CLIP-based NSFW detector weights for --clip-model), "
+                         "or pass --nsfw off")
+    with model_errors():
+        clip = ClipScorer.from_spec(cfg.clip_model, device=models.device, batch_size=models.batch_size)
+        nsfw = None
+        if cfg.nsfw_mode != "off":
+            from filters.nsfw import NsfwScorer
 
-        if not cfg.nsfw_head:
-            raise ValueError("--nsfw needs --nsfw-head PATH (LAION's CLIP-based NSFW detector weights for this CLIP model), or --nsfw off")
-        nsfw = NsfwScorer(cfg.nsfw_head, device=models.device)
-        nsfw.check_compatible(clip.embed_dim, clip_name=cfg.clip_model)
+            nsfw = NsfwScorer(cfg.nsfw_head, device=models.device)
+            nsfw.check_compatible(clip.embed_dim, clip_name=cfg.clip_model)
     return clip, nsfw
 
 
@@ -151,7 +181,23 @@ def load_t5(cfg: T5Config, models: ModelsConfig = ModelsConfig()):
     ensure_torch_compat()
     from embed.t5 import T5Embedder
 
-    return T5Embedder(cfg.model, device=models.device, max_length=cfg.max_length, max_tokens_per_batch=cfg.max_tokens)
+    with model_errors():
+        return T5Embedder(cfg.model, device=models.device, max_length=cfg.max_length, max_tokens_per_batch=cfg.max_tokens)
+
+
+def load_t5_source(cfg: T5Config) -> dict:
+    """What stats.json records about the T5 model, without loading it (T5-XXL in the driver would
+    cost minutes): its folder is checked (config.json, tokenizer, weights) and its weights hashed.
+    A model that cannot be used -> ModelError."""
+    from embed.t5 import resolve_model_dir, weight_files, weights_sha256
+
+    with model_errors():
+        model_dir = resolve_model_dir(cfg.model)  # checks config.json (JSON, T5), tokenizer and weights
+        main_file, _ = weight_files(model_dir, cfg.model)
+        config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+        return {"spec": cfg.model, "model_dir": str(model_dir), "weights_path": str(main_file),
+                "sha256": weights_sha256(model_dir), "max_length": cfg.max_length, "d_model": config.get("d_model"),
+                "stored_dtype": "float16"}
 
 
 class _T5Server:

@@ -30,30 +30,31 @@ import platform
 import re
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 import apache_beam as beam
-import pyarrow.parquet as pq
+from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
-from apache_beam.metrics import Metrics
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipeline import __version__
 from pipeline.beam_yaml import hinted, model_stage_hints
-from pipeline.config import ConfigError, InputConfig, PrepareConfig, command_line, fingerprint as config_fingerprint, flat
+from pipeline.config import ConfigError, PrepareConfig, command_line, fingerprint as config_fingerprint, flat
 from pipeline.decode import Decode, Resize
-from pipeline.errors import Interrupted, RunFailed
+from pipeline.errors import Interrupted, RunFailed, one_line
 from pipeline.download import Download
-from pipeline.finalize import AccountingError, build_manifest, check_accounting, count_input_rows, funnel_from, match, read_footers, write_json
+from pipeline.finalize import AccountingError, build_manifest, check_accounting, funnel_from, read_footers, write_json
 from pipeline.model_stages import CaptionToxicity, EmbedT5, ImageFilters
 from pipeline.prefilter import Prefilter
 from pipeline.progress import LocalProgress, ProgressPrinter, tap, tap_all
-from pipeline.records import compute_uid, kiln_column_clashes, rejects_schema
+from pipeline.outdir import check_output, clear_output, is_local, remove_temp_files
+from pipeline.read import ReadMetadata, inspect_input
+from pipeline.records import rejects_schema
 from pipeline.write import WriteShards, meta_schema, shard_of
+
 
 def describe_models(cfg: PrepareConfig) -> dict:
     """Load every enabled model once in the driver: a bad spec, a missing file or a mismatched NSFW
@@ -71,30 +72,10 @@ def describe_models(cfg: PrepareConfig) -> dict:
         if nsfw is not None:
             models["nsfw"] = nsfw.source
     if cfg.t5.mode != "off":
-        from embed.t5 import resolve_model_dir, weights_sha256, weight_files
+        from pipeline.model_stages import load_t5_source
 
-        # Hash the weights without loading the model: T5-XXL in the driver would cost minutes.
-        model_dir = resolve_model_dir(cfg.t5.model)
-        main_file, _ = weight_files(model_dir)
-        models["t5"] = {"spec": cfg.t5.model, "model_dir": str(model_dir), "weights_path": str(main_file),
-                        "sha256": weights_sha256(model_dir), "max_length": cfg.t5.max_length,
-                        "d_model": json.loads((model_dir / "config.json").read_text()).get("d_model"),
-                        "stored_dtype": "float16"}
+        models["t5"] = load_t5_source(cfg.t5)  # hashed, not loaded: T5-XXL in the driver would cost minutes
     return models
-
-
-class _AssignUid(beam.DoFn):
-    def __init__(self, columns: InputConfig):
-        self.columns = columns
-
-    def setup(self):
-        self.n_read = Metrics.counter("kiln", "read/rows")
-
-    def process(self, row):
-        self.n_read.inc()
-        row = dict(row)  # never mutate an element another transform may also hold
-        row["uid"] = compute_uid(row.get(self.columns.url_col), row.get(self.columns.caption_col))
-        yield row
 
 
 class _Route(beam.DoFn):
@@ -121,8 +102,7 @@ def build_pipeline(p, cfg: PrepareConfig, input_schema, done_shards: frozenset, 
 
     rows = (
         p
-        | "ReadMetadata" >> beam.io.ReadFromParquet(cfg.input.input)
-        | "AssignUid" >> beam.ParDo(_AssignUid(columns))
+        | "ReadMetadata" >> ReadMetadata(columns)
     )
     rows = tap(rows, progress_dir, "read")
     gpu = model_stage_hints(cfg.models)  # {} unless --gpu-resource-hint / the options file's kiln: gpu_resource_hint
@@ -213,34 +193,6 @@ def _counters(result) -> dict:
         value = c.committed if c.committed is not None else c.attempted
         out[c.key.metric.name] = out.get(c.key.metric.name, 0) + (value or 0)
     return dict(sorted(out.items()))
-
-
-# What kiln writes in an output directory, and so the only files --overwrite and a resume remove.
-KILN_FILES = ("manifest.json", "stats.json", "_SUCCESS")
-KILN_SHARD_FILES = (("shards", r"\d{6}\.tar"), ("meta", r"\d{6}\.parquet"), ("rejects", r"\d{6}\.parquet"))
-
-
-def _kiln_paths(output: str, temp: bool = False) -> list[str]:
-    """kiln's own files under `output` (temp=True: its unfinished temp files): never anything else."""
-    out = []
-    for sub, name in KILN_SHARD_FILES:
-        pattern = re.compile(name + (r"\.tmp-[0-9a-f]{12}" if temp else ""))
-        out += [m.path for m in match(f"{output}/{sub}/*") if pattern.fullmatch(m.path.rsplit("/", 1)[-1])]
-    if not temp:
-        out += [f"{output}/{name}" for name in KILN_FILES if FileSystems.exists(f"{output}/{name}")]
-    return out
-
-
-def _clear_output(output: str) -> None:
-    paths = _kiln_paths(output)
-    if paths:
-        FileSystems.delete(paths)
-
-
-def _remove_temp_files(output: str) -> None:
-    stale = _kiln_paths(output, temp=True)
-    if stale:
-        FileSystems.delete(stale)
 
 
 # What the machine says when the job cannot write (disk full, read-only, permissions): the run
@@ -360,15 +312,20 @@ class _DropLoggedWorkerErrors(logging.Filter):
         return not (record.levelno >= logging.ERROR and record.exc_info)
 
 
-def check_input(input_schema, columns: InputConfig) -> None:
-    """The input has the URL and caption columns, and none that clash with kiln's own fields."""
-    for flag, col in (("--url-col", columns.url_col), ("--caption-col", columns.caption_col)):
-        if col not in input_schema.names:
-            raise ConfigError(f"input has no {col!r} column ({flag}); its columns are {input_schema.names}: "
-                              f"pass {flag} NAME to name the right one")
-    clash = kiln_column_clashes(input_schema.names)
-    if clash:
-        raise ConfigError(f"input column(s) {clash} clash with fields kiln adds to every sample; rename or drop them in the input")
+def _read_stats(output: str) -> dict:
+    """A finished output's stats.json (the resume check reads its fingerprint); ConfigError if it is
+    not the JSON object kiln wrote."""
+    path = f"{output}/stats.json"
+    try:
+        with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+            stats = json.loads(f.read())
+    except (OSError, ValueError) as err:
+        stats = err
+    if not isinstance(stats, dict):
+        why = f"cannot be read ({one_line(stats)})" if isinstance(stats, Exception) else "is not a JSON object"
+        raise ConfigError(f"{output} has _SUCCESS but its stats.json {why}: pass --overwrite to redo the dataset "
+                          f"(kiln deletes only its own files), or choose another --output")
+    return stats
 
 
 def run(cfg: PrepareConfig, beam_argv: list[str], test_pipeline=None) -> dict:
@@ -378,21 +335,18 @@ def run(cfg: PrepareConfig, beam_argv: list[str], test_pipeline=None) -> dict:
     t0 = time.time()
     output = cfg.output.output.rstrip("/")
     quiet = cfg.output.quiet
-    input_rows, input_files = count_input_rows(cfg.input.input)
-    if not input_files:
-        raise ConfigError(f"no input files match {cfg.input.input!r}")
-    input_schema = pq.read_schema(FileSystems.open(input_files[0]["path"]))
-    for f in input_files[1:]:
-        other = pq.read_schema(FileSystems.open(f["path"]))
-        if not other.equals(input_schema, check_metadata=False):
-            raise ConfigError(f"{f['path']} has a different schema from {input_files[0]['path']}: {other.names} vs {input_schema.names}")
-    check_input(input_schema, cfg.input)
+    # Every check of the input and the output runs before any work (one line each: pipeline.read,
+    # pipeline.outdir); nothing of the user's under --output is ever replaced or deleted.
+    info = inspect_input(cfg.input.input, cfg.input)
+    input_rows, input_files, input_schema = info.rows, info.files, info.schema
     fingerprint = config_fingerprint(cfg, input_files)
+    made_output = is_local(output) and not os.path.exists(output)
+    check_output(output, cfg.output.overwrite, cfg.output.card)  # creates --output if missing
 
     if cfg.output.overwrite:
-        _clear_output(output)
+        clear_output(output)
     elif FileSystems.exists(f"{output}/_SUCCESS"):
-        stats = json.loads(FileSystems.open(f"{output}/stats.json").read())
+        stats = _read_stats(output)
         if stats.get("config_fingerprint") != fingerprint:
             raise ConfigError(
                 f"{output} is complete but was made from other input files or settings "
@@ -402,7 +356,7 @@ def run(cfg: PrepareConfig, beam_argv: list[str], test_pipeline=None) -> dict:
             print(f"kiln prepare: {output} is already complete (_SUCCESS); nothing to do. Use --overwrite to redo it.")
         stats["this_run"] = {"skipped": True}
         return stats
-    _remove_temp_files(output)
+    remove_temp_files(output)
     footers = read_footers(output)
     stale = sorted({f["config_fingerprint"] for f in footers.values()} - {fingerprint})
     if stale:
@@ -414,7 +368,13 @@ def run(cfg: PrepareConfig, beam_argv: list[str], test_pipeline=None) -> dict:
     if done and not quiet:
         print(f"kiln prepare: resuming {output}: {len(done)} shard(s) already complete are skipped")
 
-    models = describe_models(cfg)
+    try:
+        models = describe_models(cfg)  # every model loads (or is hashed) here, before any worker starts
+    except BaseException:
+        if made_output:  # a run refused before any work leaves no trace: the directory it made goes
+            with contextlib.suppress(OSError):
+                os.rmdir(output)  # only if still empty
+        raise
     options = PipelineOptions(beam_argv)
     p = test_pipeline if test_pipeline is not None else beam.Pipeline(options=options)
     # Progress: local runs count rows with taps (the DirectRunner's run() blocks, so its metrics
@@ -429,7 +389,7 @@ def run(cfg: PrepareConfig, beam_argv: list[str], test_pipeline=None) -> dict:
                 printer = ProgressPrinter(result, input_rows, interval_s=30).start()
             result.wait_until_finish()
     except BaseException as err:
-        _remove_temp_files(output)  # an interrupted or failed run leaves no partial file
+        remove_temp_files(output)  # an interrupted or failed run leaves no partial file
         _raise_as_user_error(err, output)
         raise
     finally:

@@ -17,15 +17,13 @@ import hashlib
 import io
 import json
 import tarfile
-import uuid
 
 import apache_beam as beam
 import pyarrow as pa
 import pyarrow.parquet as pq
-from apache_beam.io.filesystem import CompressionTypes
-from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
+from pipeline.outdir import atomic_write
 from pipeline.records import JSON_EXCLUDED, META_FIELDS, STAGE_PREFILTER, STAGES, TRANSIENT_FIELDS, kiln_column_clashes
 
 TAR_MTIME = 946684800  # 2000-01-01T00:00:00Z: fixed, so identical samples give identical tars
@@ -82,20 +80,9 @@ class _HashingWriter:
         return self.f.write(data)
 
 
-def _atomic_write(path: str, write_fn) -> None:
-    """Write through `write_fn(fileobj)` to a unique temp name, then rename over `path`."""
-    tmp = f"{path}.tmp-{uuid.uuid4().hex[:12]}"
-    f = FileSystems.create(tmp, compression_type=CompressionTypes.UNCOMPRESSED)
-    try:
-        write_fn(f)
-    except BaseException:
-        f.close()
-        FileSystems.delete([tmp])
-        raise
-    f.close()
-    if FileSystems.exists(path):
-        FileSystems.delete([path])
-    FileSystems.rename([tmp], [path])
+# Every file kiln writes appears whole or not at all (temp name + rename; on a failure the temp file
+# is removed and the error propagates): pipeline.outdir.atomic_write.
+_atomic_write = atomic_write
 
 
 def write_tar(f, samples: list[dict], image_ext: str, caption_column: str) -> tuple[int, str]:
@@ -171,11 +158,11 @@ class _WriteShardFn(beam.DoFn):
         def tar_fn(f):
             tar_info["bytes"], tar_info["sha256"] = write_tar(f, samples, self.image_ext, self.caption_column)
 
-        _atomic_write(f"{base}/shards/{name}.tar", tar_fn)
+        atomic_write(f"{base}/shards/{name}.tar", tar_fn)
 
         rej_rows = [{**r, "shard": shard} for r in rejects]
         rej_bytes = _parquet_bytes(pa.Table.from_pylist(rej_rows, schema=self.rejects_schema))
-        _atomic_write(f"{base}/rejects/{name}.parquet", lambda f: f.write(rej_bytes))
+        atomic_write(f"{base}/rejects/{name}.parquet", lambda f: f.write(rej_bytes))
 
         by_reason: dict = {}
         for r in rejects:
@@ -199,7 +186,7 @@ class _WriteShardFn(beam.DoFn):
         table = pa.Table.from_pylist(meta_rows, schema=self.meta_schema)
         table = table.replace_schema_metadata({META_KEY: json.dumps(footer, sort_keys=True).encode()})
         meta_bytes = _parquet_bytes(table)
-        _atomic_write(f"{base}/meta/{name}.parquet", lambda f: f.write(meta_bytes))
+        atomic_write(f"{base}/meta/{name}.parquet", lambda f: f.write(meta_bytes))
         self.n_samples.inc(len(samples))
         self.n_shards.inc()
         yield footer

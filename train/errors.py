@@ -6,13 +6,44 @@ A user's mistake -- a flag, a dataset, a checkpoint -- raises a `UserError`: the
 its traceback. The classes below also subclass the builtin a caller of the library functions
 would catch (ValueError, FileNotFoundError), so `except ValueError` around train.* still works.
 
-pipeline.errors imports the standard library only (and `pipeline/__init__` only sets quiet
-environment variables): importing it pulls in no Beam, model or text-encoder code.
+train/ imports nothing from pipeline/, filters/ or embed/ (docs/DESIGN.md: the trainer reads the
+shards as any outside reader would), so the three base classes are defined here again, the same
+shape as pipeline.errors': the `kiln` command (pipeline.cli) catches both families. Standard
+library only.
 """
 
 from __future__ import annotations
 
-from pipeline.errors import FAILED, USAGE, Interrupted, RunFailed, UserError, one_line
+USAGE = 2
+FAILED = 1
+
+
+class UserError(Exception):
+    """A user's mistake, reported as one line. `exit_code`: 2 usage (default), 1 a failed run."""
+
+    exit_code = USAGE
+
+    def __init__(self, message: str, exit_code: int | None = None):
+        super().__init__(message)
+        if exit_code is not None:
+            self.exit_code = exit_code
+
+
+class RunFailed(UserError):
+    """The run started and could not finish because of its data or environment (exit 1)."""
+
+    exit_code = FAILED
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread like Ctrl-C's KeyboardInterrupt (exit 143)."""
+
+    exit_code = 143
+
+
+def one_line(message: object) -> str:
+    """`message` as a single line (newlines folded), for stderr."""
+    return " ".join(str(message).split())
 
 __all__ = [
     "FAILED",

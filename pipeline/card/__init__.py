@@ -33,15 +33,10 @@ are imported on first use (the submodules, imported inside the functions below),
 from __future__ import annotations
 
 import argparse
-import sys
+import contextlib
 from pathlib import Path
 
-from pipeline.errors import RunFailed
-
-
-class CardError(RunFailed):
-    """The dataset's files disagree with stats.json or manifest.json (or the card's metadata breaks
-    the Hub's rules): no card is written."""
+from pipeline.errors import CardError  # noqa: F401  (defined there: pipeline.card.facts raises it too)
 
 
 def build_card(dataset_dir: str, *, seed: int = 0, n_samples: int = 16, language: list[str] | None = None,
@@ -53,6 +48,7 @@ def build_card(dataset_dir: str, *, seed: int = 0, n_samples: int = 16, language
     from pipeline.accounting import AccountingError
     from pipeline.card import hub, plots, render
     from pipeline.card.facts import collect
+    from pipeline.outdir import CARD_MARKER
 
     dataset_dir = str(dataset_dir).rstrip("/")
     try:
@@ -64,24 +60,41 @@ def build_card(dataset_dir: str, *, seed: int = 0, n_samples: int = 16, language
                         + "\n  ".join(err.problems)) from err
     name = pretty_name or f"{dataset_dir.rsplit('/', 1)[-1]} (kiln image-text pairs)"
     pngs, refs = {}, {}
-    for key, (png, why) in plots.draw(facts).items():
-        if png is None:
-            refs[key] = why
-        else:
-            rel = f"{plots.PLOTS_DIR}/{key}.png"
-            pngs[rel], refs[key] = png, rel
-    meta = hub.card_metadata(facts, language, name)
+    with _unexpected_content(dataset_dir):
+        for key, (png, why) in plots.draw(facts).items():
+            if png is None:
+                refs[key] = why
+            else:
+                rel = f"{plots.PLOTS_DIR}/{key}.png"
+                pngs[rel], refs[key] = png, rel
+        meta = hub.card_metadata(facts, language, name)
     problems = hub.validate_card_metadata(meta)
     if problems:
         raise CardError("card metadata fails the Hub's rules: " + "; ".join(problems))
     data = DatasetCardData(**meta)
     if data.to_dict() != meta:
         raise CardError(f"card metadata does not round-trip through DatasetCardData: {data.to_dict()} != {meta}")
-    body = render.render(facts, refs, name, seed, language)
-    card = DatasetCard(f"---\n{data.to_yaml()}\n---\n\n{body}")
+    with _unexpected_content(dataset_dir):
+        body = render.render(facts, refs, name, seed, language)
+    # The marker line (an HTML comment after the YAML block: invisible on the Hub, metadata untouched)
+    # is how kiln knows this README.md as its own card, the only README.md it ever replaces.
+    card = DatasetCard(f"---\n{data.to_yaml()}\n---\n\n{CARD_MARKER}\n\n{body}")
     if card.data.to_dict() != meta:
         raise CardError("card metadata does not survive DatasetCard's parser")
+    if CARD_MARKER not in str(card):
+        raise CardError("the card's marker line does not survive DatasetCard")
     return str(card), pngs, meta
+
+
+@contextlib.contextmanager
+def _unexpected_content(dataset_dir: str):
+    """stats.json values of the wrong kind that facts.check_shape does not look at (a flag that is
+    not a number, ...) break the card's formatting: one line naming stats.json, not a traceback."""
+    try:
+        yield
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as err:
+        raise CardError(f"{dataset_dir}/stats.json: unexpected content ({type(err).__name__}: {err}); is it the file "
+                        f"`kiln prepare` wrote? Re-run kiln prepare to rewrite it (`kiln --debug card` shows where)") from err
 
 
 def write_card(dataset_dir, *, seed: int = 0, n_samples: int = 16, language: list[str] | None = None,
@@ -89,28 +102,39 @@ def write_card(dataset_dir, *, seed: int = 0, n_samples: int = 16, language: lis
     """Cross-check the dataset, then write DATASET_DIR/README.md and DATASET_DIR/card_plots/*.png.
 
     Returns the card's path (a Path for a local directory, the URL string otherwise). Raises
-    CardError, writing nothing, if the files disagree with stats.json or manifest.json.
+    CardError, writing nothing, if the files disagree with stats.json or manifest.json, or if
+    README.md is there and is not a card kiln wrote (it lacks pipeline.outdir.CARD_MARKER): kiln never
+    replaces a README.md of the user's. In card_plots/ only the plots the card names
+    (pipeline.outdir.PLOT_NAMES) are written or removed; every other file there stays.
+    Each file appears atomically (temp name + rename), README.md last.
     """
-    from apache_beam.io.filesystems import FileSystems
-
-    from pipeline.card.hub import CARD_NAME
-    from pipeline.card.plots import PLOTS_DIR
-    from pipeline.finalize import match
-    from pipeline.write import _atomic_write
+    from pipeline.outdir import CARD_NAME, PLOTS_DIR, atomic_write, delete_files, is_kiln_name, join, list_files
 
     base = str(dataset_dir).rstrip("/")
+    out = join(base, CARD_NAME)
+    _check_not_users_readme(out)
     text, pngs, _ = build_card(base, seed=seed, n_samples=n_samples, language=language, pretty_name=pretty_name,
                                verify_tars=verify_tars, unscreened_samples=unscreened_samples)
-    names = {p.rsplit("/", 1)[-1] for p in pngs}
-    stale = [m.path for m in match(f"{base}/{PLOTS_DIR}/*.png") if m.path.rsplit("/", 1)[-1] not in names]
-    if stale:
-        FileSystems.delete(stale)
+    _check_not_users_readme(out)  # again: the recount can take a while
+    fresh = {p.rsplit("/", 1)[-1] for p in pngs}
+    stale = [m.path for m in list_files(join(base, PLOTS_DIR))
+             if is_kiln_name(f"{PLOTS_DIR}/{m.path.rsplit('/', 1)[-1]}") and m.path.rsplit("/", 1)[-1] not in fresh]
     for rel, png in sorted(pngs.items()):
-        _atomic_write(f"{base}/{rel}", lambda f, data=png: f.write(data))
-    out = f"{base}/{CARD_NAME}"
+        atomic_write(join(base, rel), lambda f, data=png: f.write(data))
+    delete_files(stale)
     data = text.encode("utf-8")
-    _atomic_write(out, lambda f: f.write(data))
+    atomic_write(out, lambda f: f.write(data))
     return out if "://" in base else Path(out)
+
+
+def _check_not_users_readme(path: str) -> None:
+    from apache_beam.io.filesystems import FileSystems
+
+    from pipeline.outdir import is_kiln_card
+
+    if FileSystems.exists(path) and not is_kiln_card(path):
+        raise CardError(f"{path} is not a dataset card kiln wrote (it lacks kiln's marker line), so kiln will not "
+                        f"replace it: move it away and re-run")
 
 
 # -- `kiln card` -----------------------------------------------------------------------------------
@@ -129,14 +153,12 @@ def add_card_args(p: argparse.ArgumentParser) -> None:
 
 
 def main_card(args: argparse.Namespace) -> int:
+    """`kiln card`. CardError (the files disagree, stats.json or manifest.json is not kiln's, a
+    README.md of the user's is in the way) propagates: pipeline.cli prints it as one line, exit 1."""
     language = [x.strip() for x in args.language.split(",") if x.strip()] if args.language else None
-    try:
-        path = write_card(args.dataset_dir, seed=args.seed, n_samples=args.samples, language=language,
-                          pretty_name=args.pretty_name, verify_tars=args.verify_tars,
-                          unscreened_samples=args.unscreened_samples)
-    except CardError as err:
-        print(f"kiln card: FAILED: {err}", file=sys.stderr)
-        return 1
+    path = write_card(args.dataset_dir, seed=args.seed, n_samples=args.samples, language=language,
+                      pretty_name=args.pretty_name, verify_tars=args.verify_tars,
+                      unscreened_samples=args.unscreened_samples)
     from pipeline.card.plots import PLOTS_DIR
 
     print(f"kiln card: wrote {path} and its plots in {PLOTS_DIR}/")

@@ -18,9 +18,11 @@ from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 import numpy as np
+from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
 from pipeline.accounting import Ledger, check, read_columns
+from pipeline.errors import CardError
 from pipeline.records import FIELDS_BY_NAME, SCORE_FIELDS
 
 
@@ -72,10 +74,85 @@ def join(base: str, *parts: str) -> str:
 
 
 def read_json(path: str, what: str) -> dict:
+    """The JSON object in `path`. FileNotFoundError if it is missing; CardError (one line, naming the
+    file) if it is not a JSON object."""
     if not FileSystems.exists(path):
         raise FileNotFoundError(f"{path}: missing ({what}); is this a finished `kiln prepare` output?")
-    with FileSystems.open(path) as f:
-        return json.loads(f.read())
+    try:
+        with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+            raw = f.read()
+    except IsADirectoryError:
+        raise CardError(f"{path}: a directory, not {what}; {_REWRITE}") from None
+    try:
+        obj = json.loads(raw)
+    except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
+        raise CardError(f"{path}: not valid JSON ({err}); it should be {what} as `kiln prepare` writes it: {_REWRITE}") from None
+    if not isinstance(obj, dict):
+        raise CardError(f"{path}: a JSON {type(obj).__name__}, not the JSON object of {what}; {_REWRITE}")
+    return obj
+
+
+_REWRITE = "re-run the same `kiln prepare` command to rewrite it (kiln prepare --overwrite redoes the dataset)"
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+# What the card reads of stats.json and manifest.json: key -> check, and what it should be.
+_STATS_SHAPE = {
+    "input": (lambda v: isinstance(v, dict) and _is_int(v.get("rows")) and isinstance(v.get("files", []), list)
+              and all(isinstance(f, dict) for f in v.get("files", [])),
+              'an object with "rows" (an integer) and "files" (a list of objects)'),
+    "kept": (_is_int, "an integer"),
+    "rejected": (_is_int, "an integer"),
+    "num_shards": (_is_int, "an integer"),
+    "accounting": (lambda v: isinstance(v, dict), "an object"),
+    "funnel": (lambda v: isinstance(v, list) and all(
+        isinstance(f, dict) and isinstance(f.get("stage"), str) and all(_is_int(f.get(k)) for k in ("in", "out", "rejected"))
+        and isinstance(f.get("reasons"), dict) for f in v),
+        'a list of objects with "stage", "in", "out", "rejected" and "reasons"'),
+}
+_STATS_OPTIONAL = {  # absent is fine; present, they must have this type
+    "flags": (dict,), "stage_modes": (dict,), "models": (dict,), "versions": (dict,), "this_run": (dict,),
+    "beam_options": (dict, type(None)),
+}
+_MANIFEST_ENTRY = {"shard": (str, int), "samples": (int,), "rejected": (int,), "bytes": (int,), "meta": (str,),
+                   "tar": (str,), "rejects": (str,)}
+
+
+def check_shape(stats: dict, manifest: dict, stats_path: str, manifest_path: str) -> None:
+    """CardError (one line, naming the file and the key) if stats.json or manifest.json lacks what
+    the card reads, or holds it with the wrong type: a hand-edited or foreign file, not kiln's."""
+    for key, (ok, want) in _STATS_SHAPE.items():
+        if key not in stats:
+            raise CardError(f"{stats_path}: no {key!r} key; {_REWRITE}")
+        if not ok(stats[key]):
+            raise CardError(f"{stats_path}: {key!r} should be {want}, is {_short(stats[key])}; {_REWRITE}")
+    for key, types in _STATS_OPTIONAL.items():
+        if key in stats and not isinstance(stats[key], types):
+            raise CardError(f"{stats_path}: {key!r} should be {' or '.join(t.__name__ for t in types)}, is {_short(stats[key])}; {_REWRITE}")
+    if isinstance(stats.get("models"), dict) and not all(isinstance(v, dict) for v in stats["models"].values()):
+        raise CardError(f"{stats_path}: 'models' should map each model to an object; {_REWRITE}")
+    shards = manifest.get("shards")
+    if not isinstance(shards, list):
+        raise CardError(f"{manifest_path}: 'shards' should be a list, is {_short(shards)}; {_REWRITE}")
+    for key in ("num_shards", "samples"):
+        if key in manifest and not _is_int(manifest[key]):
+            raise CardError(f"{manifest_path}: {key!r} should be an integer, is {_short(manifest[key])}; {_REWRITE}")
+    for i, entry in enumerate(shards):
+        if not isinstance(entry, dict):
+            raise CardError(f"{manifest_path}: shards[{i}] should be an object, is {_short(entry)}; {_REWRITE}")
+        for key, types in _MANIFEST_ENTRY.items():
+            value = entry.get(key)
+            if not isinstance(value, types) or isinstance(value, bool) or (key == "shard" and not str(value).isdigit()):
+                raise CardError(f"{manifest_path}: shards[{i}].{key} should be {' or '.join(t.__name__ for t in types)}"
+                                f"{' of digits' if key == 'shard' else ''}, is {_short(value)}; {_REWRITE}")
+
+
+def _short(value) -> str:
+    text = json.dumps(value, default=str)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def pct(k: int | float, n: int | float) -> str:
@@ -218,11 +295,14 @@ def collect(dataset_dir: str, *, seed: int = 0, n_samples: int = 16, max_sample_
     """Recount the dataset from its files, check the count against manifest.json and stats.json,
     then read every shard's meta and rejects columns once.
 
-    Raises FileNotFoundError without stats.json or manifest.json, and AccountingError (from
+    Raises FileNotFoundError without stats.json or manifest.json, CardError if either is not what
+    `kiln prepare` writes (not JSON, the wrong shape, a key missing), and AccountingError (from
     pipeline.accounting.check, naming every disagreement) when the files disagree with them."""
     dataset_dir = dataset_dir.rstrip("/")
-    stats = read_json(join(dataset_dir, "stats.json"), "the run's stats")
-    manifest = read_json(join(dataset_dir, "manifest.json"), "the shard manifest")
+    stats_path, manifest_path = join(dataset_dir, "stats.json"), join(dataset_dir, "manifest.json")
+    stats = read_json(stats_path, "the run's stats")
+    manifest = read_json(manifest_path, "the shard manifest")
+    check_shape(stats, manifest, stats_path, manifest_path)
     if verify_tars is None:
         verify_tars = "://" not in dataset_dir  # listing remote tars member by member is slow
     found = Ledger.from_files(dataset_dir, list_tars=verify_tars)

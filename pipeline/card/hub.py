@@ -11,11 +11,11 @@ import re
 from typing import TYPE_CHECKING
 
 from pipeline.card.facts import pct
+from pipeline.outdir import CARD_NAME  # the card's file in the dataset directory (the Hub's dataset card)
 
 if TYPE_CHECKING:
     from pipeline.card.facts import Facts
 
-CARD_NAME = "README.md"  # the card's file in the dataset directory (the Hub's dataset card)
 
 # Hugging Face Hub metadata vocabularies (https://huggingface.co/docs/hub/datasets-cards and
 # https://hf.co/docs/hub/repositories-licenses), for the fields this card writes.

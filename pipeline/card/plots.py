@@ -17,8 +17,8 @@ import numpy as np
 from apache_beam.io.filesystems import FileSystems
 
 from pipeline.card.facts import SCORES, Facts, FloatHist, IntHist, join, wh_edges
+from pipeline.outdir import PLOT_NAMES, PLOTS_DIR  # noqa: F401 - card_plots/<name>.png beside README.md: the only plots kiln writes or deletes
 
-PLOTS_DIR = "card_plots"  # beside README.md in the dataset directory
 IMAGE_EXTS = ("jpg", "png", "webp")
 SERIES_STYLE = {
     "kept": ("kept", "tab:green"),
@@ -60,6 +60,8 @@ def draw(facts: Facts) -> dict[str, tuple[bytes | None, str | None]]:
                                 "here (`kiln card --unscreened-samples` draws one anyway)")
     else:
         out["samples"] = (None, "no kept samples eligible for the grid")
+    unnamed = set(out) - set(PLOT_NAMES)
+    assert not unnamed, f"plots {sorted(unnamed)} are not in pipeline.outdir.PLOT_NAMES: kiln would not know them as its own"
     return out
 
 

@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from embed.errors import ModelLoadError
 from embed.t5 import (
     EmbedResult,
     T5Embedder,
@@ -245,12 +246,14 @@ def test_sharded_checkpoint_loads_and_hashes(embedder, tiny_t5, tmp_path):
 
 
 def test_missing_model_errors_are_clear(tmp_path):
-    with pytest.raises(FileNotFoundError, match="not in the local Hugging Face cache"):
+    with pytest.raises(ModelLoadError, match="not in the local Hugging Face cache.*huggingface-cli download kiln-test/no-such"):
         resolve_model_dir("kiln-test/no-such-model")
-    with pytest.raises(FileNotFoundError, match="folder not found"):
+    with pytest.raises(ModelLoadError, match="folder .* does not exist.*local:DIR"):
         resolve_model_dir(f"local:{tmp_path / 'nope'}")
-    with pytest.raises(FileNotFoundError, match="no T5 weights"):
+    with pytest.raises(ModelLoadError, match="no T5 weights"):
         weight_files(tmp_path)
+    with pytest.raises(ModelLoadError, match="no config.json"):
+        resolve_model_dir(f"local:{tmp_path}")
 
 
 def test_tokenizer_that_ignored_its_vocabulary_is_refused(tiny_t5, tmp_path):
@@ -264,7 +267,7 @@ def test_tokenizer_that_ignored_its_vocabulary_is_refused(tiny_t5, tmp_path):
     (broken / "tokenizer.json").unlink()
     (broken / "spiece.model").unlink()
     T5Tokenizer(vocab_file=str(tiny_t5 / "spiece.model")).save_pretrained(str(broken))
-    with pytest.raises(RuntimeError, match="did not load"):
+    with pytest.raises(ModelLoadError, match="did not load"):
         T5Embedder(f"local:{broken}", device="cpu")
 
 
@@ -364,14 +367,16 @@ def test_embed_prompts_writes_readable_parquet(tiny_t5, embedder, tmp_path, caps
 
 
 def test_embed_prompts_empty_file_is_a_clear_error(tiny_t5, tmp_path, capsys):
-    from pipeline.embed_prompts import main_embed_prompts, read_prompts
+    from pipeline.embed_prompts import read_prompts
 
     empty = tmp_path / "empty.txt"
     empty.write_text("\n  \n\t\n")
     with pytest.raises(ValueError, match="holds no prompts"):
         read_prompts(empty)
     out = tmp_path / "out.parquet"
-    assert main_embed_prompts(_args(empty, out, f"local:{tiny_t5}")) == 2
+    from pipeline.cli import main
+
+    assert main(["embed-prompts", str(empty), "-o", str(out), "--t5-model", f"local:{tiny_t5}"]) == 2
     assert "holds no prompts" in capsys.readouterr().err
     assert not out.exists()
     binary = tmp_path / "binary.txt"

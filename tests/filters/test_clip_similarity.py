@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from filters.clip_similarity import ClipScorer, ClipScores, preprocess_images
+from filters.errors import ModelLoadError
 from pipeline.testbed.synth import synthesize
 from pipeline.testbed.models import cached_test_models
 
@@ -228,19 +229,21 @@ def test_preprocess_images_inputs():
 
 
 def test_spec_errors(tmp_path):
-    with pytest.raises(ValueError, match="names no weights"):
+    with pytest.raises(ModelLoadError, match="names no weights"):
         ClipScorer.from_spec("ViT-B-32")
-    with pytest.raises(ValueError, match="unknown pretrained tag"):
+    with pytest.raises(ModelLoadError, match="unknown pretrained tag"):
         ClipScorer.from_spec("ViT-B-32:no-such-tag")
+    with pytest.raises(ModelLoadError, match="not an open_clip architecture.*did you mean ViT-B-32"):
+        ClipScorer.from_spec("ViT-B-23:openai")
     # a real tag whose weights are not cached: a clear error pointing at local-dir:, no download attempt
-    with pytest.raises(RuntimeError, match="local-dir:"):
+    with pytest.raises(ModelLoadError, match="huggingface-cli download timm/.*local-dir:"):
         ClipScorer.from_spec("ViT-B-32:openai", cache_dir=str(tmp_path / "empty-cache"))
     empty = tmp_path / "no-weights"
     empty.mkdir()
-    with pytest.raises(FileNotFoundError, match="open_clip_config.json"):
+    with pytest.raises(ModelLoadError, match="open_clip_config.json"):
         ClipScorer.from_spec(f"local-dir:{empty}")
     (empty / "open_clip_config.json").write_text(json.dumps({"model_cfg": {}}))
-    with pytest.raises(FileNotFoundError, match="no weight file"):
+    with pytest.raises(ModelLoadError, match="no weight file"):
         ClipScorer.from_spec(f"local-dir:{empty}")
 
 
@@ -280,5 +283,5 @@ def test_offline_hub_and_tag_loading(tiny_clip_dir, scorer, web, tmp_path, monke
     assert tagged.source["sha256"] == scorer.source["sha256"]
     np.testing.assert_allclose(tagged.score(web["rgb"][:20], web["texts"][:20]).similarity, ref.similarity, atol=1e-6)
 
-    with pytest.raises(RuntimeError, match="local-dir:"):
+    with pytest.raises(ModelLoadError, match="huggingface-cli download kiln/not-cached.*local-dir:"):
         ClipScorer.from_spec("hf-hub:kiln/not-cached", cache_dir=str(cache))

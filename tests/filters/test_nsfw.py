@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from filters.errors import ModelLoadError
 from filters.nsfw import NsfwHead, NsfwScorer
 from pipeline.testbed.models import cached_test_models
 from pipeline.testbed.models.clip import build_nsfw_head
@@ -97,12 +98,12 @@ def test_input_dim_inferred_and_width_mismatch(head64, tmp_path):
     assert NsfwScorer(head64).input_dim == 64
     assert NsfwScorer(h768, input_dim=768).input_dim == 768
 
-    with pytest.raises(ValueError, match=r"768.*512|512.*768"):
+    with pytest.raises(ModelLoadError, match=r"768.*512|512.*768"):
         NsfwScorer(h768, input_dim=512)
-    with pytest.raises(ValueError) as e:
+    with pytest.raises(ModelLoadError) as e:
         s768.check_compatible(512, "ViT-B-32:openai")
     msg = str(e.value)
-    assert "768-d" in msg and "512-d" in msg and "ViT-B-32:openai" in msg
+    assert "768-d" in msg and "512-d" in msg and "--clip-model ViT-B-32:openai" in msg and msg.startswith("--nsfw-head ")
     s768.check_compatible(768)
     with pytest.raises(ValueError, match=r"768-d.*512-d"):
         s768.punsafe(_unit(3, 512))
@@ -111,13 +112,13 @@ def test_input_dim_inferred_and_width_mismatch(head64, tmp_path):
 def test_rejects_other_layouts(tmp_path):
     bad = tmp_path / "bad.pt"
     torch.save({"linear_1.weight": torch.zeros(64, 768), "linear_1.bias": torch.zeros(64)}, bad)
-    with pytest.raises(ValueError, match="H14"):
+    with pytest.raises(ModelLoadError, match="H14"):
         NsfwScorer(bad)
     short = tmp_path / "short.pt"
     torch.save({k: v for k, v in NsfwHead(64).state_dict().items() if not k.startswith("layers.16")}, short)
-    with pytest.raises(ValueError, match="layout"):
+    with pytest.raises(ModelLoadError, match="layout"):
         NsfwScorer(short)
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(ModelLoadError, match="does not exist"):
         NsfwScorer(tmp_path / "missing.safetensors")
 
 

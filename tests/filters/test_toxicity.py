@@ -26,6 +26,7 @@ from filters.toxicity import (
     save_detoxify_checkpoint,
     sha256_file,
 )
+from filters.errors import ModelLoadError
 from pipeline.testbed.models import cached_test_models
 from pipeline.testbed.models.toxicity import (
     JIGSAW_CLASSES,
@@ -289,7 +290,7 @@ def test_heldout_toxic_and_clean_captions(scorer, unseen_clean):
 def test_hub_name_offline_fails_clearly_without_network(monkeypatch, tmp_path, no_network):
     monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path / "hub"))  # nothing cached
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(RuntimeError, match="local:") as err:
+    with pytest.raises(ModelLoadError, match="local:") as err:
         ToxicityScorer("original")
     assert "--toxicity-model local:" in str(err.value)
     assert no_network == []  # offline: not even a name lookup
@@ -299,7 +300,7 @@ def test_hub_name_download_failure_is_a_clear_error(monkeypatch, tmp_path, no_ne
     monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path / "hub"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     started = time.monotonic()
-    with pytest.raises(RuntimeError, match="--toxicity-model local:") as err:
+    with pytest.raises(ModelLoadError, match="--toxicity-model local:") as err:
         ToxicityScorer("unbiased")
     assert "toxic_debiased" in str(err.value)  # names what it tried to fetch
     assert no_network, "the download was expected to try (and be refused by the test's guard)"
@@ -308,11 +309,11 @@ def test_hub_name_download_failure_is_a_clear_error(monkeypatch, tmp_path, no_ne
 
 
 def test_bad_model_specs(tmp_path, tiny_dir):
-    with pytest.raises(ValueError, match="local:"):
+    with pytest.raises(ModelLoadError, match="local:"):
         ToxicityScorer("toxic-bert-large")
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(ModelLoadError, match="does not exist"):
         ToxicityScorer(f"local:{tmp_path / 'missing'}")
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(ModelLoadError, match="holds none of"):
         ToxicityScorer(f"local:{tmp_path}")  # a folder without a checkpoint
     with pytest.raises(ValueError):
         ToxicityScorer(f"local:{tiny_dir}", batch_size=0)
@@ -323,7 +324,7 @@ def test_bad_model_specs(tmp_path, tiny_dir):
     loaded = torch.load(tiny_dir / "checkpoint.ckpt", map_location="cpu", weights_only=True)
     loaded["extra"] = _NotAllowed()
     torch.save(loaded, bad / "checkpoint.ckpt")
-    with pytest.raises(RuntimeError, match="weights_only"):
+    with pytest.raises(ModelLoadError, match="carries code .*_NotAllowed.* refused"):
         ToxicityScorer(f"local:{bad}")
 
     # A checkpoint whose model name is not a sequence classifier is refused before any import by name.
@@ -332,7 +333,7 @@ def test_bad_model_specs(tmp_path, tiny_dir):
     loaded = torch.load(tiny_dir / "checkpoint.ckpt", map_location="cpu", weights_only=True)
     loaded["config"]["arch"]["args"]["model_name"] = "os.system"
     torch.save(loaded, odd / "checkpoint.ckpt")
-    with pytest.raises(ValueError, match="model_name"):
+    with pytest.raises(ModelLoadError, match="model_name"):
         ToxicityScorer(f"local:{odd}")
 
 

@@ -7,7 +7,12 @@ partial output to exactly what a clean run writes.
 
 import io
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -187,3 +192,31 @@ def test_accounting_fails_loudly_when_rows_go_missing(web, clean_run, tmp_path):
     (broken / "meta" / "000002.parquet").unlink()
     with pytest.raises(AccountingError, match="missing"):
         check_accounting(str(broken), n, read_footers(str(broken)), None)
+
+
+@pytest.mark.parametrize("sig, code, word", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")])
+def test_interrupted_run_stops_cleanly_and_resumes_to_the_clean_result(web, clean_run, tmp_path, sig, code, word):
+    """Ctrl-C (to the whole process group, as a terminal sends it) or SIGTERM while shards are being
+    written: one line, no traceback, no temp file; the re-run completes to the clean run's bytes."""
+    w, server = web
+    out = tmp_path / "interrupted"
+    argv = [sys.executable, "-m", "pipeline.cli", "prepare", "--input", str(w.metadata_path), "--output", str(out),
+            "--allow-hosts", server.allow_hosts, "--image-size", str(IMAGE_SIZE), "--download-timeout", "3",
+            "--samples-per-shard", "60", "--toxicity", "off", "--clip", "off", "--nsfw", "off", "--t5", "off"]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            cwd=Path(__file__).resolve().parents[2])
+    deadline = time.monotonic() + 120
+    while not (out / "shards").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert proc.poll() is None, "the run ended before it could be interrupted"
+    os.killpg(proc.pid, sig) if sig == signal.SIGINT else proc.send_signal(sig)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == code, stderr
+    assert "Traceback" not in stderr + stdout, stderr
+    last = [ln for ln in stderr.splitlines() if ln.strip()][-1]
+    assert last.startswith(f"kiln prepare: {word}"), stderr
+    assert not [p for p in out.rglob("*") if ".tmp-" in p.name], "a temp file was left behind"
+    assert not (out / "_SUCCESS").exists()
+    rerun = subprocess.run(argv + ["--quiet"], capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    assert tree_bytes(out) == tree_bytes(clean_run[0])

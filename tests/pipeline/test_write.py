@@ -1,3 +1,4 @@
+import errno
 import io
 import tarfile
 
@@ -5,6 +6,7 @@ import pytest
 import webdataset as wds
 
 from pipeline.records import compute_uid
+from pipeline.outdir import atomic_write
 from pipeline.write import TAR_MTIME, _atomic_write, shard_of, write_tar
 
 
@@ -59,3 +61,56 @@ def test_atomic_write_leaves_nothing_on_failure(tmp_path):
     assert list(tmp_path.iterdir()) == []
     _atomic_write(str(target), lambda f: f.write(b"whole"))
     assert target.read_bytes() == b"whole" and [p.name for p in tmp_path.iterdir()] == ["x.bin"]
+
+
+class _FullDisk:
+    """A file whose writes (or close) fail like a full disk: ENOSPC."""
+
+    def __init__(self, f, at: str):
+        self.f, self.at = f, at
+
+    def write(self, data):
+        if self.at == "write":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return self.f.write(data)
+
+    def close(self):
+        self.f.close()
+        if self.at == "close":
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+
+@pytest.mark.parametrize("at", ["write", "close"])
+def test_a_full_disk_leaves_the_old_file_and_no_temp_file(tmp_path, monkeypatch, at):
+    from apache_beam.io.filesystems import FileSystems
+
+    target = tmp_path / "stats.json"
+    atomic_write(str(target), lambda f: f.write(b"old"))
+    real_create = FileSystems.create
+    monkeypatch.setattr(FileSystems, "create", lambda path, *a, **kw: _FullDisk(real_create(path, *a, **kw), at))
+    with pytest.raises(OSError) as err:
+        atomic_write(str(target), lambda f: f.write(b"new"))
+    assert err.value.errno == errno.ENOSPC  # pipeline.cli says it in one line
+    assert target.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["stats.json"]
+    monkeypatch.undo()  # space freed: the re-run completes
+    atomic_write(str(target), lambda f: f.write(b"new"))
+    assert target.read_bytes() == b"new" and [p.name for p in tmp_path.iterdir()] == ["stats.json"]
+
+
+def test_a_read_only_directory_is_an_os_error_with_nothing_left(tmp_path, monkeypatch):
+    from apache_beam.io.filesystems import FileSystems
+
+    def read_only(path, *a, **kw):
+        raise OSError(errno.EROFS, "Read-only file system", path)
+
+    monkeypatch.setattr(FileSystems, "create", read_only)
+    with pytest.raises(OSError) as err:
+        atomic_write(str(tmp_path / "shards" / "000000.tar"), lambda f: f.write(b"x"))
+    assert err.value.errno == errno.EROFS and list(tmp_path.iterdir()) == []
+
+
+def test_atomic_write_replaces_in_a_directory_named_with_brackets(tmp_path):
+    out = tmp_path / "out[1]" / "meta"
+    atomic_write(str(out / "000000.parquet"), lambda f: f.write(b"one"))
+    atomic_write(str(out / "000000.parquet"), lambda f: f.write(b"two"))
+    assert (out / "000000.parquet").read_bytes() == b"two" and [p.name for p in out.iterdir()] == ["000000.parquet"]

@@ -216,9 +216,7 @@ def test_train_imports_no_text_encoder():
         "print(bad)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
-    # The one exception: kiln's error rule (pipeline.errors, standard library only; the package's
-    # __init__ only sets quiet environment variables via pipeline.compat), which train.errors raises.
-    assert out.stdout.strip() == "['pipeline', 'pipeline.compat', 'pipeline.errors']", out.stdout
+    assert out.stdout.strip() == "[]", out.stdout
 
 
 def test_palette_matches_the_synthetic_web():
