@@ -63,6 +63,12 @@ def _card(args, extra):
     return main_card(args)
 
 
+def _models(args, extra):
+    from pipeline.models.cli import main_models
+
+    return main_models(args)
+
+
 def _demo(args, extra):
     from pipeline.testbed.demo import main
 
@@ -128,6 +134,12 @@ def build_parser() -> argparse.ArgumentParser:
     sm = sub.add_parser("sample", help="sample the cascade (base -> sr256 -> sr1024, each optional) into a grid PNG")
     add_sample_args(sm)
     sm.set_defaults(func=_sample)
+
+    mo = sub.add_parser("models", help="the model registry: list, show, fetch (checked, resumable) and verify model folders")
+    from pipeline.models.cli import add_models_args
+
+    add_models_args(mo)
+    mo.set_defaults(func=_models)
 
     d = sub.add_parser("demo", help="synthesise a small web, serve it, run `kiln prepare` on it and print the funnel")
     d.add_argument("--workdir", default="build/demo", help="where the web and the dataset go [build/demo]")
