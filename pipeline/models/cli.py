@@ -88,8 +88,8 @@ def main_models(args) -> int:
             spec = rec["spec"]
             absolute = (spec.split(":", 1)[0] + ":" + str(root / spec.split(":", 1)[1])) if ":" in spec else str(root / spec)
             if rec.get("convert") and not rec.get("converted"):
-                print(f"# {e['name']}: convert first: python -m filters.{rec['convert']} "
-                      f"{root / e['name'] / e['files'][0]['path']} {root / e['name'] / e['head']}", file=sys.stderr)
+                print(f"# {e['name']} needs converting before {rec['flag']} can take it: python -m filters.{rec['convert']} "
+                      f"{root / e['name'] / e['files'][0]['path']} {root / e['name'] / e['head']}")
             print(f"{rec['flag']} {absolute}")
         return 0
     if cmd == "verify":

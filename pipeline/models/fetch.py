@@ -36,7 +36,7 @@ from pathlib import Path
 from pipeline.errors import RunFailed, UserError
 from pipeline.models.registry import file_origin, spec_for
 
-__all__ = ["FORMAT", "MANIFEST", "download_url", "fetch_models", "read_manifest", "sha256_file", "verify_dir"]
+__all__ = ["FORMAT", "MANIFEST", "convert", "download_url", "fetch_models", "read_manifest", "sha256_file", "verify_dir"]
 
 FORMAT = 1
 MANIFEST = "models.json"
@@ -372,7 +372,7 @@ def _record(entry: dict, files: dict) -> dict:
         rec["threshold_source"] = entry["threshold_source"]
     if entry.get("convert"):
         rec["convert"] = entry["convert"]
-        rec["converted"] = (Path(entry["head"]).name in files)
+        rec["converted"] = entry["head"] in files
     return rec
 
 
@@ -394,6 +394,31 @@ def _installed_ok(final: Path, f: dict, known: dict | None) -> dict | None:
     return {"sha256": digest, "size": size, "pinned": bool(f.get("sha256"))} if digest == want else None
 
 
+def convert(module: str, src: Path, dst: Path) -> str | None:
+    """Run `python -m filters.<module> SRC DST --force` (e.g. filters.nsfw_keras: LAION's autokeras zip ->
+    a safetensors head); None on success, else the converter's last line of stderr."""
+    import importlib.util
+    import subprocess
+
+    try:
+        found = importlib.util.find_spec(f"filters.{module}")
+    except ImportError:
+        found = None
+    if found is None:
+        return f"filters.{module} is not installed"
+    import filters
+
+    env = dict(os.environ)
+    src_root = str(Path(filters.__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join([src_root, *([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])])
+    done = subprocess.run([sys.executable, "-m", f"filters.{module}", str(src), str(dst), "--force"],
+                          capture_output=True, text=True, env=env, check=False)
+    if done.returncode != 0:
+        lines = [ln for ln in done.stderr.splitlines() if ln.strip()]
+        return lines[-1].strip() if lines else f"exit {done.returncode}"
+    return None if dst.is_file() else f"filters.{module} wrote no {dst.name}"
+
+
 def fetch_model(entry: dict, root: Path, manifest: dict, mirror: str | None = None, log=None) -> dict:
     """Fetch every file of `entry` into root/<name>/ (atomic per file); returns its models.json record."""
     log = log or (lambda msg: print(msg, file=sys.stderr))
@@ -402,6 +427,7 @@ def fetch_model(entry: dict, root: Path, manifest: dict, mirror: str | None = No
     staging = root / STAGING / name
     known = (manifest["models"].get(name) or {}).get("files", {})
     files: dict[str, dict] = {}
+    changed = False
     for f in entry["files"]:
         rel = f["path"]
         final = target / rel
@@ -410,6 +436,7 @@ def fetch_model(entry: dict, root: Path, manifest: dict, mirror: str | None = No
         if kept is not None:
             files[rel] = kept
             continue
+        changed = True
         origin = file_origin(entry, f)
         if origin["kind"] == "url":
             staged = download_url(mirrored(origin["url"], mirror), staging / rel, label, expected_size=f.get("size"))
@@ -430,7 +457,15 @@ def fetch_model(entry: dict, root: Path, manifest: dict, mirror: str | None = No
             f"{', pinned' if files[rel]['pinned'] else ', recorded'})")
     if entry.get("convert"):
         head = target / entry["head"]
-        if head.is_file():  # converted by an earlier run: keep it in the record (verify re-hashes it)
+        if changed or not head.is_file():
+            src = target / entry["files"][0]["path"]
+            problem = convert(entry["convert"], src, head)
+            if problem:
+                log(f"kiln models: {name}: not converted ({problem}); convert it yourself: "
+                    f"python -m filters.{entry['convert']} {src} {head}")
+            else:
+                log(f"kiln models: {name}/{entry['head']} converted with filters.{entry['convert']}")
+        if head.is_file():  # verify re-hashes the converted head too
             files[entry["head"]] = {"sha256": sha256_file(head), "size": head.stat().st_size, "pinned": False}
     shutil.rmtree(staging, ignore_errors=True)
     return _record(entry, files)

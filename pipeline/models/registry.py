@@ -126,6 +126,8 @@ def validate_entry(entry: object, where: str) -> dict:
     name = need("name", str, "a string")
     if not _NAME.fullmatch(name):
         raise RegistryError(f"{where}: 'name' {name!r} must be letters, digits, '.', '_' or '-' (it is a folder name)")
+    if name in ("models.json", "models") or name.endswith(".tmp"):
+        raise RegistryError(f"{where}: 'name' {name!r} is reserved (DIR/models.json lives beside the model folders)")
     where = f"{where} ({name})"
     role = need("role", str, f"one of {', '.join(ROLES)}")
     if role not in ROLES:

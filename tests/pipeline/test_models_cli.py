@@ -23,6 +23,8 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 RELEASE = "/owner/tiny-detoxify/releases/download/v1/toxic_tiny.ckpt"
 HEAD_RELEASE = "/owner/tiny-nsfw/releases/download/v1/nsfw_head.safetensors"
 MIRRORED = "/laion/mirror-only/releases/download/v1/head.safetensors"
+KERAS_ZIP = "/laion/nsfw/raw/abc/clip_autokeras_tiny.zip"
+KERAS_BYTES = b"PK\x03\x04 not really a zip, the converter is faked"
 
 
 def sha(path: Path) -> str:
@@ -49,6 +51,7 @@ def hub(tiny, monkeypatch, tmp_path):
         h.add_release(RELEASE, tox / "checkpoint.ckpt")
         h.add_release(HEAD_RELEASE, Path(tiny["nsfw"]))
         h.add_release(MIRRORED, Path(tiny["nsfw"]))
+        h.add_release(KERAS_ZIP, KERAS_BYTES)
         h.tox_commit = h.add_repo("tiny/bert-tokenizer", {n: tox / n for n in
                                                           ("config.json", "vocab.txt", "tokenizer.json", "tokenizer_config.json")})
         h.clip_commit = h.add_repo("tiny/clip", {n: clip / n for n in ("open_clip_config.json", "open_clip_model.safetensors")})
@@ -99,6 +102,10 @@ def registry(tmp_path, tiny, hub):
                [{"path": "head.pth", "url": hub.url + "/owner/evil/releases/download/v1/head.pth"}], head="head.pth"),
         _entry("missing-file", "t5", {"kind": "hub", "repo": "tiny/t5", "revision": "main"},
                [{"path": "config.json", "filename": "config.json"}, {"path": "pytorch_model.bin", "filename": "pytorch_model.bin"}]),
+        _entry("tiny-keras", "nsfw", {"kind": "url", "urls": [hub.url + KERAS_ZIP]},
+               [{"path": "clip_autokeras_tiny.zip", "url": hub.url + KERAS_ZIP, "size": len(KERAS_BYTES),
+                 "sha256": hashlib.sha256(KERAS_BYTES).hexdigest(), "sha256_source": "test"}],
+               head="nsfw_head.safetensors", convert="nsfw_keras"),
         _entry("mirrored-head", "nsfw", {"kind": "url", "urls": ["https://releases.invalid" + MIRRORED]},
                [{"path": "head.safetensors", "url": "https://releases.invalid" + MIRRORED,
                  "sha256": sha(head), "sha256_source": "test"}], head="head.safetensors"),
@@ -207,6 +214,9 @@ def test_fetch_set_lays_out_loadable_folders_then_verify_and_tamper(registry, hu
     from filters.nsfw import load_nsfw_state_dict
     from filters.toxicity import ToxicityScorer
 
+    from filters.clip_similarity import _check_open_clip_dir
+
+    assert _check_open_clip_dir(dest / "tiny-clip", "local-dir:tiny-clip").endswith("open_clip_model.safetensors")
     check_model_dir(dest / "tiny-t5")
     assert load_nsfw_state_dict(dest / "tiny-nsfw" / "nsfw_head.safetensors")[0]
     scorer = ToxicityScorer(f"local:{dest / 'tiny-detoxify'}")
@@ -215,15 +225,19 @@ def test_fetch_set_lays_out_loadable_folders_then_verify_and_tamper(registry, hu
     # verify passes; a tampered file is one line naming it; exit 1
     code, out, err = run(capsys, "models", "verify", str(dest))
     assert code == 0, err
+    cfg = dest / "tiny-clip" / "open_clip_config.json"
+    cfg.write_bytes(cfg.read_bytes().replace(b"{", b"[", 1))  # same size, other bytes
     vocab = dest / "tiny-detoxify" / "vocab.txt"
     vocab.write_text(vocab.read_text() + "extra\n")
     (dest / "tiny-t5" / "spiece.model").unlink()
     code, out, err = run(capsys, "models", "verify", str(dest))
     assert code == 1
     problems = [ln for ln in err.splitlines() if ln.startswith("kiln models verify: ")]
-    assert len(problems) == 2
-    assert problems[0].startswith("kiln models verify: tiny-detoxify/vocab.txt: size ")
-    assert problems[1] == "kiln models verify: tiny-t5/spiece.model: missing"
+    assert len(problems) == 3
+    assert problems[0].startswith("kiln models verify: tiny-clip/open_clip_config.json: sha256 ")
+    assert f"models.json says {m['tiny-clip']['files']['open_clip_config.json']['sha256']}" in problems[0]
+    assert problems[1].startswith("kiln models verify: tiny-detoxify/vocab.txt: size ")
+    assert problems[2] == "kiln models verify: tiny-t5/spiece.model: missing"
     assert len(error_lines(err)) == 1
 
     # a re-fetch repairs exactly what is wrong and keeps what is right
@@ -231,7 +245,8 @@ def test_fetch_set_lays_out_loadable_folders_then_verify_and_tamper(registry, hu
     code, out, err = run(capsys, "models", "--registry", str(registry), "fetch", "tiny-defaults", "--to", str(dest))
     assert code == 0, err
     fetched = {p for (method, p, _) in hub.requests if method == "GET"}
-    assert fetched == {"/tiny/bert-tokenizer/resolve/%s/vocab.txt" % hub.tox_commit, "/tiny/t5/resolve/main/spiece.model"}
+    assert fetched == {"/tiny/bert-tokenizer/resolve/%s/vocab.txt" % hub.tox_commit, "/tiny/t5/resolve/main/spiece.model",
+                       "/tiny/clip/resolve/%s/open_clip_config.json" % hub.clip_commit}
     assert run(capsys, "models", "verify", str(dest))[0] == 0
 
 
@@ -327,3 +342,53 @@ def test_refused_connection_is_one_line(registry, hub, tmp_path, capsys, monkeyp
 def test_verify_without_models_json(tmp_path, capsys):
     code, out, err = run(capsys, "models", "verify", str(tmp_path))
     assert code == 1 and len(error_lines(err)) == 1 and "models.json" in err
+
+
+def test_a_file_that_needs_converting_is_converted_and_recorded(registry, hub, tmp_path, capsys, monkeypatch, tiny):
+    import shutil
+
+    from pipeline.models import fetch
+
+    calls = []
+
+    def fake_convert(module, src, dst):
+        calls.append((module, src.name, dst.name))
+        assert src.read_bytes() == KERAS_BYTES
+        shutil.copyfile(tiny["nsfw"], dst)
+
+    monkeypatch.setattr(fetch, "convert", fake_convert)
+    dest = tmp_path / "m"
+    code, out, err = run(capsys, "models", "--registry", str(registry), "fetch", "tiny-keras", "--to", str(dest))
+    assert code == 0, err
+    assert calls == [("nsfw_keras", "clip_autokeras_tiny.zip", "nsfw_head.safetensors")]
+    rec = json.loads((dest / "models.json").read_text())["models"]["tiny-keras"]
+    assert rec["spec"] == "tiny-keras/nsfw_head.safetensors" and rec["convert"] == "nsfw_keras" and rec["converted"] is True
+    assert rec["files"]["nsfw_head.safetensors"] == {"sha256": sha(Path(tiny["nsfw"])), "size": Path(tiny["nsfw"]).stat().st_size,
+                                                     "pinned": False}
+    assert out.strip() == f"--nsfw-head {dest / 'tiny-keras' / 'nsfw_head.safetensors'}"
+    assert run(capsys, "models", "verify", str(dest))[0] == 0
+
+
+def test_a_failed_conversion_leaves_the_download_and_says_what_to_run(registry, hub, tmp_path, capsys, monkeypatch):
+    from pipeline.models import fetch
+
+    monkeypatch.setattr(fetch, "convert", lambda module, src, dst: "not a Keras SavedModel zip")
+    dest = tmp_path / "m"
+    code, out, err = run(capsys, "models", "--registry", str(registry), "fetch", "tiny-keras", "--to", str(dest))
+    assert code == 0, err
+    assert "not converted (not a Keras SavedModel zip)" in err
+    assert f"python -m filters.nsfw_keras {dest / 'tiny-keras' / 'clip_autokeras_tiny.zip'}" in out
+    rec = json.loads((dest / "models.json").read_text())["models"]["tiny-keras"]
+    assert rec["converted"] is False and list(rec["files"]) == ["clip_autokeras_tiny.zip"]
+
+
+def test_cut_hub_download_is_retried(registry, hub, tmp_path, capsys, tiny):
+    """huggingface_hub's own retry after a cut connection (it may restart the file); the result is whole."""
+    path = f"/tiny/clip/resolve/{hub.clip_commit}/open_clip_model.safetensors"
+    hub.drop_once(path)
+    dest = tmp_path / "m"
+    code, out, err = run(capsys, "models", "--registry", str(registry), "fetch", "tiny-clip", "--to", str(dest))
+    assert code == 0, err
+    gets = [r for (m, p, r) in hub.requests if m == "GET" and p == path]
+    assert len(gets) == 2
+    assert sha(dest / "tiny-clip" / "open_clip_model.safetensors") == sha(tiny["clip"] / "open_clip_model.safetensors")
