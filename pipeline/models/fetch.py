@@ -425,7 +425,9 @@ def fetch_model(entry: dict, root: Path, manifest: dict, mirror: str | None = No
     name = entry["name"]
     target = root / name
     staging = root / STAGING / name
-    known = (manifest["models"].get(name) or {}).get("files", {})
+    before = manifest["models"].get(name) or {}
+    # hashes recorded for another source (the registry moved to a new revision or URL) vouch for nothing
+    known = before.get("files", {}) if before.get("source") == entry["source"] else {}
     files: dict[str, dict] = {}
     changed = False
     for f in entry["files"]:

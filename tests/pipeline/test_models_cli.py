@@ -78,7 +78,7 @@ def _entry(name, role, source, files, **kw):
 @pytest.fixture
 def registry(tmp_path, tiny, hub):
     """A registry of the tiny models on the fake hub; some files pinned with their real sha256."""
-    tox, clip, t5, head = tiny["toxicity"], tiny["clip"], tiny["t5"], Path(tiny["nsfw"])
+    tox, clip, head = tiny["toxicity"], tiny["clip"], Path(tiny["nsfw"])
     entries = [
         _entry("tiny-detoxify", "toxicity",
                {"kind": "url", "urls": [hub.url + RELEASE], "hub": {"repo": "tiny/bert-tokenizer", "revision": hub.tox_commit}},
@@ -392,3 +392,15 @@ def test_cut_hub_download_is_retried(registry, hub, tmp_path, capsys, tiny):
     gets = [r for (m, p, r) in hub.requests if m == "GET" and p == path]
     assert len(gets) == 2
     assert sha(dest / "tiny-clip" / "open_clip_model.safetensors") == sha(tiny["clip"] / "open_clip_model.safetensors")
+
+
+def test_a_new_source_in_the_registry_refetches_unpinned_files(registry, hub, tmp_path, capsys):
+    dest = tmp_path / "m"
+    assert run(capsys, "models", "--registry", str(registry), "fetch", "tiny-t5", "--to", str(dest))[0] == 0
+    entry = json.loads((registry / "tiny-t5.json").read_text())
+    entry["source"]["revision"] = hub.t5_commit  # "main" -> a pinned commit: recorded hashes no longer vouch
+    (registry / "tiny-t5.json").write_text(json.dumps(entry))
+    hub.requests.clear()
+    assert run(capsys, "models", "--registry", str(registry), "fetch", "tiny-t5", "--to", str(dest))[0] == 0
+    assert len([1 for (m, p, _) in hub.requests if m == "GET"]) == 5
+    assert json.loads((dest / "models.json").read_text())["models"]["tiny-t5"]["source"]["revision"] == hub.t5_commit
