@@ -143,7 +143,7 @@ class ImageConfig:
 @dataclass(frozen=True)
 class ToxicityConfig:
     mode: str = setting("filter", "caption toxicity (Detoxify), before any download", key="toxicity", type=str, choices=FILTER_MODES)
-    model: str = setting("original", "Detoxify model: original | unbiased | multilingual | local:DIR", key="toxicity_model", type=str)
+    model: str = setting("original", "Detoxify: original | unbiased | multilingual (torch.hub cache or --models DIR) | a registry name | local:DIR", key="toxicity_model", type=str)
     max_toxicity: float = setting(0.5, "reject above this max over --toxicity-labels (Detoxify's own cut)", type=float, lo=0.0, hi=1.0)
     labels: tuple = setting((), "comma-separated Detoxify labels to take the max over", key="toxicity_labels", type=tuple, shown="all of the model's")
 
@@ -151,17 +151,17 @@ class ToxicityConfig:
 @dataclass(frozen=True)
 class ClipConfig:
     clip_mode: str = setting("filter", "CLIP image-caption similarity, after decode", key="clip", type=str, choices=FILTER_MODES)
-    clip_model: str = setting("ViT-B-32:openai", "open_clip NAME:PRETRAINED | local-dir:DIR | hf-hub:ORG/REPO", type=str)
+    clip_model: str = setting("ViT-B-32:openai", "open_clip NAME:PRETRAINED (HF cache or --models DIR) | a registry name | local:DIR | hf-hub:ORG/REPO[@REV]", type=str)
     min_clip_similarity: float = setting(0.28, "reject below this cosine similarity (LAION-5B English: 0.28)", type=float, lo=-1.0, hi=1.0)
     nsfw_mode: str = setting("filter", "LAION's NSFW head on the same CLIP image embedding", key="nsfw", type=str, choices=FILTER_MODES)
-    nsfw_head: str | None = setting(None, "NSFW head weights (.safetensors, or .pt loaded weights_only) sized for --clip-model", type=str, metavar="PATH", shown="none")
+    nsfw_head: str | None = setting("nsfw-b32", "NSFW head for --clip-model: a registry name (LAION's B/32 head by default; from --models DIR) | local:FILE|DIR | a .safetensors/.pt path", type=str, metavar="HEAD")
     max_punsafe: float = setting(0.5, "reject above this punsafe (LAION's recommended cut)", type=float, lo=0.0, hi=1.0)
 
 
 @dataclass(frozen=True)
 class T5Config:
     mode: str = setting("embed", "store each kept caption's frozen T5 embedding", key="t5", type=str, choices=("embed", "off"))
-    model: str = setting("google/t5-v1_1-xxl", "hub id in the local HF cache, or local:DIR (Imagen §2.1: T5-XXL)", key="t5_model", type=str)
+    model: str = setting("google/t5-v1_1-xxl", "hub id[@REV] in the local HF cache (or --models DIR) | a registry name | local:DIR (Imagen §2.1: T5-XXL)", key="t5_model", type=str)
     max_length: int = setting(128, "tokens kept per caption, EOS included (Imagen: 128)", key="t5_max_length", type=int, lo=2, hi=4096)
     max_tokens: int | None = setting(None, "padded tokens per T5 forward pass", key="t5_max_tokens", type=int, lo=1, result=False, shown="4096 CPU, 16384 CUDA")
     cross_process: bool = setting(False, "one T5 per machine shared by all worker processes (Beam MultiProcessShared), e.g. on a GPU VM",
@@ -170,6 +170,9 @@ class T5Config:
 
 @dataclass(frozen=True)
 class ModelsConfig:
+    models: str | None = setting(None, "a folder written by `kiln models fetch` (e.g. `kiln models fetch laion400m-defaults --to DIR`): "
+                                 "every model flag naming a registry model, or left at its default, is taken from there",
+                                 key="models", type=str, result=False, metavar="DIR", shown="none")
     batch_size: int = setting(64, "batch size through each model", key="model_batch_size", type=int, lo=1, hi=65536, result=False)
     device: str | None = setting(None, "torch device for the models", type=str, result=False, shown="cuda if available, else cpu")
     gpu_resource_hint: str | None = setting(
@@ -350,8 +353,9 @@ def validate(cfg: PrepareConfig) -> PrepareConfig:
         raise ConfigError(f"--encode-quality {im.encode_quality}: {im.encode_format} quality is 1-100")
     if cfg.clip.nsfw_mode != "off" and cfg.clip.clip_mode == "off":
         raise ConfigError("--nsfw needs the CLIP image embedding: use --clip score (or filter), or --nsfw off")
-    if cfg.clip.nsfw_mode != "off" and not cfg.clip.nsfw_head:
-        raise ConfigError("--nsfw needs --nsfw-head PATH (LAION's CLIP-based NSFW detector weights for --clip-model), or --nsfw off")
+    if cfg.clip.nsfw_mode != "off" and not (cfg.clip.nsfw_head or "").strip():
+        raise ConfigError("--nsfw needs --nsfw-head HEAD (LAION's CLIP-based NSFW detector for --clip-model: a registry name "
+                          "or local:FILE), or --nsfw off")
     try:
         cfg.download.fetch_config()
     except ValueError as err:

@@ -20,6 +20,7 @@ The configuration is pipeline.config's tree; each stage receives its section as 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as dt
 import errno
 import json
@@ -44,10 +45,10 @@ from pipeline import __version__
 from pipeline.beam_yaml import hinted, model_stage_hints
 from pipeline.config import ConfigError, PrepareConfig, command_line, fingerprint as config_fingerprint, flat
 from pipeline.decode import Decode, Resize
-from pipeline.errors import Interrupted, RunFailed, one_line
+from pipeline.errors import Interrupted, RunFailed, UserError, one_line
 from pipeline.download import Download
 from pipeline.finalize import AccountingError, build_manifest, check_accounting, funnel_from, read_footers, write_json
-from pipeline.model_stages import CaptionToxicity, EmbedT5, ImageFilters
+from pipeline.model_stages import CaptionToxicity, EmbedT5, ImageFilters, ModelError
 from pipeline.prefilter import Prefilter
 from pipeline.progress import LocalProgress, ProgressPrinter, tap, tap_all
 from pipeline.outdir import check_output, clear_output, is_local, remove_temp_files
@@ -56,25 +57,106 @@ from pipeline.records import rejects_schema
 from pipeline.write import WriteShards, meta_schema, shard_of
 
 
-def describe_models(cfg: PrepareConfig) -> dict:
-    """Load every enabled model once in the driver: a bad spec, a missing file or a mismatched NSFW
-    head fails here, before any worker starts, and each model's source and sha256 go to stats.json."""
-    models = {}
+def resolve_models(cfg: PrepareConfig) -> tuple[PrepareConfig, dict, list]:
+    """(cfg with every enabled model flag resolved to what its loader opens, provenance per role,
+    [(role, UserError)] for the flags that resolve to nothing), through the one resolver
+    (pipeline.models.resolve). Nothing is loaded here. A role that failed keeps its flag's value and,
+    for the NSFW head, its stage off in the returned cfg (describe_models then loads the rest)."""
+    from pipeline.models.resolve import resolve
+
+    models_dir = cfg.models.models
+    specs = {}
     if cfg.toxicity.mode != "off":
-        from pipeline.model_stages import load_toxicity
-
-        models["toxicity"] = load_toxicity(cfg.toxicity, cfg.models).source
+        specs["toxicity"] = cfg.toxicity.model
     if cfg.clip.clip_mode != "off":
-        from pipeline.model_stages import load_image_models
-
-        clip, nsfw = load_image_models(cfg.clip, cfg.models)
-        models["clip"] = clip.source
-        if nsfw is not None:
-            models["nsfw"] = nsfw.source
+        specs["clip"] = cfg.clip.clip_model
+        if cfg.clip.nsfw_mode != "off":
+            specs["nsfw"] = cfg.clip.nsfw_head
     if cfg.t5.mode != "off":
-        from pipeline.model_stages import load_t5_source
+        specs["t5"] = cfg.t5.model
+    resolved, errors = {}, []
+    for role, spec in specs.items():
+        try:
+            resolved[role] = resolve(role, spec, models_dir)
+        except UserError as err:
+            errors.append((role, err))
+    out = cfg
+    if "toxicity" in resolved:
+        out = dataclasses.replace(out, toxicity=dataclasses.replace(out.toxicity, model=resolved["toxicity"].loader_spec))
+    if "clip" in resolved:
+        clip = dataclasses.replace(out.clip, clip_model=resolved["clip"].loader_spec)
+        if "nsfw" in resolved:
+            clip = dataclasses.replace(clip, nsfw_head=resolved["nsfw"].loader_spec)
+        elif "nsfw" in specs:
+            clip = dataclasses.replace(clip, nsfw_mode="off")
+        out = dataclasses.replace(out, clip=clip)
+    if "t5" in resolved:
+        out = dataclasses.replace(out, t5=dataclasses.replace(out.t5, model=resolved["t5"].loader_spec))
+    return out, {role: r.record for role, r in resolved.items()}, errors
 
-        models["t5"] = load_t5_source(cfg.t5)  # hashed, not loaded: T5-XXL in the driver would cost minutes
+
+# The value of each model flag when the user leaves it alone (the laion400m-defaults set's models).
+def _defaults() -> dict:
+    from pipeline.config import ClipConfig, T5Config, ToxicityConfig
+
+    return {"toxicity": ToxicityConfig().model, "clip": ClipConfig().clip_model, "nsfw": ClipConfig().nsfw_head,
+            "t5": T5Config().model}
+
+
+def _raise_model_errors(cfg: PrepareConfig, errors: list) -> None:
+    """One line for every model that is not there: when they are the defaults (the newcomer's first
+    run), the one command that fetches them all; otherwise the first problem (and how many more)."""
+    from pipeline.models.resolve import ALIASES, DEFAULT_SET, FLAGS
+
+    given = {"toxicity": cfg.toxicity.model, "clip": cfg.clip.clip_model, "nsfw": cfg.clip.nsfw_head, "t5": cfg.t5.model}
+    order = list(FLAGS)
+    errors = sorted(errors, key=lambda e: order.index(e[0]))
+    defaults = _defaults()
+    if all(given[role] == defaults[role] for role, _ in errors):
+        missing = ", ".join(f"{FLAGS[role]} {ALIASES.get(given[role], given[role])}" for role, _ in errors)
+        to = cfg.models.models or "models/"
+        raise ModelError(f"the default models are not on this machine ({missing}): fetch them with "
+                         f"`kiln models fetch {DEFAULT_SET} --to {to}` and re-run with --models {to} (or name your own "
+                         f"with local:DIR, or turn a stage off: --toxicity off, --clip off, --nsfw off, --t5 off)")
+    first = errors[0][1]
+    if len(errors) == 1:
+        raise first
+    raise ModelError(f"{first} (and {len(errors) - 1} more model problem(s): fix this one and re-run to see them)") from first
+
+
+def describe_models(cfg: PrepareConfig, provenance: dict | None = None, given: PrepareConfig | None = None,
+                    errors: list | None = None) -> dict:
+    """Load every enabled model once in the driver (`cfg` already resolved: resolve_models): a bad
+    spec, a missing file or a mismatched NSFW head fails here, before any worker starts; each model's
+    source, sha256 and provenance go to stats.json. Every model is tried, so the one line can name
+    all that are missing (`errors`: the resolver's, for `given`, the config as the user gave it)."""
+    from pipeline.model_stages import load_image_models, load_t5_source, load_toxicity
+
+    models, errors = {}, list(errors or [])
+    skip = {role for role, _ in errors}
+    if cfg.toxicity.mode != "off" and "toxicity" not in skip:
+        try:
+            models["toxicity"] = load_toxicity(cfg.toxicity, cfg.models).source
+        except ModelError as err:
+            errors.append(("toxicity", err))
+    if cfg.clip.clip_mode != "off" and "clip" not in skip:
+        try:
+            clip, nsfw = load_image_models(cfg.clip, cfg.models)
+            models["clip"] = clip.source
+            if nsfw is not None:
+                models["nsfw"] = nsfw.source
+        except ModelError as err:
+            errors.append(("clip" if "--clip-model" in str(err) else "nsfw", err))
+    if cfg.t5.mode != "off" and "t5" not in skip:
+        try:
+            models["t5"] = load_t5_source(cfg.t5)  # hashed, not loaded: T5-XXL in the driver would cost minutes
+        except ModelError as err:
+            errors.append(("t5", err))
+    if errors:
+        _raise_model_errors(given or cfg, errors)
+    for role, record in (provenance or {}).items():
+        if role in models:
+            models[role] = {**models[role], "provenance": record}
     return models
 
 
@@ -369,7 +451,8 @@ def run(cfg: PrepareConfig, beam_argv: list[str], test_pipeline=None) -> dict:
         print(f"kiln prepare: resuming {output}: {len(done)} shard(s) already complete are skipped")
 
     try:
-        models = describe_models(cfg)  # every model loads (or is hashed) here, before any worker starts
+        run_cfg, provenance, errors = resolve_models(cfg)  # what each loader opens (--models DIR, registry names, local:)
+        models = describe_models(run_cfg, provenance, cfg, errors)  # every model loads (or is hashed) here, before any worker starts
     except BaseException:
         if made_output:  # a run refused before any work leaves no trace: the directory it made goes
             with contextlib.suppress(OSError):
@@ -380,7 +463,7 @@ def run(cfg: PrepareConfig, beam_argv: list[str], test_pipeline=None) -> dict:
     # Progress: local runs count rows with taps (the DirectRunner's run() blocks, so its metrics
     # cannot be polled); a runner whose run() returns at once (Dataflow) is polled for its counters.
     progress = LocalProgress.for_run(options, enabled=not quiet)
-    build_pipeline(p, cfg, input_schema, done, fingerprint, progress_dir=progress.dir if progress else None)
+    build_pipeline(p, run_cfg, input_schema, done, fingerprint, progress_dir=progress.dir if progress else None)
     printer = progress.printer(input_rows).start() if progress else None
     try:
         with _beam_errors_reported_once():

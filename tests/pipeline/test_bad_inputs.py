@@ -78,7 +78,7 @@ FLAG_CASES: list = [
     ("misspelt-beam-flag", lambda t: base(t, "--direct_num_worker", "2"), 2, "--direct_num_workers"),
     ("bad-beam-value", lambda t: base(t, "--direct_num_workers", "two"), 2, "--direct_num_workers"),
     ("stray-argument", lambda t: base(t, "stray.parquet"), 2, "stray.parquet"),
-    ("nsfw-without-head", lambda t: base(t, "--clip", "score", "--nsfw", "filter"), 2, "--nsfw-head"),
+    ("nsfw-head-empty", lambda t: base(t, "--clip", "score", "--nsfw", "filter", "--nsfw-head", ""), 2, "--nsfw-head"),
     ("options-file-missing", lambda t: base(t, "--options", str(t / "nope.yaml")), 2, "nope.yaml"),
     ("options-file-bad-kiln-value", lambda t: base(t, "--options", _options_file(t, "kiln:\n  samples_per_shard: -3\n")), 2, "samples_per_shard"),
     ("options-file-unknown-kiln-key", lambda t: base(t, "--options", _options_file(t, "kiln:\n  sample_per_shard: 3\n")), 2, "sample_per_shard"),
@@ -272,11 +272,12 @@ def _defaults(t: Path) -> tuple[list[str], dict]:
 
 
 MODEL_CASES = [
-    ("defaults-without-weights", _defaults, "--nsfw-head"),
-    ("defaults-with-nsfw-off", lambda t: (_defaults(t)[0] + ["--nsfw", "off"], _no_weights_env(t)), "--toxicity-model original"),
+    ("defaults-without-weights", _defaults, "kiln models fetch laion400m-defaults --to models/"),
+    ("defaults-with-nsfw-off", lambda t: (_defaults(t)[0] + ["--nsfw", "off"], _no_weights_env(t)), "--toxicity-model detoxify-original"),
+    ("models-dir-missing", lambda t: (_defaults(t)[0] + ["--models", str(t / "nomodels")], {}), "kiln models fetch laion400m-defaults"),
     ("t5-local-folder-missing", lambda t: (base(t, "--t5", "embed", "--t5-model", f"local:{t / 'no-t5'}"), {}), "--t5-model local:"),
-    ("t5-hub-id-not-cached", lambda t: (base(t, "--t5", "embed"), _no_weights_env(t)), "--t5-model google/t5-v1_1-xxl"),
-    ("clip-not-cached", lambda t: (base(t, "--clip", "filter"), _no_weights_env(t)), "--clip-model ViT-B-32:openai"),
+    ("t5-hub-id-not-cached", lambda t: (base(t, "--t5", "embed"), _no_weights_env(t)), "(--t5-model t5-v1_1-xxl): fetch them"),
+    ("clip-not-cached", lambda t: (base(t, "--clip", "filter"), _no_weights_env(t)), "(--clip-model ViT-B-32-openai): fetch them"),
     ("toxicity-pickle-with-code",
      lambda t: (_code_pickle(t / "tox" / "checkpoint.ckpt") and base(t, "--toxicity", "filter", "--toxicity-model", f"local:{t / 'tox'}"), {}),
      "carries code"),

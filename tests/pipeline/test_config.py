@@ -76,8 +76,10 @@ def test_bad_values_are_refused_before_any_work(flags, message):
 
 
 def test_nsfw_without_a_head_is_refused_with_the_way_out():
-    with pytest.raises(ConfigError, match=r"--nsfw needs --nsfw-head PATH .* or --nsfw off"):
-        parse_prepare(["--input", "x", "--output", "y"])
+    # the default head is LAION's B/32 one (a registry name, resolved from --models DIR); an empty one is refused
+    assert parse_prepare(["--input", "x", "--output", "y"])[0].clip.nsfw_head == "nsfw-b32"
+    with pytest.raises(ConfigError, match=r"--nsfw needs --nsfw-head HEAD .* or --nsfw off"):
+        parse_prepare(["--input", "x", "--output", "y", "--nsfw-head", ""])
     assert parse_prepare(["--input", "x", "--output", "y", "--nsfw", "off"])[0].clip.nsfw_mode == "off"
 
 
