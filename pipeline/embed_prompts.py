@@ -122,10 +122,11 @@ def write_atomic(table: pa.Table, out: str | os.PathLike) -> Path:
 
 
 def embed_prompts(prompts_path: str | os.PathLike, out: str | os.PathLike, t5_model: str = DEFAULT_T5_MODEL, *,
-                  max_length: int = 128, device: str | None = None, embedder=None) -> dict:
+                  max_length: int = 128, device: str | None = None, embedder=None, models_dir: str | None = None) -> dict:
     """Read the prompts, encode them with the T5 that `t5_model` names (as `kiln prepare`'s
-    --t5-model: a hub id in the local HF cache, or local:DIR) or with a ready `embedder`, write the
-    Parquet file; returns a summary (prompts, truncated, d_model, out). What `kiln embed-prompts` runs."""
+    --t5-model, through the same resolver: a hub id[@REV] in the local HF cache, a registry name from
+    `models_dir`, or local:DIR) or with a ready `embedder`, write the Parquet file; returns a summary
+    (prompts, truncated, d_model, out). What `kiln embed-prompts` runs."""
     prompts = read_prompts(prompts_path)  # a bad file fails before a multi-GB encoder loads
     check_output(out)
     if embedder is None:
@@ -133,8 +134,9 @@ def embed_prompts(prompts_path: str | os.PathLike, out: str | os.PathLike, t5_mo
         # Imported here, not at the top: the CLI imports this module to build `kiln --help`, which
         # must not import torch and transformers.
         from embed.t5 import T5Embedder
+        from pipeline.models.resolve import resolve
 
-        embedder = T5Embedder(t5_model, device=device, max_length=max_length)
+        embedder = T5Embedder(resolve("t5", t5_model, models_dir).loader_spec, device=device, max_length=max_length)
     results = embedder.embed(prompts)
     path = write_atomic(prompts_table(prompts, results, embedder.source), out)
     return {
@@ -149,7 +151,10 @@ def add_embed_prompts_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("prompts", metavar="PROMPTS.txt", help="UTF-8 text file, one prompt per line (blank lines skipped)")
     parser.add_argument("-o", "--output", required=True, metavar="OUT.parquet", help="output Parquet file (replaced atomically)")
     parser.add_argument("--t5-model", default=DEFAULT_T5_MODEL, metavar="SPEC",
-                        help=f"hub id in the local HF cache, or local:DIR [{DEFAULT_T5_MODEL}]")
+                        help=f"the T5 that encoded the training captions, as kiln prepare's --t5-model: hub id[@REV] in "
+                        f"the local HF cache, a registry name (with --models), or local:DIR [{DEFAULT_T5_MODEL}]")
+    parser.add_argument("--models", default=None, metavar="DIR",
+                        help="a folder written by `kiln models fetch`: --t5-model is taken from there [none]")
     parser.add_argument("--t5-max-length", type=int, default=128, metavar="N", help="tokens per prompt, EOS included [128]")
     parser.add_argument("--t5-device", default=None, metavar="DEVICE", help="cpu, cuda, cuda:1 ... [cuda if available, else cpu]")
 
@@ -162,7 +167,7 @@ def main_embed_prompts(args: argparse.Namespace) -> int:
         raise PromptsFileError(f"--t5-max-length must be >= 1, got {args.t5_max_length}")
     try:
         summary = embed_prompts(args.prompts, args.output, args.t5_model, max_length=args.t5_max_length,
-                                device=args.t5_device)
+                                device=args.t5_device, models_dir=args.models)
     except UserError:
         raise
     except (FileNotFoundError, ValueError) as err:  # the T5 spec: no such local dir, not in the HF cache, ...

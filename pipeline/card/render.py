@@ -325,6 +325,8 @@ def reconstructed_command(flags: dict) -> str:
             value = tuple(v.strip() for v in value.split(",") if v.strip()) if isinstance(value, str) else tuple(value)
         if not s.required and value == s.default:
             continue
+        if value is None:  # unset in that run (e.g. no NSFW head before kiln had a default one): no flag spells it
+            continue
         if s.type is bool:
             words.append(s.flag)
         else:
@@ -340,9 +342,30 @@ def models_used(facts: Facts) -> list[str]:
     for name, info in sorted(used.items()):
         out.append(f"- **{name}**: sha256 `{info.get('sha256')}`")
         for k, v in sorted(info.items()):
-            if k != "sha256":
+            if k not in ("sha256", "provenance"):
                 out.append(f"  - {k}: `{md(v)}`")
+        out += _provenance(info.get("provenance"))
     out.append("")
+    return out
+
+
+def _provenance(prov) -> list[str]:
+    """Where a model came from, as the resolver recorded it (pipeline.models.resolve): the flag's
+    value, the registry name, the licence, the source, every file's sha256 from models.json."""
+    if not isinstance(prov, dict):
+        return []
+    out = [f"  - given as: `{md(prov.get('spec'))}`" + (f" (kiln registry: `{md(prov['name'])}`)" if prov.get("name") else "")]
+    if prov.get("license"):
+        out.append(f"  - licence: {md(prov['license'])}")
+    src = prov.get("source")
+    if isinstance(src, dict):
+        where = (f"{src.get('repo')}@{src.get('revision')}" if src.get("kind") == "hub"
+                 else ", ".join(map(str, src.get("urls") or [])))
+        out.append(f"  - source: `{md(where)}`")
+    files = prov.get("files")
+    if isinstance(files, dict) and files:
+        out.append("  - files (sha256, from the models folder's models.json): "
+                   + ", ".join(f"`{md(f)}` `{md(h)}`" for f, h in sorted(files.items())))
     return out
 
 

@@ -139,6 +139,12 @@ def test_fetch_verify_prepare_with_models_dir(registry, hub, web, tmp_path, caps
         assert prov["name"] == name and prov["license"] == "apache-2.0"
         assert prov["files"] == {k: v["sha256"] for k, v in manifest[name]["files"].items()}
     assert stats["flags"]["models"] == str(dest)
+    r = _kiln("card", str(a))  # the card shows where each model came from
+    assert r.returncode == 0, r.stderr
+    card = (a / "README.md").read_text()
+    for name in ("tiny-detoxify", "tiny-clip", "tiny-nsfw", "tiny-t5"):
+        assert f"(kiln registry: `{name}`)" in card
+    assert "licence: apache-2.0" in card and manifest["tiny-t5"]["files"]["model.safetensors"]["sha256"] in card
 
 
 @pytest.mark.slow
