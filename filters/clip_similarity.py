@@ -33,7 +33,6 @@ before constructing a scorer (open_clip imports torchvision).
 from __future__ import annotations
 
 import difflib
-import hashlib
 import json
 import os
 import pickle
@@ -49,7 +48,7 @@ import torch
 import torch.nn.functional as F
 
 from filters.errors import ModelLoadError
-from filters.weights import CONVERT_PICKLE, check_safetensors, pickle_refusal, short
+from filters.weights import CONVERT_PICKLE, check_safetensors, pickle_refusal, sha256_file, short
 
 __all__ = ["FLAG", "ClipScorer", "ClipScores", "ModelLoadError", "preprocess_images", "sha256_file"]
 
@@ -66,17 +65,6 @@ _TODO = ("pass --clip-model local-dir:DIR (a folder with open_clip_config.json a
 class ClipScores:
     similarity: np.ndarray  # float32 [n]: cosine(image_emb, text_emb)
     image_embedding: np.ndarray  # float32 [n, d], L2-normalised
-
-
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            block = f.read(chunk)
-            if not block:
-                break
-            h.update(block)
-    return h.hexdigest()
 
 
 # --------------------------------------------------------------------------------------------

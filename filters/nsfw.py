@@ -47,7 +47,6 @@ This module imports nothing from `pipeline/`.
 
 from __future__ import annotations
 
-import hashlib
 import os
 
 import numpy as np
@@ -55,7 +54,7 @@ import torch
 from torch import nn
 
 from filters.errors import ModelLoadError
-from filters.weights import load_safetensors, load_torch
+from filters.weights import load_safetensors, load_torch, sha256_file
 
 __all__ = ["FLAG", "KERAS_LAYOUT", "LAYOUT", "KerasDenseHead", "ModelLoadError", "NsfwHead", "NsfwScorer",
            "load_nsfw_state_dict"]
@@ -175,14 +174,6 @@ def _keras_head(sd: dict[str, torch.Tensor], meta: dict[str, str], path) -> tupl
     return KerasDenseHead(mean, variance, dense, eps), lookups, precision
 
 
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def load_nsfw_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """(state_dict with `layers.N.*` keys, safetensors metadata or {}) from .safetensors or .pt/.pth/.bin.
 
@@ -271,7 +262,7 @@ class NsfwScorer:
     @property
     def sha256(self) -> str:
         if self._sha256 is None:
-            self._sha256 = _sha256(self.weights_path)
+            self._sha256 = sha256_file(self.weights_path)
         return self._sha256
 
     @property

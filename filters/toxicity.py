@@ -41,7 +41,6 @@ machines where PyPI's CUDA torchvision sits beside a CPU torch, the caller must 
 
 from __future__ import annotations
 
-import hashlib
 import http.client
 import json
 import os
@@ -53,7 +52,7 @@ from pathlib import Path
 import numpy as np
 
 from filters.errors import ModelLoadError
-from filters.weights import load_safetensors, load_torch, short
+from filters.weights import load_safetensors, load_torch, sha256_file, short
 
 # The toxicity labels Detoxify's published models report, in their output order. A scorer's own
 # `labels` (read from its checkpoint) are authoritative: the published "unbiased" checkpoint, for
@@ -116,14 +115,6 @@ def _label_index(labels: Sequence[str], name: str) -> int:
         return list(labels).index(name)
     except ValueError:
         raise ValueError(f"unknown toxicity label {name!r}; this model has {list(labels)}") from None
-
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _offline() -> bool:

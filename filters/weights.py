@@ -15,7 +15,7 @@ import re
 
 from filters.errors import ModelLoadError
 
-__all__ = ["CONVERT_PICKLE", "load_safetensors", "load_torch", "pickle_refusal", "short"]
+__all__ = ["CONVERT_PICKLE", "load_safetensors", "load_torch", "pickle_refusal", "sha256_file", "short"]
 
 # How to turn a trusted pickle checkpoint into safetensors (printed in the refusal).
 CONVERT_PICKLE = (
@@ -28,6 +28,18 @@ _GLOBAL = re.compile(r"Unsupported global: GLOBAL (\S+)")
 _UNPICKLER = re.compile(r"WeightsUnpickler error:\s*(.+)")
 # torch.load's own RuntimeErrors about the file's bytes (truncated or corrupt zip archive, bad magic).
 _TORCH_FILE_ERRORS = ("PytorchStreamReader", "zip archive", "Invalid magic number", "corrupt", "failed finding central directory")
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """The sha256 of a file, read in 1 MiB blocks: kiln's one file-hash helper (the model loaders,
+    `kiln models fetch` / `verify`, the provenance in stats.json and the card all use it)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
 
 
 def short(err: BaseException, limit: int = 160) -> str:

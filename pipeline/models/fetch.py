@@ -33,6 +33,7 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
+from filters.weights import sha256_file  # kiln's one file-hash helper
 from pipeline.errors import RunFailed, UserError
 from pipeline.models.registry import file_origin, spec_for
 
@@ -86,14 +87,6 @@ def _human(n: int | None) -> str:
 
 # --------------------------------------------------------------------------------------------
 # Hashing
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(CHUNK), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def git_blob_sha1(path: str | os.PathLike) -> str:
