@@ -200,7 +200,13 @@ def load_options_file(path: str | Path) -> tuple[list[str], dict]:
     except FileNotFoundError:
         raise OptionsFileError(f"options file not found: {path}") from None
     except yaml.YAMLError as err:
-        raise OptionsFileError(f"{path}: not valid YAML: {err}") from None
+        raise OptionsFileError(f"{path}: not valid YAML: {' '.join(str(err).split())}") from None
+    except IsADirectoryError:
+        raise OptionsFileError(f"--options {path} is a directory: give a YAML file such as beam_options/direct.yaml") from None
+    except UnicodeDecodeError as err:
+        raise OptionsFileError(f"--options {path} is not UTF-8 text ({err.reason} at byte {err.start}): give a YAML file") from None
+    except OSError as err:
+        raise OptionsFileError(f"--options {path} cannot be read: {err.strerror or err}") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):

@@ -8,6 +8,7 @@ import os
 import signal
 import sys
 import threading
+from pathlib import Path
 
 from pipeline.errors import Interrupted, UserError, one_line
 
@@ -22,9 +23,16 @@ def _prepare(args, extra):
 
 
 def _synth(args, extra):
-    from pipeline.testbed.synth import main_synth
+    from pipeline.errors import UserError
+    from pipeline.testbed.synth import SynthArgumentError, main_synth
 
-    return main_synth(args)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir() or any(p.exists() and not p.is_dir() for p in out.parents):
+        raise UserError(f"--out {args.out}: a file is in the way (it or a folder above it is a regular file); choose a directory")
+    try:
+        return main_synth(args)
+    except SynthArgumentError as err:  # synthesize's own checks of its arguments (rows, rates, formats, size range)
+        raise UserError(f"{err}; see `kiln synth --help`") from err
 
 
 def _serve(args, extra):
@@ -75,8 +83,15 @@ def _demo(args, extra):
     return main(args, extra)
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, with a usage mistake said in one line (what, and where the help is), exit 2."""
+
+    def error(self, message: str):  # noqa: D102 - argparse's hook
+        self.exit(2, f"{self.prog}: error: {message} (`{self.prog} --help` lists the flags)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="kiln",
         description="Prepare Imagen-style text-to-image training data with Apache Beam, and train on it.",
     )

@@ -23,6 +23,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
+import math
+import re
 import json
 import shlex
 from dataclasses import dataclass, field
@@ -327,6 +329,8 @@ def _check(s: Setting, value) -> None:
         return
     if m.get("choices") and value not in m["choices"]:
         raise ConfigError(f"{s.flag}: {value!r} is not one of {', '.join(m['choices'])}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{s.flag} {value}: must be a finite number")
     lo, hi = m.get("lo"), m.get("hi")
     if lo is not None and (value < lo or (m.get("lo_open") and value == lo)):
         raise ConfigError(f"{s.flag} {value}: must be {'>' if m.get('lo_open') else '>='} {lo}")
@@ -351,6 +355,9 @@ def validate(cfg: PrepareConfig) -> PrepareConfig:
         raise ConfigError(f"--encode-quality {im.encode_quality}: PNG takes a compression level 0-9")
     if im.encode_format != "png" and im.encode_quality < 1:
         raise ConfigError(f"--encode-quality {im.encode_quality}: {im.encode_format} quality is 1-100")
+    device = cfg.models.device
+    if device is not None and not re.fullmatch(r"(cpu|mps|(cuda|xpu|npu)(:\d+)?)", device):
+        raise ConfigError(f"--device {device!r}: give a torch device such as cpu, cuda or cuda:1")
     if cfg.clip.nsfw_mode != "off" and cfg.clip.clip_mode == "off":
         raise ConfigError("--nsfw needs the CLIP image embedding: use --clip score (or filter), or --nsfw off")
     if cfg.clip.nsfw_mode != "off" and not (cfg.clip.nsfw_head or "").strip():

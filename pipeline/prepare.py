@@ -134,9 +134,21 @@ def describe_models(cfg: PrepareConfig, provenance: dict | None = None, given: P
 
     models, errors = {}, list(errors or [])
     skip = {role for role, _ in errors}
+    device = cfg.models.device
+    if device and device.startswith("cuda") and any(m != "off" for m in (cfg.toxicity.mode, cfg.clip.clip_mode, cfg.t5.mode)):
+        import torch
+
+        if not torch.cuda.is_available() or (":" in device and int(device.split(":")[1]) >= torch.cuda.device_count()):
+            raise ConfigError(f"--device {device}: this machine has {torch.cuda.device_count() if torch.cuda.is_available() else 'no'} "
+                              f"CUDA device(s); pass --device cpu, or leave --device out (cuda if available, else cpu)")
     if cfg.toxicity.mode != "off" and "toxicity" not in skip:
         try:
-            models["toxicity"] = load_toxicity(cfg.toxicity, cfg.models).source
+            scorer = load_toxicity(cfg.toxicity, cfg.models)
+            models["toxicity"] = scorer.source
+            unknown = [lab for lab in cfg.toxicity.labels if lab not in scorer.labels]
+            if unknown:
+                raise ConfigError(f"--toxicity-labels {','.join(unknown)}: not a label of the toxicity model "
+                                  f"(its labels: {','.join(scorer.labels)})")
         except ModelError as err:
             errors.append(("toxicity", err))
     if cfg.clip.clip_mode != "off" and "clip" not in skip:

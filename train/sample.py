@@ -23,6 +23,7 @@ command does once it has the prompts; `load_cascade` + `run_cascade` give the im
 from __future__ import annotations
 
 import argparse
+import math
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ import torch
 from train.args import add_sample_args, per_stage
 from train.checkpoint import load_checkpoint, load_stage
 from train.config import Config
+from train.device import check_device
 from train.data import ImageSpec, SkipCounts, check_dataset, load_records
 from train.errors import ConfigError, MissingFile, NoSamples, UserError, one_line, run_command
 from train.diffusion import sample
@@ -223,6 +225,12 @@ def main_sample(args: argparse.Namespace) -> int:
     check_out_file(args.out)
     if args.n < 1 or args.batch_size < 1:
         raise ConfigError(f"--n and --batch-size must be >= 1, got {args.n} and {args.batch_size}")
+    if any(n < 1 for n in args.steps or []):
+        raise ConfigError(f"--steps must be >= 1 per stage, got {' '.join(map(str, args.steps))}")
+    for flag, values in (("--guidance", args.guidance), ("--aug-level", args.aug_level)):
+        if any(not math.isfinite(v) or v < 0 for v in values or []):
+            raise ConfigError(f"{flag} takes finite numbers >= 0, got {' '.join(map(str, values))}")
+    check_device(args.device)
     paths = [p for p in (args.base, args.sr256, args.sr1024) if p]
     names = STAGE_NAMES[: len(paths)]
     try:

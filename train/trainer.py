@@ -59,6 +59,7 @@ from train.checkpoint import (
     save_step,
 )
 from train.config import Config, config_to_dict, load_config
+from train.device import check_device
 from train.data import CORRUPT_REASONS, ImageSpec, check_dataset, collate_examples, load_records, make_example, make_source
 from train.errors import CheckpointError, ConfigError, UserError, one_line, run_command
 from train.diffusion import sample, training_loss
@@ -508,6 +509,13 @@ def main_train(args: argparse.Namespace) -> int:
         raise ConfigError(f"--holdout-fraction must be in [0, 1), got {args.holdout_fraction}")
     if args.max_steps is not None and args.max_steps < 0:
         raise ConfigError(f"--max-steps must be >= 0, got {args.max_steps}")
+    if args.time_budget_s is not None and not (math.isfinite(args.time_budget_s) and args.time_budget_s > 0):
+        raise ConfigError(f"--time-budget-s must be a number of seconds > 0, got {args.time_budget_s}")
+    check_device(args.device)
+    work = Path(args.workdir)
+    if not args.resume and work.is_dir() and ((work / "config.json").exists() or any((work / "checkpoints").glob("*"))):
+        raise ConfigError(f"--workdir {work} already holds a training run: pass --resume to continue it, or choose "
+                          f"another --workdir (kiln never starts over a run's checkpoints)")
     trainer = train(cfg, args.data, args.workdir, max_steps=args.max_steps, time_budget_s=args.time_budget_s,
                     device=args.device, resume=args.resume, holdout_fraction=args.holdout_fraction, cache=args.cache)
     print(json.dumps(trainer.summary))

@@ -155,6 +155,10 @@ def add_card_args(p: argparse.ArgumentParser) -> None:
 def main_card(args: argparse.Namespace) -> int:
     """`kiln card`. CardError (the files disagree, stats.json or manifest.json is not kiln's, a
     README.md of the user's is in the way) propagates: pipeline.cli prints it as one line, exit 1."""
+    if args.samples < 0:
+        from pipeline.errors import UserError
+
+        raise UserError(f"--samples {args.samples}: the grid's sample count must be >= 0 (0: no grid)")
     language = [x.strip() for x in args.language.split(",") if x.strip()] if args.language else None
     path = write_card(args.dataset_dir, seed=args.seed, n_samples=args.samples, language=language,
                       pretty_name=args.pretty_name, verify_tars=args.verify_tars,

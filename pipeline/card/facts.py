@@ -389,7 +389,7 @@ def _add_sample_candidates(heap: list, cols: dict[str, list], caption_col: str, 
         entry = (sample_rank(seed, uid), uid, tar, text or "", p)
         if len(heap) < n_samples:
             heapq.heappush(heap, _Neg(entry))
-        elif entry[0] < heap[0].entry[0]:
+        elif heap and entry[0] < heap[0].entry[0]:
             heapq.heapreplace(heap, _Neg(entry))
 
 

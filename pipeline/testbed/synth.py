@@ -594,6 +594,10 @@ def _tiny_png(colour: str) -> bytes:
     return buf.getvalue()
 
 
+class SynthArgumentError(ValueError):
+    """An argument of `synthesize` out of its range (the `kiln synth` command says it in one line)."""
+
+
 def synthesize(
     out_dir: str | Path,
     rows: int,
@@ -616,14 +620,19 @@ def synthesize(
     output for the same arguments; base_url=None picks a free 127.0.0.1 port, which is in every URL.
     """
     if rows < 1:
-        raise ValueError("rows must be >= 1")
+        raise SynthArgumentError("rows must be >= 1")
     if not 0.0 <= failure_rate <= 1.0:
-        raise ValueError("failure_rate must be within [0, 1]")
+        raise SynthArgumentError("failure_rate must be within [0, 1]")
     formats = tuple(formats)
     if not formats or any(f not in FORMATS for f in formats):
-        raise ValueError(f"formats must be a non-empty subset of {FORMATS}")
+        raise SynthArgumentError(f"formats must be a non-empty subset of {FORMATS}")
     if min_size < 8:
-        raise ValueError("min_size must be >= 8")
+        raise SynthArgumentError("min_size must be >= 8")
+    if size_range is not None and not 8 <= size_range[0] <= size_range[1]:
+        raise SynthArgumentError(f"size_range {tuple(size_range)}: give LO HI with 8 <= LO <= HI")
+    for name, rate in (("mismatch_rate", mismatch_rate), ("toxic_rate", toxic_rate)):
+        if not 0.0 <= rate <= 1.0:
+            raise SynthArgumentError(f"{name} must be within [0, 1]")
     rng = random.Random(seed)
     out = Path(out_dir)
     port = None

@@ -78,6 +78,13 @@ FLAG_CASES: list = [
     ("misspelt-beam-flag", lambda t: base(t, "--direct_num_worker", "2"), 2, "--direct_num_workers"),
     ("bad-beam-value", lambda t: base(t, "--direct_num_workers", "two"), 2, "--direct_num_workers"),
     ("stray-argument", lambda t: base(t, "stray.parquet"), 2, "stray.parquet"),
+    ("not-an-int", lambda t: base(t, "--min-image-size", "abc"), 2, "--min-image-size"),
+    ("missing-output", lambda t: ["prepare", "--input", write(t, good_table()), *NO_MODELS], 2, "--output"),
+    ("nan-threshold", lambda t: base(t, "--min-clip-similarity", "nan"), 2, "finite"),
+    ("infinite-timeout", lambda t: base(t, "--connect-timeout", "inf"), 2, "--connect-timeout"),
+    ("device-not-a-device", lambda t: base(t, "--device", "potato"), 2, "--device"),
+    ("options-file-is-a-directory", lambda t: base(t, "--options", str(t)), 2, "directory"),
+    ("options-file-binary", lambda t: (t / "o.yaml").write_bytes(b"runner: \x80\xff\n") and base(t, "--options", str(t / "o.yaml")), 2, "UTF-8"),
     ("nsfw-head-empty", lambda t: base(t, "--clip", "score", "--nsfw", "filter", "--nsfw-head", ""), 2, "--nsfw-head"),
     ("options-file-missing", lambda t: base(t, "--options", str(t / "nope.yaml")), 2, "nope.yaml"),
     ("options-file-bad-kiln-value", lambda t: base(t, "--options", _options_file(t, "kiln:\n  samples_per_shard: -3\n")), 2, "samples_per_shard"),
@@ -296,3 +303,26 @@ def test_prepare_model_that_cannot_load_is_one_line(tmp_path, name, build, expec
     assert len(lines) == 1 and lines[0].startswith("kiln prepare: error: "), r.stderr
     assert expect in lines[0], lines[0]
     assert snapshot(tmp_path) == before, "a refused run changed files"
+
+
+# -- the other commands' flags -------------------------------------------------------------------------
+
+OTHER_CASES = [
+    ("synth-rows-negative", lambda t: ["synth", "--rows", "-1", "--out", str(t / "web")], "synth", "rows"),
+    ("synth-rate-above-one", lambda t: ["synth", "--rows", "3", "--out", str(t / "web"), "--failure-rate", "2"], "synth", "failure_rate"),
+    ("synth-size-range-inverted", lambda t: ["synth", "--rows", "3", "--out", str(t / "web"), "--size-range", "500", "10"], "synth", "size_range"),
+    ("synth-out-under-a-file", lambda t: (t / "f").write_text("x") and ["synth", "--rows", "3", "--out", str(t / "f" / "web")], "synth", "--out"),
+    ("card-samples-negative", lambda t: ["card", str(t), "--samples", "-1"], "card", "--samples"),
+]
+
+
+@pytest.mark.parametrize("name, build, cmd, expect", OTHER_CASES, ids=[c[0] for c in OTHER_CASES])
+def test_other_commands_bad_flags_are_one_line(tmp_path, name, build, cmd, expect):
+    argv = build(tmp_path)
+    before = snapshot(tmp_path)
+    r = kiln(*argv)
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert "Traceback" not in r.stderr, r.stderr
+    assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith(f"kiln {cmd}: error: "), r.stderr
+    assert expect in lines[0], lines[0]
+    assert snapshot(tmp_path) == before

@@ -280,6 +280,40 @@ def test_resume_with_another_preset_is_one_line(small_shards, trained, tmp_path)
 # -- kiln sample / kiln embed-prompts -----------------------------------------------------------------
 
 
+def test_a_run_in_the_workdir_is_never_started_over(small_shards, trained, tmp_path):
+    """Without --resume, a --workdir that holds a run is refused (its checkpoints and config stay)."""
+    root, _ = small_shards
+    before = {p: p.read_bytes() for p in trained.rglob("*") if p.is_file()}
+    proc = kiln(*train_argv(root, trained))
+    assert_one_line_error(proc, "train", 2, "already holds a training run", "--resume")
+    assert {p: p.read_bytes() for p in trained.rglob("*") if p.is_file()} == before
+
+
+@pytest.mark.parametrize("extra, fragment", [(["--device", "potato"], "--device"), (["--device", "cuda:7"], "CUDA"),
+                                             (["--time-budget-s", "-5"], "--time-budget-s")])
+def test_train_bad_values_are_one_line(small_shards, tmp_path, extra, fragment):
+    root, _ = small_shards
+    if fragment == "CUDA":
+        import torch
+
+        if torch.cuda.device_count() > 7:
+            pytest.skip("this machine has a cuda:7")
+    proc = kiln(*train_argv(root, tmp_path / "run", *extra))
+    assert_one_line_error(proc, "train", 2, fragment)
+    assert not (tmp_path / "run").exists()
+
+
+def test_sample_bad_values_are_one_line(small_shards, trained, tmp_path):
+    root, _ = small_shards
+    good = trained / "checkpoints" / "step_00000002.safetensors"
+    out = tmp_path / "grid.png"
+    for extra, fragment in ((["--steps", "0"], "--steps"), (["--steps", "-3"], "--steps"),
+                            (["--guidance", "nan", "--steps", "1"], "--guidance"), (["--device", "potato", "--steps", "1"], "--device")):
+        proc = kiln("sample", "--base", good, "--from-shards", root, "--out", out, *extra)
+        assert_one_line_error(proc, "sample", 2, fragment)
+    assert not out.exists()
+
+
 def test_sample_bad_inputs_are_one_line(small_shards, trained, tmp_path):
     root, _ = small_shards
     garbage = tmp_path / "garbage.safetensors"
