@@ -9,6 +9,13 @@ Per shard, in this order, each under a temporary name and renamed into place:
   rejects/NNNNNN.parquet   every row of this uid range that was rejected, with stage and reason
   meta/NNNNNN.parquet      one row per kept sample; its footer carries the shard's accounting and
                            the tar's size and sha256, so it is written last and marks the shard done
+
+Memory does not grow with the shard: the grouped values are read once, each sample's tar members
+and meta row are appended to a local scratch file (`tempfile`, in TMPDIR unless `scratch_dir` is
+given; removed on success and on error) and only (uid, offset, lengths) stays in memory. The index
+is sorted by uid, then the tar is streamed from the scratch file, and the meta parquet is written in
+row groups (`META_ROW_GROUP_ROWS`, `META_ROW_GROUP_T5_BYTES`). Only the rejects (small rows) are
+held whole. The bytes depend on the shard's content only, never on the order its values arrive in.
 """
 
 from __future__ import annotations
@@ -16,7 +23,10 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import pickle
+import shutil
 import tarfile
+import tempfile
 
 import apache_beam as beam
 import pyarrow as pa
@@ -28,6 +38,12 @@ from pipeline.records import JSON_EXCLUDED, META_FIELDS, STAGE_PREFILTER, STAGES
 
 TAR_MTIME = 946684800  # 2000-01-01T00:00:00Z: fixed, so identical samples give identical tars
 META_KEY = b"kiln.shard"  # parquet footer key holding the shard's accounting (JSON)
+# A meta row group closes after this many rows, or earlier once its `t5` cells reach the byte cap,
+# so the writer holds at most one row group of rows (SHARDS.md). Fixed numbers: the cuts depend on
+# the shard's content only, so the file's bytes do too.
+META_ROW_GROUP_ROWS = 1000
+META_ROW_GROUP_T5_BYTES = 64 * 2**20
+COPY_CHUNK = 8 * 2**20  # bytes per read when copying the local meta file to the output
 
 def shard_of(uid: str, num_shards: int) -> int:
     """The shard holding `uid`: uid space cut into `num_shards` equal ranges (uids are uniform)."""
@@ -85,26 +101,116 @@ class _HashingWriter:
 _atomic_write = atomic_write
 
 
-def write_tar(f, samples: list[dict], image_ext: str, caption_column: str) -> tuple[int, str]:
-    """Stream a webdataset tar of `samples` (already sorted) into `f`; return (bytes, sha256)."""
+def sample_members(s: dict, image_ext: str, caption_column: str) -> list[tuple[str, bytes]]:
+    """One sample's tar members (name, bytes), in SHARDS.md's extension order."""
+    members = {
+        image_ext: s["_image"],
+        "json": sample_json(s),
+        "txt": str(s.get(caption_column) or "").encode("utf-8"),
+    }
+    if s.get("_t5") is not None:
+        members["t5.npy"] = npy_bytes(s["_t5"])
+    return [(f"{s['uid']}.{ext}", members[ext]) for ext in sorted(members)]
+
+
+def _write_tar_members(f, samples_members) -> tuple[int, str]:
+    """Stream a tar of each sample's members (an iterable of member lists, already in uid order)
+    into `f`; return (bytes, sha256)."""
     hw = _HashingWriter(f)
     with tarfile.open(fileobj=hw, mode="w|", format=tarfile.GNU_FORMAT) as tar:
-        for s in samples:
-            members = {
-                image_ext: s["_image"],
-                "json": sample_json(s),
-                "txt": str(s.get(caption_column) or "").encode("utf-8"),
-            }
-            if s.get("_t5") is not None:
-                members["t5.npy"] = npy_bytes(s["_t5"])
-            for ext in sorted(members):
-                data = members[ext]
-                info = tarfile.TarInfo(f"{s['uid']}.{ext}")
+        for members in samples_members:
+            for name, data in members:
+                info = tarfile.TarInfo(name)
                 info.size, info.mtime, info.mode = len(data), TAR_MTIME, 0o444
                 info.uid = info.gid = 0
                 info.uname = info.gname = ""
                 tar.addfile(info, io.BytesIO(data))
     return hw.size, hw.sha.hexdigest()
+
+
+def write_tar(f, samples: list[dict], image_ext: str, caption_column: str) -> tuple[int, str]:
+    """Stream a webdataset tar of `samples` (already sorted) into `f`; return (bytes, sha256)."""
+    return _write_tar_members(f, (sample_members(s, image_ext, caption_column) for s in samples))
+
+
+def _parquet_bytes(table: pa.Table) -> bytes:
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd")
+    return buf.getvalue()
+
+
+def _stage_rank(stage: str) -> int:
+    return STAGES.index(stage) if stage in STAGES else len(STAGES)
+
+
+def meta_row(s: dict, names) -> dict:
+    """A sample's meta/NNNNNN.parquet row: the meta schema's columns, the T5 array as its bytes."""
+    row = {k: s.get(k) for k in names}
+    if s.get("_t5") is not None:
+        row["t5"] = s["_t5"].astype("<f2").tobytes()
+    return row
+
+
+class _Scratch:
+    """A shard's samples, spilled to a local temporary file as they arrive: only (uid, offset,
+    member bytes, meta row bytes) per sample stays in memory. The file has no name on disk once
+    created (tempfile.TemporaryFile), so it is gone when closed, on an error, or if the process dies."""
+
+    def __init__(self, scratch_dir: str | None):
+        self.f = tempfile.TemporaryFile(prefix="kiln-shard-", dir=scratch_dir)
+        self.index: list[tuple[str, int, int, int]] = []
+        self.end = 0
+
+    def add(self, uid: str, members: list, row: dict) -> None:
+        a = pickle.dumps(members, protocol=pickle.HIGHEST_PROTOCOL)
+        b = pickle.dumps(row, protocol=pickle.HIGHEST_PROTOCOL)
+        self.f.seek(self.end)
+        self.f.write(a)
+        self.f.write(b)
+        self.index.append((uid, self.end, len(a), len(b)))
+        self.end += len(a) + len(b)
+
+    def sort(self) -> None:
+        self.index.sort(key=lambda e: e[0])
+
+    def _read(self, offset: int, n: int):
+        self.f.seek(offset)
+        data = self.f.read(n)
+        if len(data) != n:
+            raise OSError(f"scratch file {self.f.name}: read {len(data)} of {n} bytes at {offset}")
+        return pickle.loads(data)
+
+    def members(self):
+        for _, offset, a, _ in self.index:
+            yield self._read(offset, a)
+
+    def rows(self):
+        for _, offset, a, b in self.index:
+            yield self._read(offset + a, b)
+
+    def close(self) -> None:
+        self.f.close()
+
+
+def write_meta(f, rows, schema: pa.Schema, scratch_dir: str | None = None) -> None:
+    """meta/NNNNNN.parquet from an iterable of rows (uid order) into `f`, one row group at a time
+    (META_ROW_GROUP_ROWS rows, fewer once the group's `t5` cells reach META_ROW_GROUP_T5_BYTES).
+    The parquet is built in a local temporary file (ParquetWriter wants a seekable local file;
+    `f` may be on gs://) and copied into `f`."""
+    with tempfile.TemporaryFile(prefix="kiln-meta-", dir=scratch_dir) as local:
+        with pq.ParquetWriter(local, schema, compression="zstd") as writer:
+            group: list[dict] = []
+            t5_bytes, groups = 0, 0
+            for row in rows:
+                group.append(row)
+                t5_bytes += len(row.get("t5") or b"")
+                if len(group) >= META_ROW_GROUP_ROWS or t5_bytes >= META_ROW_GROUP_T5_BYTES:
+                    writer.write_table(pa.Table.from_pylist(group, schema=schema))
+                    group, t5_bytes, groups = [], 0, groups + 1
+            if group or not groups:  # a shard with no kept sample still gets its (empty) table
+                writer.write_table(pa.Table.from_pylist(group, schema=schema))
+        local.seek(0)
+        shutil.copyfileobj(local, f, COPY_CHUNK)
 
 
 def _parquet_bytes(table: pa.Table) -> bytes:
@@ -118,13 +224,14 @@ def _stage_rank(stage: str) -> int:
 
 
 class _WriteShardFn(beam.DoFn):
-    def __init__(self, output_dir, meta_schema, rejects_schema, image_ext, caption_column, config_fingerprint):
+    def __init__(self, output_dir, meta_schema, rejects_schema, image_ext, caption_column, config_fingerprint, scratch_dir=None):
         self.output_dir = output_dir.rstrip("/")
         self.meta_schema = meta_schema
         self.rejects_schema = rejects_schema
         self.image_ext = image_ext
         self.caption_column = caption_column
         self.config_fingerprint = config_fingerprint
+        self.scratch_dir = scratch_dir
 
     def setup(self):
         self.n_samples = Metrics.counter("kiln", "write/samples")
@@ -132,23 +239,35 @@ class _WriteShardFn(beam.DoFn):
 
     def process(self, shard_items, num_shards):
         shard, items = shard_items
-        samples, rejects, expected = [], [], 0
-        for kind, value in items:
+        scratch = _Scratch(self.scratch_dir)
+        try:
+            footer = self._write(shard, items, num_shards, scratch)
+        finally:
+            scratch.close()
+        self.n_samples.inc(footer["samples"])
+        self.n_shards.inc()
+        yield footer
+
+    def _write(self, shard, items, num_shards, scratch: _Scratch) -> dict:
+        rejects, expected = [], 0
+        names = self.meta_schema.names
+        for kind, value in items:  # read once: a runner may stream the grouped values
             if kind == "sample":
-                samples.append(value)
+                scratch.add(value["uid"], sample_members(value, self.image_ext, self.caption_column), meta_row(value, names))
             elif kind == "reject":
                 rejects.append(value)
             else:
                 expected += value
-        samples.sort(key=lambda s: s["uid"])
+        scratch.sort()
+        n_samples = len(scratch.index)
         rejects.sort(key=lambda r: (_stage_rank(r["stage"]), r["uid"], r["reason"], str(r["SAMPLE_ID"])))
         # Every candidate routed to this shard after the prefilter must come back as a sample or a
         # reject; anything else means a stage lost rows, and the run must not pretend otherwise.
         later_rejects = sum(1 for r in rejects if r["stage"] != STAGE_PREFILTER)
-        if len(samples) + later_rejects != expected:
+        if n_samples + later_rejects != expected:
             raise RuntimeError(
                 f"accounting broken in shard {shard_name(shard)}: {expected} candidates went in, "
-                f"{len(samples)} samples + {later_rejects} rejects came out"
+                f"{n_samples} samples + {later_rejects} rejects came out"
             )
         name = shard_name(shard)
         base = self.output_dir
@@ -156,7 +275,7 @@ class _WriteShardFn(beam.DoFn):
         tar_info = {}
 
         def tar_fn(f):
-            tar_info["bytes"], tar_info["sha256"] = write_tar(f, samples, self.image_ext, self.caption_column)
+            tar_info["bytes"], tar_info["sha256"] = _write_tar_members(f, scratch.members())
 
         atomic_write(f"{base}/shards/{name}.tar", tar_fn)
 
@@ -172,32 +291,25 @@ class _WriteShardFn(beam.DoFn):
             "shard": shard,
             "num_shards": num_shards,
             "config_fingerprint": self.config_fingerprint,
-            "samples": len(samples),
+            "samples": n_samples,
             "candidates": expected,
             "rejects": len(rejects),
             "rejects_by_reason": by_reason,
             "tar": {"path": f"shards/{name}.tar", "bytes": tar_info["bytes"], "sha256": tar_info["sha256"]},
             "rejects_file": {"path": f"rejects/{name}.parquet", "bytes": len(rej_bytes), "sha256": hashlib.sha256(rej_bytes).hexdigest()},
         }
-        meta_rows = [{k: s.get(k) for k in self.meta_schema.names} for s in samples]
-        for row, s in zip(meta_rows, samples):
-            if s.get("_t5") is not None:
-                row["t5"] = s["_t5"].astype("<f2").tobytes()
-        table = pa.Table.from_pylist(meta_rows, schema=self.meta_schema)
-        table = table.replace_schema_metadata({META_KEY: json.dumps(footer, sort_keys=True).encode()})
-        meta_bytes = _parquet_bytes(table)
-        atomic_write(f"{base}/meta/{name}.parquet", lambda f: f.write(meta_bytes))
-        self.n_samples.inc(len(samples))
-        self.n_shards.inc()
-        yield footer
+        schema = self.meta_schema.with_metadata({META_KEY: json.dumps(footer, sort_keys=True).encode()})
+        atomic_write(f"{base}/meta/{name}.parquet", lambda f: write_meta(f, scratch.rows(), schema, self.scratch_dir))
+        return footer
 
 
 class WriteShards(beam.PTransform):
     """(shard, ("sample"|"reject"|"expect", value)) -> one footer dict per shard written."""
 
-    def __init__(self, output_dir, meta_schema, rejects_schema, num_shards, image_ext="jpg", caption_column="TEXT", config_fingerprint=""):
+    def __init__(self, output_dir, meta_schema, rejects_schema, num_shards, image_ext="jpg", caption_column="TEXT", config_fingerprint="",
+                 scratch_dir=None):
         super().__init__()
-        self.args = (output_dir, meta_schema, rejects_schema, image_ext, caption_column, config_fingerprint)
+        self.args = (output_dir, meta_schema, rejects_schema, image_ext, caption_column, config_fingerprint, scratch_dir)
         self.num_shards = num_shards
 
     def expand(self, keyed_items):

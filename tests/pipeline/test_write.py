@@ -114,3 +114,126 @@ def test_atomic_write_replaces_in_a_directory_named_with_brackets(tmp_path):
     atomic_write(str(out / "000000.parquet"), lambda f: f.write(b"one"))
     atomic_write(str(out / "000000.parquet"), lambda f: f.write(b"two"))
     assert (out / "000000.parquet").read_bytes() == b"two" and [p.name for p in out.iterdir()] == ["000000.parquet"]
+
+
+# -- the streaming shard writer -------------------------------------------------------------------
+
+import hashlib  # noqa: E402
+import json  # noqa: E402
+import random  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pyarrow as pa  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
+
+from pipeline.records import Reject, reject_row, rejects_schema  # noqa: E402
+from pipeline.write import META_KEY, META_ROW_GROUP_ROWS, _WriteShardFn, meta_schema  # noqa: E402
+
+INPUT = pa.schema([("SAMPLE_ID", pa.int64()), ("URL", pa.string()), ("TEXT", pa.string())])
+
+
+def _shard_values(n: int, n_rejects: int = 5, t5_dim: int = 8, seed: int = 0) -> list[tuple]:
+    """What GroupByKey hands the writer for one shard: samples, rejects and the expected count."""
+    rng = np.random.default_rng(seed)
+    values = []
+    for i in range(n):
+        url, text = f"http://h.test/{i}.jpg", f"caption {i}"
+        values.append(("sample", {
+            "uid": compute_uid(url, text), "SAMPLE_ID": i, "URL": url, "TEXT": text, "shard": 0,
+            "_image": rng.bytes(int(rng.integers(50, 400))), "stored_width": 64, "stored_height": 64,
+            "clip_similarity": float(rng.random()), "_t5": rng.standard_normal((int(rng.integers(2, 9)), t5_dim)).astype(np.float16),
+            "t5_len": 0, "t5_truncated": False,
+        }))
+    for j in range(n_rejects):
+        url = f"http://h.test/r{j}.jpg"
+        rec = {"uid": compute_uid(url, "x"), "SAMPLE_ID": 10_000 + j, "URL": url, "shard": 0}
+        values.append(("reject", reject_row(rec, Reject("download", "http_404", "404 Not Found"))))
+    values.append(("expect", n + n_rejects))
+    return values
+
+
+def _write_shard(out, values, scratch=None) -> dict:
+    fn = _WriteShardFn(str(out), meta_schema(INPUT), rejects_schema(pa.int64()), "jpg", "TEXT", "fp", scratch_dir=scratch)
+    fn.setup()
+    (footer,) = list(fn.process((0, (v for v in values)), num_shards=1))  # a one-pass iterable, as a runner may give
+    return footer
+
+
+def _files(out) -> dict:
+    return {p: (out / p).read_bytes() for p in ("shards/000000.tar", "rejects/000000.parquet", "meta/000000.parquet")}
+
+
+def _reference_shard(values) -> dict:
+    """The writer before issue 14, kept as the straightforward in-memory reference: every sample in
+    one list, sorted by uid; tar with write_tar; each parquet with one pq.write_table."""
+    samples = sorted((v for k, v in values if k == "sample"), key=lambda s: s["uid"])
+    rejects = sorted((v for k, v in values if k == "reject"), key=lambda r: (2, r["uid"], r["reason"], str(r["SAMPLE_ID"])))
+    tar = io.BytesIO()
+    write_tar(tar, samples, "jpg", "TEXT")
+    rej = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(rejects, schema=rejects_schema(pa.int64())), rej, compression="zstd")
+    schema = meta_schema(INPUT)
+    rows = [{k: s.get(k) for k in schema.names} | {"t5": s["_t5"].astype("<f2").tobytes()} for s in samples]
+    return {"tar": tar.getvalue(), "rejects": rej.getvalue(), "rows": rows}
+
+
+@pytest.mark.parametrize("n", [0, 37])
+def test_streaming_writer_matches_the_in_memory_reference(tmp_path, n):
+    values = _shard_values(n)
+    footer = _write_shard(tmp_path, values)
+    got, ref = _files(tmp_path), _reference_shard(values)
+    assert got["shards/000000.tar"] == ref["tar"]
+    assert got["rejects/000000.parquet"] == ref["rejects"]
+    assert footer["tar"] == {"path": "shards/000000.tar", "bytes": len(ref["tar"]), "sha256": hashlib.sha256(ref["tar"]).hexdigest()}
+    assert footer["samples"] == n and footer["rejects"] == 5 and footer["rejects_by_reason"] == {"download": {"http_404": 5}}
+    # Up to META_ROW_GROUP_ROWS rows the meta file is one row group: the same bytes as one write_table.
+    table = pa.Table.from_pylist(ref["rows"], schema=meta_schema(INPUT))
+    table = table.replace_schema_metadata({META_KEY: json.dumps(footer, sort_keys=True).encode()})
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd")
+    assert got["meta/000000.parquet"] == buf.getvalue()
+
+
+def test_arrival_order_does_not_change_a_byte_and_meta_is_row_groups(tmp_path):
+    n = META_ROW_GROUP_ROWS + 234
+    values = _shard_values(n, n_rejects=7)
+    shuffled = list(values)
+    random.Random(1).shuffle(shuffled)
+    f1, f2 = _write_shard(tmp_path / "a", values), _write_shard(tmp_path / "b", shuffled)
+    assert f1 == f2
+    a, b = _files(tmp_path / "a"), _files(tmp_path / "b")
+    assert a == b
+    assert a["shards/000000.tar"] == _reference_shard(values)["tar"]
+    pf = pq.ParquetFile(io.BytesIO(a["meta/000000.parquet"]))
+    assert [pf.metadata.row_group(i).num_rows for i in range(pf.num_row_groups)] == [META_ROW_GROUP_ROWS, 234]
+    table = pf.read()
+    assert table.column("uid").to_pylist() == sorted(v["uid"] for k, v in values if k == "sample")
+    assert json.loads(table.schema.metadata[META_KEY])["samples"] == n
+
+
+def test_meta_row_group_closes_at_the_t5_byte_cap(tmp_path, monkeypatch):
+    import pipeline.write as write
+
+    monkeypatch.setattr(write, "META_ROW_GROUP_T5_BYTES", 1000)  # tiny arrays: 32-144 bytes each
+    values = _shard_values(60, t5_dim=8)
+    _write_shard(tmp_path, values)
+    pf = pq.ParquetFile(tmp_path / "meta/000000.parquet")
+    sizes = [pf.metadata.row_group(i).num_rows for i in range(pf.num_row_groups)]
+    assert sum(sizes) == 60 and len(sizes) > 3
+    rows = pf.read().to_pylist()
+    bounds = np.cumsum([0] + sizes)
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        t5 = [len(r["t5"]) for r in rows[lo:hi]]
+        assert sum(t5[:-1]) < 1000 and (hi == 60 or sum(t5) >= 1000)
+
+
+def test_scratch_file_is_removed_on_success_and_on_error(tmp_path):
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    _write_shard(tmp_path / "ok", _shard_values(20), scratch=str(scratch))
+    assert list(scratch.iterdir()) == []
+    broken = _shard_values(20)[:-1] + [("expect", 99)]  # a stage lost rows: the writer refuses
+    with pytest.raises(RuntimeError, match="accounting broken"):
+        _write_shard(tmp_path / "bad", broken, scratch=str(scratch))
+    assert list(scratch.iterdir()) == []
+    assert not (tmp_path / "bad" / "shards").exists() or not any((tmp_path / "bad" / "shards").iterdir())
