@@ -40,9 +40,11 @@ TAR_MTIME = 946684800  # 2000-01-01T00:00:00Z: fixed, so identical samples give 
 META_KEY = b"kiln.shard"  # parquet footer key holding the shard's accounting (JSON)
 # A meta row group closes after this many rows, or earlier once its `t5` cells reach the byte cap,
 # so the writer holds at most one row group of rows (SHARDS.md). Fixed numbers: the cuts depend on
-# the shard's content only, so the file's bytes do too.
+# the shard's content only, so the file's bytes do too. 16 MiB of t5 is 128 rows of T5-XXL at 16
+# tokens: bench/writer_memory.py measured a 64 MiB cap still adding ~230 MB to the writer's peak
+# at 2,000 samples (a group's rows, its Arrow table and its encoded pages are alive together).
 META_ROW_GROUP_ROWS = 1000
-META_ROW_GROUP_T5_BYTES = 64 * 2**20
+META_ROW_GROUP_T5_BYTES = 16 * 2**20
 COPY_CHUNK = 8 * 2**20  # bytes per read when copying the local meta file to the output
 
 def shard_of(uid: str, num_shards: int) -> int:
