@@ -93,7 +93,17 @@ class DownloadConfig:
     retries: int = setting(2, "extra attempts on 429/5xx/connection errors, honouring Retry-After", type=int, lo=0, hi=20)
     max_redirects: int = setting(5, "redirect hops followed, each re-checked", type=int, lo=0, hi=50)
     max_bytes: int = setting(32 * 2**20, "byte cap per image", type=int, lo=1, shown="32 MiB")
-    per_host_concurrency: int = setting(16, "simultaneous requests per host:port per worker", type=int, lo=1, result=False)
+    # Politeness for the whole job, not per worker (pipeline/download.py; docs/running-at-scale.md,
+    # "Politeness across workers"): rows are grouped by (host:port, crc32(uid) mod buckets).
+    per_host_concurrency: int = setting(16, "K: requests in flight to one host:port for the whole job, all workers together "
+                                        "(split over its --per-host-buckets; each worker process also holds every host:port, "
+                                        "redirect targets included, to K)", type=int, lo=1, result=False)
+    per_host_buckets: int = setting(4, "B: groups each host:port's URLs are split into (by uid); each group runs on one worker "
+                                    "with K/B of the requests in flight; more spreads a big host over more workers; <= K",
+                                    type=int, lo=1, hi=4096, result=False)
+    per_host_rate: float = setting(0.0, "URLs started per second to one host:port for the whole job (each bucket gets its "
+                                   "share); a 429/503 halves a bucket's window and pauses the host on that worker for "
+                                   "its Retry-After; 0: no rate limit", type=float, lo=0, result=False)
     threads: int = setting(64, "requests in flight per worker process", key="download_threads", type=int, lo=1, hi=4096, result=False)
     user_agent_token: str = setting("kiln", "our bot token, for UA-scoped X-Robots-Tag directives", type=str)
     disallowed_directives: tuple = setting(("noai", "noimageai", "noindex", "noimageindex"),
@@ -363,6 +373,10 @@ def validate(cfg: PrepareConfig) -> PrepareConfig:
     if cfg.clip.nsfw_mode != "off" and not (cfg.clip.nsfw_head or "").strip():
         raise ConfigError("--nsfw needs --nsfw-head HEAD (LAION's CLIP-based NSFW detector for --clip-model: a registry name "
                           "or local:FILE), or --nsfw off")
+    dl = cfg.download
+    if dl.per_host_buckets > dl.per_host_concurrency:
+        raise ConfigError(f"--per-host-buckets {dl.per_host_buckets} is above --per-host-concurrency {dl.per_host_concurrency}: "
+                          "each bucket needs at least one request in flight")
     try:
         cfg.download.fetch_config()
     except ValueError as err:

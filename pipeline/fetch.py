@@ -41,6 +41,9 @@ DEFAULT_USER_AGENT = f"kiln/{__version__} (+https://github.com/kiln-data/kiln; c
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 _REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 _RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
+# "Slow down" answers (Too Many Requests, Service Unavailable): besides the retry, the caller's
+# on_throttle hears of each one, so the Download stage can slow the whole host down.
+_THROTTLE_STATUSES = frozenset({429, 503})
 _CHUNK_BYTES = 64 * 1024
 # getaddrinfo has no timeout, so lookups run on a shared pool and the caller waits only until its
 # deadline. 32 threads cover the fetch threads of a typical worker; a lookup that hangs past its
@@ -64,7 +67,7 @@ class FetchConfig:
     retries: int = 2  # extra attempts per URL (shared by all hops) for 429, 500/502/503/504, refused/reset
     backoff_base_s: float = 0.5  # wait base * 2**n (+ up to 10% jitter) unless Retry-After says otherwise
     max_retry_after_s: float = 10.0  # a longer Retry-After (or one past the deadline) ends the fetch
-    per_host_concurrency: int = 16  # simultaneous requests per (host, port) across all threads
+    per_host_concurrency: int = 16  # simultaneous requests per (host, port) across this Fetcher's threads
     user_agent_token: str = "kiln"  # matched against UA-scoped X-Robots-Tag directives ("kiln: noai")
     user_agent: str = DEFAULT_USER_AGENT  # sent on every request
     disallowed_directives: tuple[str, ...] = ("noai", "noimageai", "noindex", "noimageindex")
@@ -383,6 +386,16 @@ def _parse_url(url: str) -> _Target:
     return _Target(scheme, host_key, ascii_host, port, ip, target, host_header)
 
 
+def host_of(url) -> str | None:
+    """The host:port that `url` connects to first ("example.com:443", "[::1]:8080"), as the
+    per-host limits count it; None for a URL the fetcher would refuse before any connection."""
+    try:
+        target = _parse_url(url)
+    except _Stop:
+        return None
+    return f"[{target.host}]:{target.port}" if ":" in target.host else f"{target.host}:{target.port}"
+
+
 class _DeadlineReader(io.RawIOBase):
     """The socket as http.client reads it, with the deadline enforced on every recv.
 
@@ -449,12 +462,16 @@ class Fetcher:
         """Release the DNS threads; lookups still queued are dropped."""
         self._dns_pool.shutdown(wait=False, cancel_futures=True)
 
-    def fetch(self, url: str) -> FetchResult:
-        """Download `url`'s body. Never raises for network or content problems."""
+    def fetch(self, url: str, on_throttle=None) -> FetchResult:
+        """Download `url`'s body. Never raises for network or content problems.
+
+        `on_throttle(wait_s)`, if given, is called (on this thread) on every 429 or 503 response,
+        retried or not, with the seconds the server asked for: its Retry-After, capped at
+        max_retry_after_s, else this attempt's exponential backoff."""
         start = time.monotonic()
         result = FetchResult(url=url, body=None, reason=None)
         try:
-            self._fetch(url, start + self.config.timeout_s, result)
+            self._fetch(url, start + self.config.timeout_s, result, on_throttle)
         except _Stop as stop:
             result.body, result.reason, result.detail = None, stop.reason, stop.detail
             if stop.status is not None:
@@ -466,7 +483,7 @@ class Fetcher:
         result.elapsed_s = time.monotonic() - start
         return result
 
-    def _fetch(self, url: str, deadline: float, result: FetchResult) -> None:
+    def _fetch(self, url: str, deadline: float, result: FetchResult, on_throttle=None) -> None:
         """Follow redirects and retries for one URL, filling `result`; raises _Stop on failure."""
         cfg = self.config
         current = url
@@ -498,10 +515,19 @@ class Fetcher:
                 if response.status not in _RETRY_STATUSES:
                     raise failure
                 retry_after = response.retry_after
+                if on_throttle is not None and response.status in _THROTTLE_STATUSES:
+                    on_throttle(self._throttle_wait(retry_after, retries_used))
             if retries_used >= cfg.retries:
                 raise failure
             time.sleep(self._retry_wait(retry_after, retries_used, failure, deadline))
             retries_used += 1
+
+    def _throttle_wait(self, retry_after: str | None, retries_used: int) -> float:
+        """The pause a 429/503 asks for: Retry-After capped at max_retry_after_s, else the backoff."""
+        wait = _retry_after_s(retry_after) if retry_after is not None else None
+        if wait is None:
+            wait = self.config.backoff_base_s * 2**retries_used
+        return min(wait, self.config.max_retry_after_s)
 
     def _retry_wait(self, retry_after: str | None, retries_used: int, failure: _Stop, deadline: float) -> float:
         """Seconds to wait before the next try; raises `failure` if waiting is pointless."""

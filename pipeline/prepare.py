@@ -46,7 +46,7 @@ from pipeline.beam_yaml import hinted, model_stage_hints
 from pipeline.config import ConfigError, PrepareConfig, command_line, fingerprint as config_fingerprint, flat
 from pipeline.decode import Decode, Resize
 from pipeline.errors import Interrupted, RunFailed, UserError, one_line
-from pipeline.download import Download
+from pipeline.download import Download, top_hosts
 from pipeline.finalize import AccountingError, build_manifest, check_accounting, funnel_from, read_footers, write_json
 from pipeline.model_stages import CaptionToxicity, EmbedT5, ImageFilters, ModelError
 from pipeline.prefilter import Prefilter
@@ -513,6 +513,7 @@ def run(cfg: PrepareConfig, beam_argv: list[str], test_pipeline=None) -> dict:
             "shards_written": counters.get("write/shards"),
             "counters": counters,
             "stage_busy_s": {k.split("/")[0]: v / 1000 for k, v in counters.items() if k.endswith("/busy_ms")},
+            "download_hosts": top_hosts(counters),  # the hosts with the most URLs: urls, ok, 429/503s
         },
     }
     try:
