@@ -244,14 +244,23 @@ def _split_flags(argv: list[str], parser: argparse.ArgumentParser) -> list[tuple
     return out
 
 
+# Options that configure the file's environment_type: a command-line --environment_type replaces
+# them too (Beam refuses environment_config with LOOPBACK, and a DOCKER image option with PROCESS).
+_ENVIRONMENT_DESTS = ("environment_config", "environment_options")
+
+
 def merge_beam_args(file_args: list[str], cli_args: list[str]) -> list[str]:
     """The file's Beam flags, then the command line's; an option on the command line replaces the
-    file's value (for a repeatable option such as --experiments, the command line adds to it)."""
+    file's value (for a repeatable option such as --experiments, the command line adds to it). A
+    command-line --environment_type also drops the file's environment_config / environment_options,
+    which belong to the file's environment type (spark.yaml's DOCKER image under LOOPBACK)."""
     parser = _beam_parser()
     cli = _split_flags(list(cli_args), parser)
     cli_dests = {d for d, _ in cli if d is not None}
     kept = []
     for dest, tokens in _split_flags(list(file_args), parser):
+        if dest in _ENVIRONMENT_DESTS and "environment_type" in cli_dests:
+            continue
         if dest is None or dest not in cli_dests:
             kept.extend(tokens)
             continue

@@ -50,7 +50,7 @@ from pipeline.download import Download, top_hosts
 from pipeline.finalize import AccountingError, build_manifest, check_accounting, funnel_from, read_footers, write_json
 from pipeline.model_stages import CaptionToxicity, EmbedT5, ImageFilters, ModelError
 from pipeline.prefilter import Prefilter
-from pipeline.progress import LocalProgress, ProgressPrinter, tap, tap_all
+from pipeline.progress import LocalProgress, ProgressPrinter, job_metrics, tap, tap_all
 from pipeline.outdir import check_output, clear_output, is_local, remove_temp_files
 from pipeline.read import ReadMetadata, inspect_input
 from pipeline.records import rejects_schema
@@ -279,7 +279,7 @@ def _git_commit() -> str | None:
 
 def _counters(result) -> dict:
     try:
-        res = result.metrics().query(MetricsFilter().with_namespace("kiln"))
+        res = job_metrics(result).query(MetricsFilter().with_namespace("kiln"))  # not a progress poll's stale answer
     except Exception:  # noqa: BLE001 - some runners do not report metrics
         return {}
     out = {}

@@ -144,6 +144,21 @@ class LocalProgress:
 # -- driver side: the printer ----------------------------------------------------------------------
 
 
+def job_metrics(result):
+    """`result.metrics()`, asked of the runner afresh on every call.
+
+    Beam's portable PipelineResult (PortableRunner, and FlinkRunner / SparkRunner, which extend it)
+    keeps its first GetJobMetrics answer for good (Beam 2.77,
+    apache_beam/runners/portability/portable_runner.py, `PipelineResult.metrics`): one progress poll
+    while the job runs would freeze the counters that stats.json and the accounting read when it
+    has finished. Dropping that cached answer makes each call ask the job service again."""
+    from apache_beam.runners.portability.portable_runner import PipelineResult as PortableResult
+
+    if isinstance(result, PortableResult):
+        result._metrics = None  # noqa: SLF001 - Beam's cache of the first answer (see above)
+    return result.metrics()
+
+
 def counts_from_metrics(result) -> dict[str, int] | None:
     """{read, kept, rejected} from a running job's Beam counters (namespace "kiln"), or None."""
     from apache_beam.metrics.metric import MetricsFilter
@@ -151,7 +166,7 @@ def counts_from_metrics(result) -> dict[str, int] | None:
     from pipeline.records import STAGES
 
     try:
-        res = result.metrics().query(MetricsFilter().with_namespace("kiln"))
+        res = job_metrics(result).query(MetricsFilter().with_namespace("kiln"))
     except Exception:  # noqa: BLE001 - a runner that cannot report metrics while running
         return None
     c = collections.Counter()

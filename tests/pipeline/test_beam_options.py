@@ -38,7 +38,7 @@ EXPECTED_RUNNER = {
     "direct-multiprocess.yaml": "DirectRunner",
     "dataflow.yaml": "DataflowRunner",
     "spark.yaml": "PortableRunner",
-    "flink.yaml": "FlinkRunner",
+    "flink.yaml": "PortableRunner",
 }
 ACCELERATOR_URN = "beam:resources:accelerator:v1"
 GPU = "type:nvidia-l4;count:1;install-nvidia-driver"
@@ -98,7 +98,46 @@ def test_options_files_say_what_each_runner_needs():
     spark = PipelineOptions(load_options_file(OPTIONS / "spark.yaml")[0]).get_all_options()
     assert spark["job_endpoint"] == "localhost:8099" and spark["environment_type"] == "DOCKER"
     flink = PipelineOptions(load_options_file(OPTIONS / "flink.yaml")[0]).get_all_options()
-    assert flink["flink_master"] == "localhost:8081" and flink["parallelism"] == 16
+    assert flink["job_endpoint"] == "localhost:8099" and flink["environment_type"] == "DOCKER" and flink["parallelism"] == 16
+
+
+@pytest.mark.parametrize("name", ["spark.yaml", "flink.yaml"])
+def test_job_server_commands_name_this_beam_version(name):
+    """The job-server command in each file's header runs the Beam version kiln is installed with
+    (the job server and the SDK must match) and, for Flink, a version Beam builds job servers for."""
+    import re
+
+    from apache_beam.options.pipeline_options import FlinkRunnerOptions
+    from apache_beam.version import __version__ as beam_version
+
+    text = (OPTIONS / name).read_text() + (REPO / "docs" / "running-at-scale.md").read_text()
+    images = re.findall(r"docker run --net=host apache/beam_(spark3|flink[0-9.]+)_job_server:(\S+) (--\S+)", text)
+    assert images, name
+    for kind, tag, flag in images:
+        assert tag == beam_version, (kind, tag)
+        if kind.startswith("flink"):
+            assert kind[len("flink"):] in FlinkRunnerOptions.PUBLISHED_FLINK_VERSIONS
+            assert flag.startswith("--flink-master=")  # what Beam's own FlinkJarJobServer passes
+        else:
+            assert flag.startswith("--spark-master-url=spark://")
+    jars = re.findall(r"beam-runners-(spark-3|flink-[0-9.]+)-job-server-(\S+)\.jar", text)
+    assert jars and all(v == beam_version for _, v in jars)
+
+
+@pytest.mark.parametrize("name", ["spark.yaml", "flink.yaml"])
+def test_the_one_machine_check_the_files_describe_passes_beams_validation(name):
+    """`--job_endpoint=embed --environment_type=LOOPBACK` on top of the file (its header's first
+    check): the file's DOCKER image (environment_config) goes with its environment type, since Beam
+    refuses environment_config with LOOPBACK when the pipeline is created."""
+    argv, _ = load_options_file(OPTIONS / name)
+    merged = merge_beam_args(argv, ["--job_endpoint=embed", "--environment_type=LOOPBACK"])
+    assert not any(a.startswith(("--environment_config", "--environment_option")) for a in merged)
+    opts = PipelineOptions(merged)
+    beam.Pipeline(options=opts)  # runs Beam's option validation; raises ValueError on errors
+    assert opts.get_all_options()["job_endpoint"] == "embed"
+    # An image given on the command line with the new type stays.
+    merged = merge_beam_args(argv, ["--environment_type=DOCKER", "--environment_config=registry.example/kiln:1"])
+    assert [a for a in merged if a.startswith("--environment_config")] == ["--environment_config=registry.example/kiln:1"]
 
 
 def test_command_line_beats_the_file():
