@@ -175,6 +175,12 @@ class T5Config:
     mode: str = setting("embed", "store each kept caption's frozen T5 embedding", key="t5", type=str, choices=("embed", "off"))
     model: str = setting("google/t5-v1_1-xxl", "hub id[@REV] in the local HF cache (or --models DIR) | a registry name | local:DIR (Imagen §2.1: T5-XXL)", key="t5_model", type=str)
     max_length: int = setting(128, "tokens kept per caption, EOS included (Imagen: 128)", key="t5_max_length", type=int, lo=2, hi=4096)
+    # pipeline/t5store.py, SHARDS.md. Defaults from docs/running-at-scale.md's bytes per sample: one copy
+    # ("both" costs 27.5 TB more on LAION-400M, for no reader that needs it); float16 until float8 is shown harmless.
+    store: str = setting("tar", "where each T5 embedding is stored: tar (KEY.t5.*, what the trainer streams), meta "
+                         "(the meta parquet's t5 column) or both", key="t5_store", type=str, choices=("tar", "meta", "both"))
+    dtype: str = setting("float16", "stored number format: float16 (KEY.t5.npy), bfloat16 (raw, same bytes), float8 "
+                         "(e4m3fn + a per-sample scale, half the bytes)", key="t5_dtype", type=str, choices=("float16", "bfloat16", "float8"))
     max_tokens: int | None = setting(None, "padded tokens per T5 forward pass", key="t5_max_tokens", type=int, lo=1, result=False, shown="4096 CPU, 16384 CUDA")
     cross_process: bool = setting(False, "one T5 per machine shared by all worker processes (Beam MultiProcessShared), e.g. on a GPU VM",
                                   key="t5_cross_process", result=False)

@@ -31,6 +31,7 @@ from pipeline.config import ClipConfig, InputConfig, ModelsConfig, T5Config, Tox
 from pipeline.errors import UserError
 from pipeline.records import SCORE_FIELDS, STAGE_CLIP, STAGE_NSFW, STAGE_T5, STAGE_TOXICITY, Reject, reject_row
 from pipeline.stage import StageCounters
+from pipeline.t5store import FORMATS
 
 # -- pure scoring functions ------------------------------------------------------------------
 
@@ -197,7 +198,7 @@ def load_t5_source(cfg: T5Config) -> dict:
         config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
         return {"spec": cfg.model, "model_dir": str(model_dir), "weights_path": str(main_file),
                 "sha256": weights_sha256(model_dir), "max_length": cfg.max_length, "d_model": config.get("d_model"),
-                "stored_dtype": "float16"}
+                "stored_dtype": FORMATS[cfg.dtype][1], "store": cfg.store}
 
 
 class _T5Server:

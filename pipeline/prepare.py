@@ -253,7 +253,8 @@ def build_pipeline(p, cfg: PrepareConfig, input_schema, done_shards: frozenset, 
         (samples, rejects, expected, every_shard)
         | "Gather" >> beam.Flatten()
         | "WriteShards" >> WriteShards(cfg.output.output, meta_schema(input_schema), rejects_schema(id_type), num_shards,
-                                        image_ext=cfg.image.encode_format, caption_column=columns.caption_col, config_fingerprint=fingerprint)
+                                        image_ext=cfg.image.encode_format, caption_column=columns.caption_col, config_fingerprint=fingerprint,
+                                        t5_store=cfg.t5.store, t5_dtype=cfg.t5.dtype)
     )
 
 

@@ -175,11 +175,13 @@ RECORD_FIELDS = (
     RecordField("clip_image_embedding", STAGE_CLIP, META, pa.binary(), "the L2-normalised CLIP image embedding: embed_dim float16 values, little-endian; null if --clip off", json=False),
     RecordField("t5_len", STAGE_T5, META, pa.int32(), "tokens in the T5 embedding (EOS included), <= --t5-max-length"),
     RecordField("t5_truncated", STAGE_T5, META, pa.bool_(), "the cleaned caption had more tokens than --t5-max-length and was cut"),
-    RecordField("t5", STAGE_T5, META, pa.binary(), "the same array as KEY.t5.npy: t5_len x d_model float16 little-endian, row-major", json=False),
+    RecordField("t5_dtype", STAGE_T5, META, pa.string(), "how the T5 values are stored: float16, bfloat16 or float8_e4m3fn (--t5-dtype)"),
+    RecordField("t5_scale", STAGE_T5, META, pa.float32(), "stored value x t5_scale = the embedding: max|x| / 448 for float8_e4m3fn, 1.0 otherwise"),
+    RecordField("t5", STAGE_T5, META, pa.binary(), "with --t5-store meta|both: the T5 values, t5_len x d_model in t5_dtype, little-endian, row-major; else null", json=False),
     RecordField("_body", STAGE_DOWNLOAD, TRANSIENT, None, "the downloaded bytes"),
     RecordField("_bgr", STAGE_DECODE, TRANSIENT, None, "decoded pixels, uint8 BGR"),
     RecordField("_image", STAGE_RESIZE, TRANSIENT, None, "the stored image, encoded"),
-    RecordField("_t5", STAGE_T5, TRANSIENT, None, "the T5 embedding as a float16 array (written as KEY.t5.npy and the t5 column)"),
+    RecordField("_t5", STAGE_T5, TRANSIENT, None, "the T5 embedding as a float16 array (the writer stores it as --t5-dtype in --t5-store)"),
 )
 FIELDS_BY_NAME = {f.name: f for f in RECORD_FIELDS}
 META_FIELDS = tuple(f for f in RECORD_FIELDS if f.kind == META)

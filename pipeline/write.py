@@ -5,7 +5,7 @@ on its uid and the number of shards, never on worker timing: shards are reproduc
 can skip the ranges that are already complete before downloading anything.
 
 Per shard, in this order, each under a temporary name and renamed into place:
-  shards/NNNNNN.tar        webdataset: KEY.jpg, KEY.json, KEY.txt, sorted by uid, fixed mtime
+  shards/NNNNNN.tar        webdataset: KEY.jpg, KEY.json, KEY.txt (+ KEY.t5.*), sorted by uid, fixed mtime
   rejects/NNNNNN.parquet   every row of this uid range that was rejected, with stage and reason
   meta/NNNNNN.parquet      one row per kept sample; its footer carries the shard's accounting and
                            the tar's size and sha256, so it is written last and marks the shard done
@@ -34,6 +34,7 @@ import pyarrow.parquet as pq
 from apache_beam.metrics import Metrics
 
 from pipeline.outdir import atomic_write
+from pipeline.t5store import encode_t5
 from pipeline.records import JSON_EXCLUDED, META_FIELDS, STAGE_PREFILTER, STAGES, TRANSIENT_FIELDS, kiln_column_clashes
 
 TAR_MTIME = 946684800  # 2000-01-01T00:00:00Z: fixed, so identical samples give identical tars
@@ -79,13 +80,14 @@ def sample_json(record: dict) -> bytes:
     return json.dumps(clean, sort_keys=True, ensure_ascii=False, default=_json_default).encode("utf-8")
 
 
-def npy_bytes(array) -> bytes:
-    """The .npy file of `array` (little-endian float16), as numpy.load reads it."""
-    import numpy as np
-
-    buf = io.BytesIO()
-    np.save(buf, np.ascontiguousarray(array, dtype="<f2"), allow_pickle=False)
-    return buf.getvalue()
+def stored_sample(s: dict, t5_store: str = "tar", t5_dtype: str = "float16") -> tuple[dict, tuple | None, bytes | None]:
+    """(the record with t5_dtype / t5_scale set, its T5 tar member (ext, bytes) or None, its meta `t5`
+    bytes or None), as `--t5-store` and `--t5-dtype` say (pipeline/t5store.py)."""
+    if s.get("_t5") is None:
+        return s, None, None
+    ext, member, column, dtype_name, scale = encode_t5(s["_t5"], t5_dtype)
+    s = {**s, "t5_dtype": dtype_name, "t5_scale": scale}
+    return s, ((ext, member) if t5_store in ("tar", "both") else None), (column if t5_store in ("meta", "both") else None)
 
 
 class _HashingWriter:
@@ -103,15 +105,16 @@ class _HashingWriter:
 _atomic_write = atomic_write
 
 
-def sample_members(s: dict, image_ext: str, caption_column: str) -> list[tuple[str, bytes]]:
-    """One sample's tar members (name, bytes), in SHARDS.md's extension order."""
+def sample_members(s: dict, image_ext: str, caption_column: str, t5_member: tuple | None = None) -> list[tuple[str, bytes]]:
+    """One sample's tar members (name, bytes), in SHARDS.md's extension order; `t5_member`:
+    (ext, bytes) from `stored_sample`, or None."""
     members = {
         image_ext: s["_image"],
         "json": sample_json(s),
         "txt": str(s.get(caption_column) or "").encode("utf-8"),
     }
-    if s.get("_t5") is not None:
-        members["t5.npy"] = npy_bytes(s["_t5"])
+    if t5_member is not None:
+        members[t5_member[0]] = t5_member[1]
     return [(f"{s['uid']}.{ext}", members[ext]) for ext in sorted(members)]
 
 
@@ -130,9 +133,14 @@ def _write_tar_members(f, samples_members) -> tuple[int, str]:
     return hw.size, hw.sha.hexdigest()
 
 
-def write_tar(f, samples: list[dict], image_ext: str, caption_column: str) -> tuple[int, str]:
+def write_tar(f, samples: list[dict], image_ext: str, caption_column: str, t5_store: str = "tar", t5_dtype: str = "float16") -> tuple[int, str]:
     """Stream a webdataset tar of `samples` (already sorted) into `f`; return (bytes, sha256)."""
-    return _write_tar_members(f, (sample_members(s, image_ext, caption_column) for s in samples))
+
+    def members(s):
+        s, t5_member, _ = stored_sample(s, t5_store, t5_dtype)
+        return sample_members(s, image_ext, caption_column, t5_member)
+
+    return _write_tar_members(f, (members(s) for s in samples))
 
 
 def _parquet_bytes(table: pa.Table) -> bytes:
@@ -145,11 +153,10 @@ def _stage_rank(stage: str) -> int:
     return STAGES.index(stage) if stage in STAGES else len(STAGES)
 
 
-def meta_row(s: dict, names) -> dict:
-    """A sample's meta/NNNNNN.parquet row: the meta schema's columns, the T5 array as its bytes."""
+def meta_row(s: dict, names, t5_column: bytes | None = None) -> dict:
+    """A sample's meta/NNNNNN.parquet row: the meta schema's columns; `t5`: from `stored_sample`."""
     row = {k: s.get(k) for k in names}
-    if s.get("_t5") is not None:
-        row["t5"] = s["_t5"].astype("<f2").tobytes()
+    row["t5"] = t5_column
     return row
 
 
@@ -226,7 +233,8 @@ def _stage_rank(stage: str) -> int:
 
 
 class _WriteShardFn(beam.DoFn):
-    def __init__(self, output_dir, meta_schema, rejects_schema, image_ext, caption_column, config_fingerprint, scratch_dir=None):
+    def __init__(self, output_dir, meta_schema, rejects_schema, image_ext, caption_column, config_fingerprint, scratch_dir=None,
+                 t5_store="tar", t5_dtype="float16"):
         self.output_dir = output_dir.rstrip("/")
         self.meta_schema = meta_schema
         self.rejects_schema = rejects_schema
@@ -234,6 +242,7 @@ class _WriteShardFn(beam.DoFn):
         self.caption_column = caption_column
         self.config_fingerprint = config_fingerprint
         self.scratch_dir = scratch_dir
+        self.t5_store, self.t5_dtype = t5_store, t5_dtype
 
     def setup(self):
         self.n_samples = Metrics.counter("kiln", "write/samples")
@@ -255,7 +264,8 @@ class _WriteShardFn(beam.DoFn):
         names = self.meta_schema.names
         for kind, value in items:  # read once: a runner may stream the grouped values
             if kind == "sample":
-                scratch.add(value["uid"], sample_members(value, self.image_ext, self.caption_column), meta_row(value, names))
+                s, t5_member, t5_column = stored_sample(value, self.t5_store, self.t5_dtype)
+                scratch.add(s["uid"], sample_members(s, self.image_ext, self.caption_column, t5_member), meta_row(s, names, t5_column))
             elif kind == "reject":
                 rejects.append(value)
             else:
@@ -309,9 +319,9 @@ class WriteShards(beam.PTransform):
     """(shard, ("sample"|"reject"|"expect", value)) -> one footer dict per shard written."""
 
     def __init__(self, output_dir, meta_schema, rejects_schema, num_shards, image_ext="jpg", caption_column="TEXT", config_fingerprint="",
-                 scratch_dir=None):
+                 scratch_dir=None, t5_store="tar", t5_dtype="float16"):
         super().__init__()
-        self.args = (output_dir, meta_schema, rejects_schema, image_ext, caption_column, config_fingerprint, scratch_dir)
+        self.args = (output_dir, meta_schema, rejects_schema, image_ext, caption_column, config_fingerprint, scratch_dir, t5_store, t5_dtype)
         self.num_shards = num_shards
 
     def expand(self, keyed_items):

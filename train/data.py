@@ -7,7 +7,9 @@ Each sample of `DATASET/shards/NNNNNN.tar` becomes
                data.crop_size crop of it: Imagen App. F trains the 1024 model on 256² crops)
     lowres     SR stages only: the SAME pixels area-downsampled by resolution / lowres_resolution
                (so a crop's low-res twin covers exactly the crop)
-    text       float32 [text_max_len, d_model]: KEY.t5.npy padded with zeros or cut (train.text)
+    text       float32 [text_max_len, d_model]: the T5 array padded with zeros or cut (train.text),
+               from KEY.t5.npy (float16), KEY.t5.bf16 / KEY.t5.f8 (raw, t5_dtype and t5_scale in
+               KEY.json), or, for a dataset made with --t5-store meta, the meta parquet's t5 column
     text_mask  bool [text_max_len], True on real tokens
 
 Samples are skipped (and counted, `SkipCounts`) when their stored side is below
@@ -152,10 +154,11 @@ def check_dataset(data_dir: str | Path, spec: ImageSpec | None = None) -> list[s
         if sample.get("__truncated__"):
             continue
         read += 1
-        if "t5.npy" in sample:
+        ext5 = next((e for e in T5_MEMBERS if e in sample), None)
+        if ext5 is not None:
             with_t5 += 1
             try:
-                w = int(load_t5(sample["t5.npy"]).shape[1])
+                w = int(load_t5_member(ext5, sample[ext5], _json_or_empty(sample)).shape[1])
                 widths[w] = widths.get(w, 0) + 1
             except CorruptSample:
                 pass
@@ -307,6 +310,111 @@ def load_t5(data: bytes) -> np.ndarray:
     return text
 
 
+# A sample's T5 array, in the order a reader looks for it (SHARDS.md, `kiln prepare --t5-dtype`):
+# KEY.t5.npy (float16 .npy), KEY.t5.bf16 (raw bfloat16), KEY.t5.f8 (raw float8_e4m3fn x t5_scale),
+# and "t5.f16": raw float16 from the meta parquet's t5 column (`--t5-store meta`; never a tar member).
+T5_MEMBERS = ("t5.npy", "t5.bf16", "t5.f8", "t5.f16")
+_RAW_T5 = {"t5.f16": 2, "t5.bf16": 2, "t5.f8": 1}  # bytes per value
+_META_T5_EXT = {"float16": "t5.f16", "bfloat16": "t5.bf16", "float8_e4m3fn": "t5.f8"}  # meta t5_dtype -> member
+
+
+@functools.cache
+def _e4m3_values() -> np.ndarray:
+    """float32 value of each of the 256 float8_e4m3fn codes (two are NaN)."""
+    return torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float().numpy()
+
+
+def load_t5_member(ext: str, data: bytes, meta: dict) -> np.ndarray:
+    """A sample's T5 member (`T5_MEMBERS`) -> [t5_len, d_model]: float16 for .npy and raw float16,
+    float32 for bfloat16 and float8 (exact: both widen to float32 without rounding, float8 then
+    times t5_scale). Raw members take their row count from KEY.json's t5_len. Raises CorruptSample."""
+    if ext == "t5.npy":
+        return load_t5(data)
+    try:
+        rows = int(meta["t5_len"])
+        scale = float(meta.get("t5_scale") if meta.get("t5_scale") is not None else 1.0)
+    except (KeyError, TypeError, ValueError) as err:
+        raise CorruptSample("bad_t5") from err
+    size = _RAW_T5[ext]
+    if rows < 1 or not data or len(data) % (rows * size) or not (math.isfinite(scale) and scale > 0):
+        raise CorruptSample("bad_t5")
+    if ext == "t5.f16":
+        text = np.frombuffer(data, dtype="<f2").astype(np.float16).reshape(rows, -1)
+    elif ext == "t5.bf16":
+        text = (np.frombuffer(data, dtype="<u2").astype(np.uint32) << 16).view(np.float32).reshape(rows, -1)
+    else:
+        text = _e4m3_values()[np.frombuffer(data, dtype=np.uint8)].reshape(rows, -1) * np.float32(scale)
+    if not np.isfinite(text).all():
+        raise CorruptSample("bad_t5")
+    return text
+
+
+def _json_or_empty(sample: dict) -> dict:
+    try:
+        meta = json.loads(sample["json"])
+    except (KeyError, ValueError):
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
+class _MetaT5:
+    """The meta parquet's t5 cells of one shard, read a row group at a time alongside its tar
+    (both are in uid order, SHARDS.md): for datasets made with `--t5-store meta`, whose tars hold
+    no T5 member. A missing or unreadable meta file, or one without a t5 column, gives nothing
+    (those samples then count as no_text)."""
+
+    def __init__(self, tar_url: str):
+        tar = Path(tar_url)
+        self.rows = self._rows(tar.parent.parent / "meta" / f"{tar.stem}.parquet")
+        self.head = None
+
+    @staticmethod
+    def _rows(path: Path):
+        import pyarrow.parquet as pq
+
+        try:
+            pf = pq.ParquetFile(str(path))
+            names = pf.schema_arrow.names
+            if "uid" not in names or "t5" not in names:
+                return
+            columns = ["uid", "t5"] + (["t5_dtype"] if "t5_dtype" in names else [])
+            for batch in pf.iter_batches(columns=columns, batch_size=64):
+                d = batch.to_pydict()
+                for i, uid in enumerate(d["uid"]):
+                    yield uid, d["t5_dtype"][i] if "t5_dtype" in d else "float16", d["t5"][i]
+        except Exception:  # noqa: BLE001 - pyarrow raises several kinds for a damaged file
+            return
+
+    def get(self, key: str):
+        """(uid, t5_dtype, bytes) of `key`, or None; keys must come in increasing order."""
+        while True:
+            if self.head is None:
+                self.head = next(self.rows, None)
+                if self.head is None:
+                    return None
+            uid = self.head[0]
+            if uid is None or uid < key:
+                self.head = None
+                continue
+            if uid == key:
+                row, self.head = self.head, None
+                return row
+            return None
+
+
+def _with_meta_t5(url: str, samples: Iterator[dict]) -> Iterator[dict]:
+    """Attach the meta parquet's T5 cell (as `_META_T5_EXT`'s member) to every sample whose tar
+    holds no T5 member; the meta file is opened only when such a sample appears."""
+    meta_t5 = None
+    for sample in samples:
+        if not sample.get("__truncated__") and "json" in sample and not any(e in sample for e in T5_MEMBERS):
+            meta_t5 = meta_t5 or _MetaT5(url)
+            row = meta_t5.get(sample["__key__"])
+            if row is not None and row[2] is not None and row[1] in _META_T5_EXT:
+                sample[_META_T5_EXT[row[1]]] = row[2]
+        yield sample
+
+
 class CorruptSample(Exception):
     """A sample that cannot be trained on; `reason` is a SkipCounts field (CORRUPT_REASONS)."""
 
@@ -363,10 +471,11 @@ def _decode(sample, spec, split, holdout_fraction, keep, counts) -> Record | Non
     if keep is not None and not keep(meta, caption):
         counts.filtered += 1
         return None
-    if "t5.npy" not in sample:
+    ext5 = next((e for e in T5_MEMBERS if e in sample), None)
+    if ext5 is None:
         counts.no_text += 1
         return None
-    text = load_t5(sample["t5.npy"])
+    text = load_t5_member(ext5, sample[ext5], meta)
     if spec.d_model is not None and text.shape[1] != spec.d_model:
         raise CorruptSample("wrong_d_model")
     ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
@@ -499,7 +608,7 @@ def _raw_samples(urls: list[str], nodesplitter=None, workersplitter=None,
     if workersplitter is not None:
         urls = list(workersplitter(urls))
     for url in urls:
-        yield from _tar_samples(url, (expected or {}).get(url))
+        yield from _with_meta_t5(url, _tar_samples(url, (expected or {}).get(url)))
 
 
 def shard_sizes(data_dir: str | Path) -> dict[str, int]:

@@ -97,6 +97,15 @@ def motivation(facts: Facts) -> list[str]:
     ]
 
 
+def t5_where(flags: dict) -> str:
+    """Where `kiln prepare --t5-store/--t5-dtype` put the T5 arrays (runs before issue 14: KEY.t5.npy + meta)."""
+    store, dtype = flags.get("t5_store", "both"), flags.get("t5_dtype", "float16")
+    member = {"float16": "`KEY.t5.npy`, float16", "bfloat16": "`KEY.t5.bf16`, raw bfloat16",
+              "float8": "`KEY.t5.f8`, float8_e4m3fn x `t5_scale`"}.get(dtype, f"{dtype}")
+    column = "the meta parquet's `t5` column" + ("" if dtype == "float16" else f" ({dtype})")
+    return {"tar": member, "meta": column, "both": f"{member}; also {column}"}.get(store, member)
+
+
 def composition(facts: Facts, plots: dict[str, str | None], seed: int, language: list[str] | None) -> list[str]:
     flags, modes, models = facts.stats.get("flags", {}), facts.stats.get("stage_modes", {}), facts.stats.get("models", {})
     kept, rej = facts.kept, facts.rejected
@@ -105,7 +114,7 @@ def composition(facts: Facts, plots: dict[str, str | None], seed: int, language:
         f"- **Instances:** {kept:,} image–caption pairs in {len(facts.shards):,} shard(s). Each sample has "
         "a stored image (`KEY.jpg`/`.png`/`.webp`), its caption (`KEY.txt`), its metadata (`KEY.json`: "
         "every input column plus kiln's scores, sizes, hashes and provenance)"
-        + (", and its T5 embedding (`KEY.t5.npy`)" if modes.get("t5") == "embed" else "")
+        + (f", and its T5 embedding ({t5_where(flags)})" if modes.get("t5") == "embed" else "")
         + ". `meta/NNNNNN.parquet` holds the same metadata one row per sample; `rejects/NNNNNN.parquet` "
         f"holds the {rej:,} rejected input rows with their stage, reason and scores.\n"
         f"- **Size on disk:** tars {facts.bytes_by_kind.get('shards', 0):,} bytes, meta parquet "

@@ -57,7 +57,7 @@ def rows(out: Path, sub: str) -> list[dict]:
 @pytest.fixture(scope="module")
 def filtered(web, models, tmp_path_factory):
     out = tmp_path_factory.mktemp("fds") / "filtered"
-    return out, prepare(web, models, out)
+    return out, prepare(web, models, out, "--t5-store", "both")  # both copies: the tests compare them
 
 
 @pytest.fixture(scope="module")
@@ -271,7 +271,7 @@ def test_t5_embeddings_in_tar_and_parquet_agree_and_match_the_encoder(filtered, 
 
 def test_t5_shared_across_processes_gives_the_same_embeddings(web, models, filtered, tmp_path):
     out, _ = filtered
-    stats = prepare(web, models, tmp_path / "xproc", "--t5-cross-process", beam=MULTI)
+    stats = prepare(web, models, tmp_path / "xproc", "--t5-cross-process", "--t5-store", "meta", beam=MULTI)
     assert stats["accounting"]["ok"]
     ref = {r["uid"]: r["t5"] for r in rows(out, "meta")}
     got = {r["uid"]: r["t5"] for r in rows(tmp_path / "xproc", "meta")}

@@ -152,8 +152,9 @@ def _shard_values(n: int, n_rejects: int = 5, t5_dim: int = 8, seed: int = 0) ->
     return values
 
 
-def _write_shard(out, values, scratch=None) -> dict:
-    fn = _WriteShardFn(str(out), meta_schema(INPUT), rejects_schema(pa.int64()), "jpg", "TEXT", "fp", scratch_dir=scratch)
+def _write_shard(out, values, scratch=None, t5_store="both", t5_dtype="float16") -> dict:
+    fn = _WriteShardFn(str(out), meta_schema(INPUT), rejects_schema(pa.int64()), "jpg", "TEXT", "fp", scratch_dir=scratch,
+                       t5_store=t5_store, t5_dtype=t5_dtype)
     fn.setup()
     (footer,) = list(fn.process((0, (v for v in values)), num_shards=1))  # a one-pass iterable, as a runner may give
     return footer
@@ -173,7 +174,8 @@ def _reference_shard(values) -> dict:
     rej = io.BytesIO()
     pq.write_table(pa.Table.from_pylist(rejects, schema=rejects_schema(pa.int64())), rej, compression="zstd")
     schema = meta_schema(INPUT)
-    rows = [{k: s.get(k) for k in schema.names} | {"t5": s["_t5"].astype("<f2").tobytes()} for s in samples]
+    rows = [{k: s.get(k) for k in schema.names} | {"t5": s["_t5"].astype("<f2").tobytes(), "t5_dtype": "float16", "t5_scale": 1.0}
+            for s in samples]
     return {"tar": tar.getvalue(), "rejects": rej.getvalue(), "rows": rows}
 
 
@@ -237,3 +239,75 @@ def test_scratch_file_is_removed_on_success_and_on_error(tmp_path):
         _write_shard(tmp_path / "bad", broken, scratch=str(scratch))
     assert list(scratch.iterdir()) == []
     assert not (tmp_path / "bad" / "shards").exists() or not any((tmp_path / "bad" / "shards").iterdir())
+
+
+# -- T5 storage: --t5-store x --t5-dtype, read back by the trainer's reader ----------------------------
+
+from train.data import T5_MEMBERS, _raw_samples, load_t5_member  # noqa: E402
+
+# Relative error bounds of the stored values (round to nearest: half a unit in the last place).
+REL_ERR = {"float16": 0.0, "bfloat16": 2**-8, "float8": 2**-4}
+
+
+@pytest.mark.parametrize("store", ["tar", "meta", "both"])
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float8"])
+def test_every_store_and_dtype_reads_back_through_the_trainer(tmp_path, store, dtype):
+    values = _shard_values(12, t5_dim=8)
+    for _, v in values[:12]:
+        v["t5_len"] = len(v["_t5"])
+    _write_shard(tmp_path, values, t5_store=store, t5_dtype=dtype)
+    originals = {v["uid"]: v["_t5"].astype(np.float32) for k, v in values if k == "sample"}
+    ext = {"float16": "t5.npy", "bfloat16": "t5.bf16", "float8": "t5.f8"}[dtype]
+    with tarfile.open(tmp_path / "shards/000000.tar") as tar:
+        names = [m.name for m in tar.getmembers()]
+    assert sum(n.endswith("." + ext) for n in names) == (12 if store != "meta" else 0)
+    assert not any(n.endswith(e) for n in names for e in (".t5.npy", ".t5.bf16", ".t5.f8") if e != "." + ext)
+    meta = pq.read_table(tmp_path / "meta/000000.parquet").to_pylist()
+    assert all((r["t5"] is None) == (store == "tar") for r in meta)
+    assert {r["t5_dtype"] for r in meta} == {{"float8": "float8_e4m3fn"}.get(dtype, dtype)}
+    got = {}
+    for sample in _raw_samples([str(tmp_path / "shards/000000.tar")]):
+        e = next(e for e in T5_MEMBERS if e in sample)
+        js = json.loads(sample["json"])
+        assert (js["t5_scale"] == 1.0) == (dtype != "float8")
+        got[sample["__key__"]] = load_t5_member(e, sample[e], js)
+    assert got.keys() == originals.keys()
+    for uid, x in originals.items():
+        y = got[uid].astype(np.float32)
+        assert y.shape == x.shape
+        peak = np.abs(x).max()
+        # float8: relative to the value, but no finer than its smallest subnormal step (scale x 2^-9)
+        bound = REL_ERR[dtype] * np.abs(x) + (peak / 448 * 2**-10 if dtype == "float8" else 0)
+        assert np.all(np.abs(y - x) <= bound + 1e-12), (dtype, np.abs(y - x).max())
+
+
+def test_float8_scales_values_beyond_its_range_instead_of_clipping(tmp_path):
+    values = _shard_values(3, t5_dim=8)
+    big = values[0][1]
+    big["_t5"] = np.array([[3000.0, -2500.0, 0.5, 1e-3] * 2, [60000.0, 1.0, -1.0, 0.0] * 2], dtype=np.float16)
+    big["t5_len"] = 2
+    _write_shard(tmp_path, values, t5_dtype="float8")
+    meta = {r["uid"]: r for r in pq.read_table(tmp_path / "meta/000000.parquet").to_pylist()}
+    assert meta[big["uid"]]["t5_scale"] == pytest.approx(60000.0 / 448, rel=1e-6)
+    sample = next(s for s in _raw_samples([str(tmp_path / "shards/000000.tar")]) if s["__key__"] == big["uid"])
+    y = load_t5_member("t5.f8", sample["t5.f8"], json.loads(sample["json"]))
+    assert y.max() == pytest.approx(60000.0, rel=1e-6) and y.min() == pytest.approx(-2500.0, rel=2**-4)
+    assert y[0, 0] == pytest.approx(3000.0, rel=2**-4)
+
+
+def test_old_datasets_and_the_default_are_float16_npy(tmp_path):
+    """A shard without t5_dtype / t5_scale (written before issue 14) reads as it always did, and the
+    default writer's tar member is the same .npy as before."""
+    x = np.arange(12, dtype=np.float16).reshape(3, 4)
+    buf = io.BytesIO()
+    np.save(buf, x.astype("<f2"), allow_pickle=False)
+    assert np.array_equal(load_t5_member("t5.npy", buf.getvalue(), {"t5_len": 3}), x)
+    values = _shard_values(4, t5_dim=8)
+    _write_shard(tmp_path, values, t5_store="tar")
+    with tarfile.open(tmp_path / "shards/000000.tar") as tar:
+        npys = [m for m in tar.getmembers() if m.name.endswith(".t5.npy")]
+        assert len(npys) == 4
+        first = npys[0].name.split(".")[0]
+        arr = np.load(io.BytesIO(tar.extractfile(npys[0]).read()), allow_pickle=False)
+    ref = next(v["_t5"] for k, v in values if k == "sample" and v["uid"] == first)
+    assert arr.dtype == np.dtype("<f2") and np.array_equal(arr, ref)
