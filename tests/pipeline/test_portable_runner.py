@@ -1,0 +1,328 @@
+"""`kiln prepare` through Beam's portable job API equals the DirectRunner, byte for byte.
+
+Spark and Flink run a Python pipeline through Beam's portable runner: the graph is translated to the
+runner API proto and submitted to a job service, the SDK harness unpickles every DoFn, encodes every
+element with the coders the proto names, materialises the side inputs, and the job's metrics come
+back through the job service's GetJobMetrics. Their job servers cannot start here (PITFALLS.md: they
+are fetched from the internet at run time); Beam's in-process job service
+(`--runner=PortableRunner --job_endpoint=embed --environment_type=LOOPBACK`) goes through the same
+job API, so this is the test of everything a cluster run adds to a local one.
+
+The end-to-end tests run `kiln prepare` as a user types it (the CLI, in a fresh process), with every
+stage on, on the tiny local models and the synthetic web served from 127.0.0.1, once per runner into
+the same --output path (the first output is moved aside before the second run), and compare.
+
+What is not byte for byte, and why: a model's scores depend on which records share its batch. The
+float32 rounding of a forward pass changes with the batch's shape (measured here: torch's Linear on
+1-7 rows differs from the same rows in a batch of 64 by up to 3.4e-7; the toxicity scorer pads to the
+longest caption of its batch), and Beam forms those batches per bundle and by timing (BatchElements'
+adaptive sizes). So two runs differ in those scores' last bits even on one runner (measured: two
+DirectRunner runs of this job differ by up to 1.7e-6 relative in punsafe, 5.1e-7 in toxicity, 2.0e-7
+in clip_similarity, and one float16 component of one CLIP embedding). Those fields (BATCH_DEPENDENT)
+are compared to a tolerance, every other byte exactly, and every file that is not byte-identical
+must owe it to one of them. With BATCH_DEPENDENT empty this is a plain byte-for-byte comparison.
+"""
+
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import apache_beam as beam
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from apache_beam.metrics import Metrics
+from apache_beam.options.pipeline_options import PipelineOptions
+
+from pipeline.prepare import _counters
+from pipeline.progress import ProgressPrinter, counts_from_metrics, format_line
+from pipeline.records import STAGES
+from pipeline.testbed.models import cached_test_models, prepare_flags
+from pipeline.testbed.server import SynthServer
+from pipeline.testbed.synth import FAILURE_KINDS, synthesize
+
+REPO = Path(__file__).resolve().parents[2]
+PORTABLE = ["--runner=PortableRunner", "--job_endpoint=embed", "--environment_type=LOOPBACK"]
+ROWS = 120
+
+# stats.json fields that may differ between the two runs, and why. Everything else must be equal.
+DIFFERING = {
+    ("started_at",): "wall-clock time",
+    ("finished_at",): "wall-clock time",
+    ("duration_s",): "wall-clock time",
+    ("beam_options",): "the runner flags themselves",
+    ("command",): "the command line, which carries the runner flags",
+    ("this_run", "stage_busy_s"): "time spent per stage",
+}
+BUSY_COUNTER = "/busy_ms"  # this_run.counters' <stage>/busy_ms: time spent per stage (ms)
+# Model scores (see the module docstring), compared with math.isclose(rel_tol=1e-4, abs_tol=1e-6):
+# 60x the largest difference measured between two DirectRunner runs, far below any real error. A
+# model stage's reject `detail` prints its score ("clip_similarity -0.4668 < 0.669"): the same.
+BATCH_DEPENDENT = ("toxicity", "toxicity_scores", "clip_similarity", "punsafe", "clip_image_embedding")
+MODEL_STAGES = ("toxicity", "clip", "nsfw")
+REL_TOL, ABS_TOL = 1e-4, 1e-6
+EMBEDDING_ATOL = 2e-3  # float16 components of a unit vector: 2 ulps at 0.5
+# The dataset card's lines that print those fields (README.md is compared without them).
+CARD_LINES_FROM_DIFFERING = ("Image–caption pairs prepared by kiln", "- **When:**", "- **Runner:**",
+                             "- **Busy time per stage", "kiln prepare --input ")
+
+
+@pytest.fixture(scope="module")
+def models():
+    return cached_test_models()
+
+
+@pytest.fixture(scope="module")
+def web(tmp_path_factory):
+    # Enough planted failures that every kind appears (round(ROWS * 0.35) = 42 >= 37 kinds), and
+    # mismatched / toxic captions for the model filters.
+    w = synthesize(tmp_path_factory.mktemp("pweb"), rows=ROWS, seed=5, failure_rate=0.35, mismatch_rate=0.1, toxic_rate=0.05)
+    assert round(ROWS * 0.35) >= len(FAILURE_KINDS)
+    with SynthServer(w) as server:
+        yield w, server
+
+
+def kiln_prepare(web_server, models, out: Path, beam_flags: list[str]) -> subprocess.CompletedProcess:
+    """`kiln prepare` as a user runs it: every stage on (toxicity, download with consent checks,
+    decode, resize, CLIP, NSFW, T5 are all on by default), progress line on."""
+    w, server = web_server
+    argv = [sys.executable, "-m", "pipeline.cli", "prepare", "--input", str(w.metadata_path), "--output", str(out),
+            "--allow-hosts", server.allow_hosts, "--image-size", "64", "--download-timeout", "3",
+            "--samples-per-shard", "40", *prepare_flags(models), *beam_flags]
+    return subprocess.run(argv, capture_output=True, text=True, cwd=REPO, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def runs(web, models, tmp_path_factory):
+    """{runner: (dataset dir, stats, stderr, wall seconds)} for the DirectRunner and the portable runner."""
+    root = tmp_path_factory.mktemp("pruns")
+    out = root / "run" / "ds"  # both runs write here: every path they record is the same
+    results = {}
+    for name, flags in (("direct", []), ("portable", PORTABLE)):
+        t0 = time.monotonic()
+        proc = kiln_prepare(web, models, out, flags)
+        wall = time.monotonic() - t0
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        assert "Traceback" not in proc.stderr, proc.stderr[-4000:]
+        kept = root / name
+        kept.mkdir()
+        out.rename(kept / "ds")
+        results[name] = (kept / "ds", json.loads((kept / "ds" / "stats.json").read_text()), proc.stderr, wall)
+        print(f"kiln prepare under {name}: {wall:.1f} s wall ({ROWS} rows, every stage on)")
+    return results
+
+
+def files(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def drop_differing(stats: dict) -> dict:
+    out = json.loads(json.dumps(stats))
+    for path in DIFFERING:
+        node = out
+        for key in path[:-1]:
+            node = node[key]
+        assert path[-1] in node, f"stats.json no longer has {'.'.join(path)}: update DIFFERING"
+        del node[path[-1]]
+    counters = out["this_run"]["counters"]
+    busy = [k for k in counters if k.endswith(BUSY_COUNTER)]
+    assert busy, "no <stage>/busy_ms counters: update BUSY_COUNTER"
+    for k in busy:
+        del counters[k]
+    return out
+
+
+def last_progress_line(stderr: str) -> str:
+    lines = [ln for ln in stderr.replace("\r", "\n").splitlines() if ln.startswith("kiln prepare: read ")]
+    assert lines, stderr[-3000:]
+    return lines[-1]
+
+
+class Compared:
+    """Counts the batch-dependent values that differ (within tolerance); fails on anything else."""
+
+    def __init__(self):
+        self.inexact = 0
+
+    def value(self, a, b, where: str) -> None:
+        if a == b:
+            return
+        if isinstance(a, bytes) and isinstance(b, bytes):  # clip_image_embedding: float16 array
+            x, y = np.frombuffer(a, "<f2").astype("f4"), np.frombuffer(b, "<f2").astype("f4")
+            assert x.shape == y.shape and np.allclose(x, y, rtol=0, atol=EMBEDDING_ATOL), where
+        elif isinstance(a, dict) and isinstance(b, dict):
+            assert a.keys() == b.keys(), where
+            for k in a:
+                self.value(a[k], b[k], f"{where}.{k}")
+            return
+        elif isinstance(a, str) and isinstance(b, str):  # a model reject's detail: its numbers
+            num = r"-?\d+\.\d+"
+            assert re.sub(num, "#", a) == re.sub(num, "#", b), where
+            for x, y in zip(re.findall(num, a), re.findall(num, b)):
+                assert math.isclose(float(x), float(y), rel_tol=REL_TOL, abs_tol=ABS_TOL + 10 ** -len(x.split(".")[1])), where
+        else:
+            assert isinstance(a, float) and isinstance(b, float), (where, a, b)
+            assert math.isclose(a, b, rel_tol=REL_TOL, abs_tol=ABS_TOL), (where, a, b)
+        self.inexact += 1
+
+    def record(self, a: dict, b: dict, where: str) -> None:
+        assert a.keys() == b.keys(), where
+        for key in a:
+            batch_dependent = key in BATCH_DEPENDENT or (key == "detail" and a.get("stage") in MODEL_STAGES)
+            if batch_dependent:
+                self.value(a[key], b[key], f"{where}:{key}")
+            else:
+                assert a[key] == b[key], (where, key, a[key], b[key])
+
+
+def compare_tar(a: Path, b: Path, cmp: Compared) -> None:
+    with tarfile.open(a) as ta, tarfile.open(b) as tb:
+        ma, mb = ta.getmembers(), tb.getmembers()
+        assert [m.name for m in ma] == [m.name for m in mb], a.name
+        for x, y in zip(ma, mb):
+            hx, hy = x.get_info(), y.get_info()
+            if x.name.endswith(".json"):  # the sample's metadata, scores included: compared parsed
+                for field in ("size", "chksum"):  # a score's digits can change the member's length
+                    hx.pop(field), hy.pop(field)
+                cmp.record(json.loads(ta.extractfile(x).read()), json.loads(tb.extractfile(y).read()), f"{a.name}:{x.name}")
+            else:  # image, caption, T5 array: byte for byte
+                assert ta.extractfile(x).read() == tb.extractfile(y).read(), f"{a.name}:{x.name}"
+            assert hx == hy, f"{a.name}:{x.name}"
+
+
+def without_file_identities(obj):
+    """A manifest or footer without the sha256 and byte size of each file (compared file by file)."""
+    return json.loads(json.dumps(obj), object_hook=lambda d: {k: v for k, v in d.items() if not k.endswith("sha256") and k != "bytes"})
+
+
+def compare_parquet(a: Path, b: Path, cmp: Compared) -> None:
+    ta, tb = pq.read_table(a), pq.read_table(b)
+    assert ta.schema.remove_metadata().equals(tb.schema.remove_metadata()), a
+    meta_a, meta_b = ta.schema.metadata or {}, tb.schema.metadata or {}
+    assert meta_a.keys() == meta_b.keys(), a
+    for key in meta_a:  # the kiln.shard footer names its sibling files' sha256 and size
+        if meta_a[key] != meta_b[key]:
+            assert key == b"kiln.shard", (a, key)
+            assert without_file_identities(json.loads(meta_a[key])) == without_file_identities(json.loads(meta_b[key])), a
+    rows_a, rows_b = ta.to_pylist(), tb.to_pylist()
+    assert len(rows_a) == len(rows_b), a
+    for i, (x, y) in enumerate(zip(rows_a, rows_b)):
+        cmp.record(x, y, f"{a.parent.name}/{a.name}[{i}]")
+
+
+@pytest.mark.slow
+def test_shards_meta_and_rejects_are_the_same_bytes(runs):
+    (direct, *_), (portable, *_) = runs["direct"], runs["portable"]
+    a, b = files(direct), files(portable)
+    assert sorted(a) == sorted(b)
+    identical = different = 0
+    for sub in ("shards/", "meta/", "rejects/"):
+        names = [n for n in a if n.startswith(sub)]
+        assert names, sub
+        for n in names:
+            if a[n] == b[n]:
+                identical += 1
+                continue
+            different += 1
+            cmp = Compared()
+            (compare_tar if n.endswith(".tar") else compare_parquet)(direct / n, portable / n, cmp)
+            assert cmp.inexact > 0, f"{n}: not byte-identical, yet every value is: the difference is in the encoding"
+    print(f"shards/meta/rejects: {identical} files byte-identical, {different} differing only in BATCH_DEPENDENT fields")
+    # manifest.json: the same but for the sha256 and size of the files compared above.
+    assert without_file_identities(json.loads(a["manifest.json"])) == without_file_identities(json.loads(b["manifest.json"]))
+    # Everything else byte for byte (the card's plots, _SUCCESS), but stats.json (next test) and the
+    # card's lines that print the fields listed in DIFFERING.
+    rest = [n for n in a if not n.startswith(("shards/", "meta/", "rejects/")) and n not in ("stats.json", "README.md", "manifest.json")]
+    assert rest and [n for n in rest if a[n] != b[n]] == []
+    card_a, card_b = a["README.md"].decode().splitlines(), b["README.md"].decode().splitlines()
+    assert len(card_a) == len(card_b)
+    differing = [(x, y) for x, y in zip(card_a, card_b) if x != y]
+    assert differing and all(x.startswith(CARD_LINES_FROM_DIFFERING) for x, _ in differing), differing
+    assert any("PortableRunner" in y for _, y in differing)
+
+
+@pytest.mark.slow
+def test_stats_equal_but_for_times_and_runner_flags(runs):
+    sa, sb = runs["direct"][1], runs["portable"][1]
+    assert drop_differing(sa) == drop_differing(sb)
+    assert sb["beam_options"] == {"runner": "PortableRunner", "job_endpoint": "embed", "environment_type": "LOOPBACK"}
+    assert not sa["beam_options"].get("runner")
+
+
+@pytest.mark.slow
+def test_every_input_row_is_kept_or_rejected_once_with_every_stage_on(web, runs):
+    w, _ = web
+    out, stats, _, _ = runs["portable"]
+    input_ids = pq.read_table(w.metadata_path, columns=["SAMPLE_ID"]).column(0).to_pylist()
+    kept = [r["SAMPLE_ID"] for p in sorted((out / "meta").glob("*.parquet")) for r in pq.read_table(p).to_pylist()]
+    rejects = [r for p in sorted((out / "rejects").glob("*.parquet")) for r in pq.read_table(p).to_pylist()]
+    assert sorted(kept + [r["SAMPLE_ID"] for r in rejects]) == sorted(input_ids)
+    acc = stats["accounting"]
+    assert acc["ok"] and acc["input_rows"] == ROWS == stats["kept"] + stats["rejected"] == len(kept) + len(rejects)
+    # Every stage ran: each filter rejected something, and every kept sample carries its T5 array.
+    assert {r["stage"] for r in rejects} >= {"prefilter", "toxicity", "download", "decode", "clip"}
+    assert stats["stage_modes"] == {"prefilter": "filter", "toxicity": "filter", "download": "filter", "decode": "filter",
+                                    "resize": "filter", "clip": "filter", "nsfw": "filter", "t5": "embed"}
+    members = [m.name for t in sorted((out / "shards").glob("*.tar")) for m in tarfile.open(t).getmembers()]
+    assert len([m for m in members if m.endswith(".t5.npy")]) == len(kept) > 0
+
+
+@pytest.mark.slow
+def test_metrics_through_the_job_api_and_progress_equal_the_direct_runs(runs):
+    """this_run.counters come from result.metrics(): under the portable runner, the job service's
+    GetJobMetrics. They and the progress line's final counts agree with the DirectRunner's."""
+    (_, sa, err_a, _), (_, sb, err_b, _) = runs["direct"], runs["portable"]
+    ca = {k: v for k, v in sa["this_run"]["counters"].items() if not k.endswith(BUSY_COUNTER)}
+    cb = {k: v for k, v in sb["this_run"]["counters"].items() if not k.endswith(BUSY_COUNTER)}
+    assert cb == ca
+    assert cb["read/rows"] == ROWS and cb["write/samples"] == sb["kept"]
+    assert sum(cb.get(f"{stage}/rejected", 0) for stage in STAGES) == sb["rejected"]
+    assert sb["this_run"]["shards_written"] == sb["num_shards"] == 3
+    assert set(sb["this_run"]["stage_busy_s"]) == set(sa["this_run"]["stage_busy_s"])
+    want = format_line({"read": ROWS, "kept": sb["kept"], "rejected": sb["rejected"]}, ROWS, 0, None).split(" | - rows/s")[0]
+    assert last_progress_line(err_a).startswith(want)
+    assert last_progress_line(err_b).startswith(want)
+
+
+# -- a focused check of the fix this file found ----------------------------------------------------
+
+
+class _Gated(beam.DoFn):
+    """Counts each element in the "kiln" namespace once `gate` exists (so a poll before that sees none)."""
+
+    def __init__(self, gate: str):
+        self.gate = gate
+
+    def process(self, x):
+        deadline = time.monotonic() + 120
+        while not os.path.exists(self.gate) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        Metrics.counter("kiln", "read/rows").inc()
+        if x % 3:
+            Metrics.counter("kiln", "write/samples").inc()
+        else:
+            Metrics.counter("kiln", "download/rejected").inc()
+        yield x
+
+
+def test_job_metrics_are_asked_again_after_a_poll_while_the_job_runs(tmp_path):
+    """Beam's portable PipelineResult keeps its first GetJobMetrics answer: a progress poll while the
+    job ran froze the counters that stats.json and the accounting read at the end (all zero here).
+    job_metrics asks the job service again on every call."""
+    gate = tmp_path / "gate"
+    p = beam.Pipeline(options=PipelineOptions(PORTABLE))
+    _ = p | beam.Create(range(30)) | beam.ParDo(_Gated(str(gate)))
+    result = p.run()
+    try:
+        ProgressPrinter(result, 30, stream=open(os.devnull, "w")).poll()  # while no element has been counted
+    finally:
+        gate.touch()
+    result.wait_until_finish()
+    assert counts_from_metrics(result) == {"read": 30, "kept": 20, "rejected": 10}  # the progress line's final counts
+    assert _counters(result) == {"download/rejected": 10, "read/rows": 30, "write/samples": 20}  # stats.json's this_run
