@@ -45,6 +45,9 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... [cuda:LOCAL_RANK if available, else cpu]")
     p.add_argument("--cache", default="auto", choices=("auto", "always", "never"),
                    help="decode the training split into memory [auto: when it fits in 2 GiB]")
+    p.add_argument("--num-workers", type=int, default=None, metavar="N",
+                   help="DataLoader workers decoding shards, per process [train.num_workers; unset: min(8, cores) "
+                   "on CUDA, 0 on CPU]")
 
 
 def add_sample_args(p: argparse.ArgumentParser) -> None:

@@ -156,7 +156,10 @@ class TrainConfig:
     sample_every: int = 5000
     ckpt_every: int = 5000
     seed: int = 0
-    num_workers: int = 0
+    # DataLoader worker processes per training process for a streaming source (a cached one decodes
+    # once, up front). None: min(8, this process's share of the cores) on CUDA, 0 on CPU
+    # (train.trainer.loader_workers); `kiln train --num-workers N` sets it.
+    num_workers: int | None = None
 
     def __post_init__(self):
         if self.optimizer not in ("adamw", "adafactor"):
@@ -167,6 +170,8 @@ class TrainConfig:
             raise ValueError(f"train.precision must be 'fp32' or 'bf16', got {self.precision!r}")
         if self.batch_size < 1 or self.grad_accum < 1 or self.max_steps < 0:
             raise ValueError("train.batch_size and grad_accum must be >= 1, max_steps >= 0")
+        if self.num_workers is not None and self.num_workers < 0:
+            raise ValueError(f"train.num_workers must be >= 0 (or null: by device), got {self.num_workers}")
 
 
 # Sampling settings: a plain dict (the sampler's keyword arguments), with these keys and defaults.

@@ -64,6 +64,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from train.decode import open_at_size
 from train.errors import DatasetError, MissingFile, NoSamples, one_line
 from train.text import collate_text
 
@@ -482,9 +483,9 @@ def _decode(sample, spec, split, holdout_fraction, keep, counts) -> Record | Non
     if ext is None:
         raise CorruptSample("bad_image")
     try:
-        with Image.open(io.BytesIO(sample[ext])) as im:
-            im.load()  # decode now: a truncated or corrupt file fails here, not later
-            img = _resize_center_crop(im.convert("RGB"), spec.resolution)
+        # JPEG draft decoding at the stage's size (train.decode): a 1024 px sample for the 64 px
+        # stage is decoded at 128 px, then resized as before.
+        img = _resize_center_crop(open_at_size(sample[ext], spec.resolution), spec.resolution)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
         raise CorruptSample("bad_image") from err
     pixels = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
@@ -850,11 +851,13 @@ def make_source(
     cache: str = "auto",
     cache_max_bytes: int = DEFAULT_CACHE_MAX_BYTES,
     batch_size: int | None = None,
+    num_workers: int | None = None,
 ):
     """A batch source for `cfg` (a train.config.Config) over `data_dir`'s shards.
 
     cache: "auto" caches the split in memory when its decoded pixels fit in `cache_max_bytes`
-    (judged from manifest.json's sample count), "always" / "never" force it."""
+    (judged from manifest.json's sample count), "always" / "never" force it. num_workers: DataLoader
+    workers of a streaming source [cfg.train.num_workers, 0 when that is None; the trainer picks by device]."""
     spec = ImageSpec.from_config(cfg)
     seed = cfg.train.seed if seed is None else seed
     batch_size = batch_size or cfg.train.batch_size
@@ -874,5 +877,5 @@ def make_source(
         raise NoSamples(f"no samples to train on in {data_dir}: every sample is skipped by its metadata "
                         f"({counts.skipped()}); check --data, the stage's min_stored_size and the holdout fraction")
     return StreamingSource(urls, spec, batch_size, seed=seed, rank=rank, world_size=world_size, split=split,
-                           holdout_fraction=holdout_fraction, keep=keep, num_workers=cfg.train.num_workers, counts=counts,
+                           holdout_fraction=holdout_fraction, keep=keep, num_workers=num_workers if num_workers is not None else (cfg.train.num_workers or 0), counts=counts,
                            expected=shard_sizes(data_dir))

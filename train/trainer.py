@@ -215,8 +215,10 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(s, t.warmup_steps, t.max_steps, t.lr_schedule))
         self.generator = torch.Generator(device=self.device)
+        self.num_workers = loader_workers(t.num_workers, self.device)
         self.source = make_source(cfg, data_dir, seed=t.seed, rank=self.rank, world_size=self.world_size,
-                                  split="train", holdout_fraction=self.holdout_fraction, keep=keep, cache=cache)
+                                  split="train", holdout_fraction=self.holdout_fraction, keep=keep, cache=cache,
+                                  num_workers=self.num_workers)
         self.step = 0
         self.last_logs: dict = {}
         self.history: list[dict] = []  # every logged scalars dict, also in metrics.jsonl
@@ -235,7 +237,8 @@ class Trainer:
             self.scalars = _Scalars(self.workdir)
         counts = self.source.counts
         self.info(f"kiln train: {cfg.name} ({cfg.stage}), {self.model.num_params() / 1e6:.2f}M params, "
-                  f"{self.source.kind} data: {counts.as_dict()}, device {self.device}, world size {self.world_size}, step {self.step}")
+                  f"{self.source.kind} data: {counts.as_dict()}, device {self.device}, world size {self.world_size}, step {self.step}"
+                  + (f", {self.num_workers} loader workers" if self.source.kind == "stream" else ""))
         if counts.corrupt:
             self.info(f"kiln train: skipped {counts.corrupt} corrupt samples: "
                       f"{ {k: v for k, v in counts.skipped().items() if k in CORRUPT_REASONS} }")
@@ -467,6 +470,20 @@ def train(cfg: Config, data_dir: str | Path, workdir: str | Path, max_steps: int
     return trainer
 
 
+def loader_workers(setting: int | None, device: torch.device) -> int:
+    """DataLoader workers for a streaming source: `setting` when given (train.num_workers,
+    --num-workers); else 0 on CPU, where the workers would take cores from the training step, and on
+    CUDA min(8, this process's share of the cores: cores / LOCAL_WORLD_SIZE under torchrun). Decoding
+    is what feeds a GPU: bench/gpu.py prints the loader's images/s per core next to the training
+    images/s, i.e. how many cores a GPU needs."""
+    if setting is not None:
+        return int(setting)
+    if torch.device(device).type != "cuda":
+        return 0
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(8, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))))
+
+
 def _trim_metrics(path: Path, step: int) -> None:
     """Drop metrics.jsonl lines past `step` (logged after the checkpoint a run resumes from, by a
     run that was then interrupted), so the resumed run's lines do not repeat their steps."""
@@ -501,7 +518,10 @@ def main_train(args: argparse.Namespace) -> int:
     the summary as JSON. A bad flag, dataset or checkpoint raises a UserError (train.errors): the
     kiln CLI prints it as one line."""
     try:
-        cfg = load_config(args.config, parse_overrides(args.override))
+        overrides = parse_overrides(args.override)
+        if getattr(args, "num_workers", None) is not None:
+            overrides["train.num_workers"] = args.num_workers
+        cfg = load_config(args.config, overrides)
     except (FileNotFoundError, KeyError, TypeError, ValueError) as err:
         msg = err.args[0] if isinstance(err, KeyError) and err.args else err
         raise ConfigError(f"--config {args.config}: {one_line(msg)}") from err
