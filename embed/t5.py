@@ -102,8 +102,8 @@ from embed.batching import pad_width, plan_batches, scatter
 from embed.errors import ModelLoadError
 from embed.text import clean_caption
 
-__all__ = ["FLAG", "EmbedResult", "ModelLoadError", "T5Embedder", "check_model_dir", "quiet_hf_progress", "resolve_model_dir",
-           "weight_files", "weights_sha256"]
+__all__ = ["FLAG", "CaptionTokens", "EmbedResult", "ModelLoadError", "T5Embedder", "check_model_dir", "load_tokenizer",
+           "quiet_hf_progress", "resolve_model_dir", "weight_files", "weights_sha256"]
 
 DEFAULT_MODEL = "google/t5-v1_1-xxl"  # Imagen §2.1: T5-XXL; v1.1 is the public release of that family
 # Padded tokens per batch. CPU: compute grows with padded tokens and is already efficient at a few
@@ -273,6 +273,35 @@ def _torch_dtype(dtype, device: torch.device) -> torch.dtype:
     return dtype
 
 
+def load_tokenizer(model_dir: str | os.PathLike, spec: str):
+    """The model folder's own tokenizer (local files only); one that does not load -> ModelLoadError."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+    except (OSError, ValueError) as err:  # a tokenizer file missing, not JSON, not a sentencepiece model
+        raise ModelLoadError(FLAG, spec, f"the tokenizer in {model_dir} does not load ({type(err).__name__}: "
+                             f"{_first_line(err)})", _todo(spec)) from err
+
+
+class CaptionTokens:
+    """How many tokens T5Embedder encodes a caption with -- cleaned, EOS included, at most
+    `max_length` -- from the model's tokenizer alone (no weights are loaded): what lets a caller
+    size batches in tokens before they reach the encoder (`kiln prepare --t5-batch-tokens`).
+
+        count = CaptionTokens("local:/models/t5-v1_1-xxl")
+        count("a corgi wearing sunglasses")   # 9, as T5Embedder.tokenize_lengths would say
+    """
+
+    def __init__(self, model: str = DEFAULT_MODEL, max_length: int = 128):
+        self.max_length = int(max_length)
+        self.tokenizer = load_tokenizer(resolve_model_dir(model), model)
+
+    def __call__(self, caption: str) -> int:
+        ids = self.tokenizer(clean_caption(caption), add_special_tokens=True, truncation=False, verbose=False)["input_ids"]
+        return min(len(ids), self.max_length)
+
+
 # ----------------------------------------------------------------------------------------------
 # The encoder
 
@@ -295,7 +324,7 @@ class T5Embedder:
         max_batch_size: int | None = None,
         window: int | None = None,
     ):
-        from transformers import AutoTokenizer, T5EncoderModel
+        from transformers import T5EncoderModel
 
         self.spec = model
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -314,11 +343,7 @@ class T5Embedder:
         self.weights_path = str(main_file)
         self._sha256: str | None = None
 
-        try:
-            self.tokenizer = AutoTokenizer.from_pretrained(str(self.model_dir), local_files_only=True)
-        except (OSError, ValueError) as err:  # a tokenizer file missing, not JSON, not a sentencepiece model
-            raise ModelLoadError(FLAG, model, f"the tokenizer in {self.model_dir} does not load ({type(err).__name__}: "
-                                 f"{_first_line(err)})", _todo(model)) from err
+        self.tokenizer = load_tokenizer(self.model_dir, model)
         self.eos_id = self.tokenizer.eos_token_id
         self.pad_id = self.tokenizer.pad_token_id
         if self.eos_id is None or self.pad_id is None:

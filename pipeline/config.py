@@ -182,6 +182,10 @@ class T5Config:
     dtype: str = setting("float16", "stored number format: float16 (KEY.t5.npy), bfloat16 (raw, same bytes), float8 "
                          "(e4m3fn + a per-sample scale, half the bytes)", key="t5_dtype", type=str, choices=("float16", "bfloat16", "float8"))
     max_tokens: int | None = setting(None, "padded tokens per T5 forward pass", key="t5_max_tokens", type=int, lo=1, result=False, shown="4096 CPU, 16384 CUDA")
+    batch_tokens: int | None = setting(None, "caption tokens per Beam batch into T5 (batches sized by token count, then sorted by "
+                                       "length and packed into --t5-max-tokens passes); 0: batches of 256 captions",
+                                       key="t5_batch_tokens", type=int, lo=0, result=False,
+                                       shown="4 x --t5-max-tokens (65536) with a GPU, 0 on CPU")
     cross_process: bool = setting(False, "one T5 per machine shared by all worker processes (Beam MultiProcessShared), e.g. on a GPU VM",
                                   key="t5_cross_process", result=False)
 

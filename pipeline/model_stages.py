@@ -267,16 +267,28 @@ class _ModelStageFn(beam.DoFn):
 
 
 class _ModelStage(beam.PTransform):
-    def __init__(self, loader, score_fn, cfg, models: ModelsConfig, columns: InputConfig, stages, tag, batch_size=None):
+    """`batch_size`: records per Beam batch (adaptive, up to it); with `element_size_fn`, the size
+    of every Beam batch in that function's units instead (e.g. caption tokens), fixed."""
+
+    def __init__(self, loader, score_fn, cfg, models: ModelsConfig, columns: InputConfig, stages, tag, batch_size=None,
+                 element_size_fn=None):
         super().__init__()
         self.loader, self.score_fn, self.cfg, self.models, self.columns, self.stages, self.tag = loader, score_fn, cfg, models, columns, stages, tag
         self.batch_size = batch_size or models.batch_size
+        self.element_size_fn = element_size_fn
 
     def expand(self, records):
         fn = _ModelStageFn(self.loader, self.score_fn, self.cfg, self.models, self.columns, self.stages, shared.Shared(), self.tag)
+        if self.element_size_fn is None:
+            batch = beam.BatchElements(min_batch_size=1, max_batch_size=self.batch_size)
+        else:
+            # min == max: every batch is filled to the budget (the last of a bundle holds the rest);
+            # Beam's size-adaptive batching would start at one element and grow from there.
+            batch = beam.BatchElements(min_batch_size=self.batch_size, max_batch_size=self.batch_size,
+                                       element_size_fn=self.element_size_fn)
         out = (
             records
-            | "Batch" >> beam.BatchElements(min_batch_size=1, max_batch_size=self.batch_size)
+            | "Batch" >> batch
             | "Score" >> beam.ParDo(fn).with_outputs("rejects", main="main")
         )
         return {"main": out.main, "rejects": out.rejects}
@@ -294,8 +306,71 @@ def ImageFilters(cfg: ClipConfig, models: ModelsConfig, columns: InputConfig) ->
 # T5 batches are re-bucketed by length inside the encoder, so a Beam batch can be larger than the
 # other models' (records per Beam batch, not padded tokens: --t5-max-tokens bounds those).
 T5_RECORDS_PER_BATCH = 256
+# With a GPU, a Beam batch is sized in caption tokens instead: 4 passes' worth (--t5-max-tokens).
+# The encoder sorts a batch by length and runs one pass per padded width (embed.batching), so a
+# batch of 256 captions -- ~4k tokens at web caption lengths -- makes ~18 passes of ~250 padded
+# tokens each, far too small to fill a GPU with T5-XXL. At 65,536 tokens (~4,000 captions at a mean
+# of 16 tokens) the same ~20 widths make passes of ~3,400 padded tokens on average, 68% of all
+# padded tokens in passes of >= 4,096 (bench/gpu.py prints the plan; README "GPU").
+T5_BATCH_PASSES = 4
+
+
+def t5_batch_tokens(cfg: T5Config, models: ModelsConfig) -> int | None:
+    """Caption tokens per Beam batch into EmbedT5 (--t5-batch-tokens), or None: batches of up to
+    T5_RECORDS_PER_BATCH records. Unset: T5_BATCH_PASSES x the CUDA pass budget when the models run
+    on a GPU (--device cuda..., a --gpu-resource-hint, or no --device and a GPU here), else None."""
+    if cfg.batch_tokens is not None:
+        if 0 < cfg.batch_tokens < cfg.max_length:
+            from pipeline.config import ConfigError
+
+            raise ConfigError(f"--t5-batch-tokens {cfg.batch_tokens} is below --t5-max-length {cfg.max_length}: a "
+                              "batch must hold the longest caption (0: batches of 256 captions)")
+        return cfg.batch_tokens or None
+    if models.gpu_resource_hint:
+        on_gpu = True
+    elif models.device is not None:
+        on_gpu = models.device.startswith("cuda")
+    else:
+        import torch
+
+        on_gpu = torch.cuda.is_available()
+    if not on_gpu:
+        return None
+    from embed.t5 import DEFAULT_MAX_TOKENS
+
+    return T5_BATCH_PASSES * (cfg.max_tokens or DEFAULT_MAX_TOKENS["cuda"])
+
+
+_token_counters: dict = {}
+
+
+class CaptionTokenCount:
+    """BatchElements' element_size_fn for EmbedT5: a record's caption tokens, counted by the T5
+    model's own tokenizer exactly as the encoder will count them (embed.t5.CaptionTokens: cleaned,
+    EOS included, capped at --t5-max-length). The tokenizer loads once per worker process, on first
+    use; it is never pickled."""
+
+    def __init__(self, cfg: T5Config, caption_col: str = "TEXT"):
+        self.model, self.max_length, self.caption_col = cfg.model, cfg.max_length, caption_col
+
+    def __call__(self, record: dict) -> int:
+        key = (self.model, self.max_length)
+        count = _token_counters.get(key)
+        if count is None:
+            from pipeline.compat import ensure_torch_compat
+
+            ensure_torch_compat()  # transformers imports torchvision
+            from embed.t5 import CaptionTokens
+
+            with model_errors():
+                count = _token_counters[key] = CaptionTokens(self.model, self.max_length)
+        return count(str(record.get(self.caption_col) or ""))
 
 
 def EmbedT5(cfg: T5Config, models: ModelsConfig, columns: InputConfig) -> _ModelStage:
+    tokens = t5_batch_tokens(cfg, models)
+    if tokens is None:
+        return _ModelStage(load_t5, embed_captions, cfg, models, columns, (STAGE_T5,), tag=f"t5:{cfg.model}:{cfg.max_length}",
+                           batch_size=max(T5_RECORDS_PER_BATCH, models.batch_size))
     return _ModelStage(load_t5, embed_captions, cfg, models, columns, (STAGE_T5,), tag=f"t5:{cfg.model}:{cfg.max_length}",
-                       batch_size=max(T5_RECORDS_PER_BATCH, models.batch_size))
+                       batch_size=tokens, element_size_fn=CaptionTokenCount(cfg, columns.caption_col))
