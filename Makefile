@@ -13,7 +13,7 @@ venv: $(STAMP)
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/pip install --quiet --disable-pip-version-check $(PINS) -e '.[test]'
+	$(BIN)/pip install --quiet --disable-pip-version-check $(PINS) -e '.[test,bench]'
 	touch $(STAMP)
 
 demo: $(STAMP)
