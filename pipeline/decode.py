@@ -29,7 +29,8 @@ def decode_record(record: dict, cfg: ImageConfig) -> dict:
 def resize_record(record: dict, cfg: ImageConfig) -> dict:
     """Stage function: `_bgr` -> `_image` (encoded bytes) with the stored size and its sha256."""
     record = dict(record)
-    data, width, height = resize_and_encode(record.pop("_bgr"), cfg)
+    # The original size lets a DCT-reduced decode be cropped on the source's pixel grid.
+    data, width, height = resize_and_encode(record.pop("_bgr"), cfg, (record["original_width"], record["original_height"]))
     record["_image"] = data
     record["stored_width"] = width
     record["stored_height"] = height
