@@ -48,6 +48,7 @@ import torch
 import torch.nn.functional as F
 
 from filters.errors import ModelLoadError
+from filters.passes import PASS_ROWS, fill, groups_by_width
 from filters.weights import CONVERT_PICKLE, check_safetensors, pickle_refusal, sha256_file, short
 
 __all__ = ["FLAG", "ClipScorer", "ClipScores", "ModelLoadError", "preprocess_images", "sha256_file"]
@@ -509,8 +510,13 @@ class ClipScorer:
                 if k + 1 < len(starts):
                     s2 = starts[k + 1]
                     nxt = pre.submit(self.preprocess, images[s2 : s2 + bs], channel_order)
-                feats = self.model.encode_image(self._to_input(batch))
-                out[s : s + len(batch)] = F.normalize(feats.float(), dim=-1).cpu().numpy()
+                # Passes of exactly PASS_ROWS images, so an image's embedding does not depend on
+                # which or how many others share its pass (filters.passes); batch_size is how many
+                # images are preprocessed at a time, overlapping the previous chunk's passes.
+                for j in range(0, len(batch), PASS_ROWS):
+                    part = batch[j : j + PASS_ROWS]
+                    feats = self.model.encode_image(self._to_input(fill(part, PASS_ROWS)))
+                    out[s + j : s + j + len(part)] = F.normalize(feats.float(), dim=-1).cpu().numpy()[: len(part)]
         return out
 
     def _can_trim_text(self) -> bool:
@@ -530,11 +536,12 @@ class ClipScorer:
             and hasattr(m, "ln_final")
         )
 
-    def _encode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+    def _encode_tokens(self, tokens: torch.Tensor, length: int) -> torch.Tensor:
+        """Text embeddings of `tokens`, computed over their first `length` positions (every EOT
+        within them) when the tower can be trimmed, else over all context positions."""
         m = self.model
         if not self._trim_text:
             return m.encode_text(tokens)
-        length = int(tokens.argmax(dim=-1).max()) + 1
         t = tokens[:, :length]
         cast = m.transformer.get_cast_dtype()
         x = m.token_embedding(t).to(cast) + m.positional_embedding[:length].to(cast)
@@ -549,24 +556,29 @@ class ClipScorer:
     def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
         """float32 [n, d] L2-normalised text embeddings (captions truncated to the context length).
 
-        Captions are tokenised once, encoded in length-sorted batches, and (for standard CLIP text
-        towers) only up to the batch's longest caption instead of all context positions.
+        Captions are tokenised once and (for standard CLIP text towers) encoded over a width set
+        by their own token count instead of all context positions, in passes that never mix widths
+        and hold exactly PASS_ROWS rows: a caption's embedding depends on it and the model alone
+        (filters.passes).
         """
+        from embed.batching import pad_width
+
         n = len(texts)
         out = np.empty((n, self.embed_dim), dtype=np.float32)
         if n == 0:
             return out
         tokens = self.tokenizer(["" if t is None else str(t) for t in texts])
+        context = tokens.shape[1]
         if self._trim_text:
-            order = torch.argsort(tokens.argmax(dim=-1), stable=True)
+            widths = [pad_width(int(eot) + 1, context) for eot in tokens.argmax(dim=-1)]
         else:
-            order = torch.arange(n)
-        bs = self.batch_size
+            widths = [context] * n
         with torch.inference_mode(), self._autocast():
-            for s in range(0, n, bs):
-                idx = order[s : s + bs]
-                feats = self._encode_tokens(tokens[idx].to(self.device))
-                out[idx.numpy()] = F.normalize(feats.float(), dim=-1).cpu().numpy()
+            for width, members in groups_by_width(widths):
+                for s in range(0, len(members), PASS_ROWS):
+                    idx = members[s : s + PASS_ROWS]
+                    feats = self._encode_tokens(fill(tokens[idx], PASS_ROWS).to(self.device), width)
+                    out[idx] = F.normalize(feats.float(), dim=-1).cpu().numpy()[: len(idx)]
         return out
 
     def score(self, images: Sequence, texts: Sequence[str], channel_order: str = "rgb") -> ClipScores:

@@ -54,6 +54,7 @@ import torch
 from torch import nn
 
 from filters.errors import ModelLoadError
+from filters.passes import fill
 from filters.weights import load_safetensors, load_torch, sha256_file
 
 __all__ = ["FLAG", "KERAS_LAYOUT", "LAYOUT", "KerasDenseHead", "ModelLoadError", "NsfwHead", "NsfwScorer",
@@ -204,7 +205,7 @@ class NsfwScorer:
         device: str | torch.device | None = None,
         *,
         activation: str | None = None,
-        batch_size: int = 4096,
+        batch_size: int = 64,  # rows per pass; every pass is filled to it (filters.passes)
     ):
         self.weights_path = os.path.realpath(str(weights_path))
         if not os.path.isfile(self.weights_path):
@@ -303,14 +304,18 @@ class NsfwScorer:
         with torch.inference_mode():
             for s in range(0, n, self.batch_size):
                 x = torch.from_numpy(np.ascontiguousarray(emb[s : s + self.batch_size], dtype=np.float32)).to(self.device)
-                x = torch.nn.functional.normalize(x, dim=-1)
+                rows = len(x)
+                # Every pass holds exactly batch_size rows: a row's punsafe does not depend on which
+                # or how many others share it (filters.passes).
+                x = torch.nn.functional.normalize(fill(x, self.batch_size), dim=-1)
                 if self.input_precision == "float16":
                     x = x.half().float()
                 if self._lookups:
                     x = self._apply_lookups(x)
                 raw = self.model(x)[:, 0].float()
                 p = torch.sigmoid(raw) if self.activation == "sigmoid" else raw.clamp(0.0, 1.0)
-                out[s : s + len(x)] = p.cpu().numpy()
+                # Sliced last: an elementwise op's SIMD tail rounds differently (filters.passes).
+                out[s : s + rows] = p.cpu().numpy()[:rows]
         return out
 
     def _apply_lookups(self, x: torch.Tensor) -> torch.Tensor:

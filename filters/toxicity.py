@@ -191,29 +191,34 @@ class ToxicityScorer:
         }
 
     def score(self, captions: Sequence[str]) -> ToxicityScores:
-        """Scores for `captions`, in order. Captions are truncated to `max_length` tokens; batches
-        are formed from length-sorted captions (less padding) and the result is put back in order."""
+        """Scores for `captions`, in order. Captions are truncated to `max_length` tokens. Each
+        caption's scores depend on it and the model alone, not on the other captions (filters.passes):
+        it is padded to a width set by its own token count, passes never mix widths, and every pass
+        has exactly PASS_ROWS rows."""
         import torch
+
+        from embed.batching import pad_width
+        from filters.passes import PASS_ROWS, groups_by_width
 
         captions = list(captions)
         for i, c in enumerate(captions):
             if not isinstance(c, str):
                 raise TypeError(f"caption {i} is {type(c).__name__}, not str")
         out = np.zeros((len(captions), len(self.labels)), dtype=np.float32)
-        order = sorted(range(len(captions)), key=lambda i: len(captions[i]))
+        if not captions:
+            return ToxicityScores(labels=list(self.labels), scores=out)
+        enc = self.tokenizer(captions, truncation=True, max_length=self.max_length)  # unpadded id lists
+        widths = [pad_width(len(ids), self.max_length) for ids in enc["input_ids"]]
         with torch.inference_mode():
-            for start in range(0, len(order), self.batch_size):
-                idx = order[start : start + self.batch_size]
-                enc = self.tokenizer(
-                    [captions[i] for i in idx],
-                    return_tensors="pt",
-                    truncation=True,
-                    max_length=self.max_length,
-                    padding=True,
-                )
-                enc = {k: v.to(self.device) for k, v in enc.items()}
-                logits = self.model(**enc).logits
-                out[idx] = torch.sigmoid(logits.float()).cpu().numpy()
+            for width, members in groups_by_width(widths):
+                for start in range(0, len(members), PASS_ROWS):
+                    idx = members[start : start + PASS_ROWS]
+                    rows = [{k: enc[k][i] for k in enc} for i in idx]
+                    rows += [rows[0]] * (PASS_ROWS - len(rows))  # filler rows, dropped below
+                    batch = self.tokenizer.pad(rows, padding="max_length", max_length=width, return_tensors="pt")
+                    batch = {k: v.to(self.device) for k, v in batch.items()}
+                    logits = self.model(**batch).logits
+                    out[idx] = torch.sigmoid(logits.float()).cpu().numpy()[: len(idx)]  # sliced last (filters.passes)
         return ToxicityScores(labels=list(self.labels), scores=out)
 
     def __repr__(self) -> str:
