@@ -305,8 +305,9 @@ def test_two_worker_processes_hold_a_host_to_k_for_the_whole_job(web):
     big = web.hosts[0]
 
     # Before: each of the 2 workers holds 127.0.0.1 to K; the server keeps every request until more
-    # than K are in flight to its host (or hold_s): together the workers pass K.
-    web.hold_s, web.release_above = 2.0, K
+    # than K are in flight to its host (or hold_s): together the workers pass K. hold_s is long so
+    # that a worker process that starts late on a loaded machine still overlaps the other one.
+    web.hold_s, web.release_above = 20.0, K
     cfg = DownloadConfig(per_host_concurrency=K, per_host_buckets=2, threads=16, timeout_s=30, retries=0, allow_hosts=web.allow)
     p = beam.Pipeline(options=PipelineOptions(TWO_WORKERS))
     _ = (p | beam.Create(rows) | beam.Reshuffle() | beam.BatchElements(min_batch_size=8, max_batch_size=8)
