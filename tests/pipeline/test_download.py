@@ -313,7 +313,9 @@ def test_two_worker_processes_hold_a_host_to_k_for_the_whole_job(web):
     _ = (p | beam.Create(rows) | beam.Reshuffle() | beam.BatchElements(min_batch_size=8, max_batch_size=8)
          | beam.ParDo(_PerWorkerLimitFn(cfg.fetch_config(), 16)))
     p.run().wait_until_finish()
-    old_max, old_pids = web.max_active[big], {pid for _, _, _, pid in web.log}
+    # A sender's pid is looked up in /proc while the request is served; on a loaded machine a lookup can
+    # miss (None): the known pids are what the checks use.
+    old_max, old_pids = web.max_active[big], {pid for _, _, _, pid in web.log} - {None}
     print(f"per-worker limit: max in flight to {big} = {old_max} (K = {K}), sender pids {sorted(old_pids)}")
     assert old_max > K, web.max_active
     assert len(old_pids) == 2 and os.getpid() not in old_pids  # two worker processes, not this one
@@ -326,9 +328,9 @@ def test_two_worker_processes_hold_a_host_to_k_for_the_whole_job(web):
     result = p.run()
     result.wait_until_finish()
     arrivals = [(host, path, pid) for event, host, path, pid in web.log if event == "arrive"]
-    pids = {pid for _, _, pid in arrivals}
+    pids = {pid for _, _, pid in arrivals} - {None}
     assert len(pids) == 2 and os.getpid() not in pids, pids  # both worker processes downloaded
-    assert len({pid for host, _, pid in arrivals if host == big}) == 2  # ... and both fetched the big host
+    assert len({pid for host, _, pid in arrivals if host == big} - {None}) == 2  # ... and both fetched the big host
     print(f"Download stage: max in flight to {big} = {web.max_active[big]} (K = {K}), sender pids {sorted(pids)}")
     assert web.max_active[big] <= K, web.max_active  # never more than K in flight to it, job-wide
     assert web.max_active[big] >= 2  # its buckets did run requests side by side
