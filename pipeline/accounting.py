@@ -118,7 +118,8 @@ class Ledger:
     def funnel(self, modes: dict | None = None, input_rows: int | None = None) -> list[dict]:
         """Per stage in STAGES order: mode, in, out, rejected, reasons. Rows enter the first stage
         as `input_rows` (default: the ledger's input rows, else kept + rejected). Stages that were
-        off (`modes`: stage -> filter | score | off) and rejected nothing are left out."""
+        off (`modes`: stage -> filter | score | off), or are missing from `modes`, and rejected
+        nothing are left out."""
         reasons = self.reasons
         current = input_rows if input_rows is not None else self.input_rows
         if current is None:
@@ -127,6 +128,8 @@ class Ledger:
         for stage in STAGES:
             by_reason = reasons.get(stage, {})
             rejected = sum(by_reason.values())
+            if modes is not None and stage not in modes and not rejected:
+                continue  # a stage the run did not know of (stats.json of an older kiln) and that removed nothing
             mode = (modes or {}).get(stage, "filter")
             if mode == "off" and not rejected:
                 continue

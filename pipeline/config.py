@@ -46,12 +46,12 @@ class ConfigError(UserError, ValueError):
 
 def setting(default, help: str, *, result: bool = True, key: str | None = None, flag: str | None = None,
             type=None, lo=None, hi=None, lo_open: bool = False, choices=None, metavar: str | None = None,
-            shown: str | None = None):
+            shown: str | None = None, repeat: bool = False):
     """A config field. `result`: changes what lands in the output (part of the resume fingerprint).
     `lo`/`hi`: inclusive bounds (`lo_open`: lo excluded). `flag`: for booleans, the switch that
     flips the default (`--no-card`). `shown`: the default as --help prints it, where str() is unclear."""
     meta = dict(help=help, result=result, key=key, flag=flag, type=type, lo=lo, hi=hi, lo_open=lo_open,
-                choices=choices, metavar=metavar, shown=shown)
+                choices=choices, metavar=metavar, shown=shown, repeat=repeat)
     if default is REQUIRED:
         return field(default=None, metadata={**meta, "required": True})
     return field(default=default, metadata=meta)
@@ -110,8 +110,9 @@ class DownloadConfig:
                                            "comma-separated X-Robots-Tag directives that opt an image out", type=tuple)
     allow_hosts: str = setting("", "comma-separated exact host:port pairs allowed despite a non-public address (tests, demo)", type=str, shown="none")
 
-    def fetch_config(self):
-        """The fetcher's own config (pipeline.fetch), from this section."""
+    def fetch_config(self, **overrides):
+        """The fetcher's own config (pipeline.fetch), from this section (`overrides`: FetchConfig fields
+        set from elsewhere, e.g. the consent section's tdm_header / x_robots_tag)."""
         from pipeline.fetch import FetchConfig, parse_allow_hosts
 
         return FetchConfig(
@@ -124,7 +125,41 @@ class DownloadConfig:
             user_agent_token=self.user_agent_token,
             disallowed_directives=tuple(d.lower() for d in self.disallowed_directives),
             allow_hosts=parse_allow_hosts(self.allow_hosts),
+            **overrides,
         )
+
+
+# robots.txt user-agent tokens of crawlers that collect AI training data: a site whose robots.txt
+# gives one of them its own group disallowing a URL has opted that URL out of training (LAION's
+# images came from Common Crawl, CCBot; img2dataset is the downloader LAION-style sets use).
+AI_CRAWLER_TOKENS = ("CCBot", "GPTBot", "Google-Extended", "ClaudeBot", "anthropic-ai", "Applebot-Extended",
+                     "Bytespider", "meta-externalagent", "cohere-ai", "img2dataset")
+
+
+@dataclass(frozen=True)
+class ConsentConfig:
+    # pipeline/consent.py: which stage checks what; every protocol on by default.
+    robots_txt: bool = setting(True, "honour robots.txt (RFC 9309), fetched once per origin for the whole job: the group of "
+                               "--user-agent-token (else `*`) and the own groups of --ai-crawler-tokens; 5xx or unreachable = "
+                               "complete disallow", flag="--no-robots-txt")
+    ai_crawler_tokens: tuple = setting(AI_CRAWLER_TOKENS, "robots.txt user-agent tokens whose own group disallowing a URL is "
+                                       "read as a training opt-out for it", type=tuple)
+    rules_ttl_s: float = setting(86400.0, "seconds a fetched robots.txt / tdmrep.json is used; a group of URLs checked later "
+                                 "fetches it again (RFC 9309 2.4: at most 24 h)", key="rules_ttl", type=float, lo=0, lo_open=True,
+                                 result=False)
+    tdmrep: bool = setting(True, "honour W3C TDMRep: /.well-known/tdmrep.json per origin (fetched once, like robots.txt) and "
+                           "the tdm-reservation response header", flag="--no-tdmrep")
+    x_robots_tag: bool = setting(True, "honour X-Robots-Tag response headers (the directives of --disallowed-directives)",
+                                 flag="--no-x-robots-tag")
+    optout_list: tuple = setting((), "offline opt-out list file(s): a domain or a URL prefix per line (registries, requests "
+                                 "received by mail); repeat the flag for several", type=tuple, metavar="FILE", repeat=True)
+    c2pa: bool = setting(True, "honour a C2PA training-and-mining assertion embedded in the image (notAllowed: rejected)",
+                         flag="--no-c2pa")
+    blocklist: tuple = setting((), "hash blocklist file(s): SAMPLE_ID, URL sha256/md5 and domain entries are checked before "
+                               "download, image sha256/md5 and PDQ entries right after decode; repeat the flag for several",
+                               type=tuple, metavar="FILE", repeat=True)
+    pdq_threshold: int = setting(31, "PDQ Hamming distance (of 256 bits) at or below which an image matches a list's pdq entry "
+                                 "(a list's own `# pdq_threshold:` line wins)", type=int, lo=0, hi=255)
 
 
 @dataclass(frozen=True)
@@ -208,6 +243,7 @@ class PrepareConfig:
     output: OutputConfig
     prefilter: PrefilterConfig = PrefilterConfig()
     download: DownloadConfig = DownloadConfig()
+    consent: ConsentConfig = ConsentConfig()
     image: ImageConfig = ImageConfig()
     toxicity: ToxicityConfig = ToxicityConfig()
     clip: ClipConfig = ClipConfig()
@@ -216,7 +252,9 @@ class PrepareConfig:
 
     def stage_modes(self) -> dict:
         """What each stage did in this run (the card and the funnel say which filters were active)."""
-        return {"prefilter": "filter", "toxicity": self.toxicity.mode, "download": "filter", "decode": "filter",
+        c = self.consent
+        return {"prefilter": "filter", "blocklist": "filter" if c.blocklist else "off",
+                "optout": "filter" if (c.robots_txt or c.tdmrep or c.optout_list) else "off", "toxicity": self.toxicity.mode, "download": "filter", "decode": "filter",
                 "resize": "filter", "clip": self.clip.clip_mode, "nsfw": self.clip.nsfw_mode, "t5": self.t5.mode}
 
 
@@ -226,6 +264,8 @@ SECTIONS = (
     ("output", "output", None),
     ("prefilter", "prefilter (metadata only, before any download)", None),
     ("download", "download", None),
+    ("consent", "consent: opt-outs and blocklists", "robots.txt, TDMRep, X-Robots-Tag, C2PA and --optout-list are each on by "
+     "default (docs/consent.md); every row they remove is a reject with its own reason"),
     ("image", "decode / resize", None),
     ("toxicity", "caption toxicity", "each model filter is 'filter' (score and reject), 'score' (record scores, reject nothing) or 'off'"),
     ("clip", "CLIP similarity + NSFW", None),
@@ -250,6 +290,7 @@ class Setting:
 
 
 _SECTION_CLASSES = {"input": InputConfig, "output": OutputConfig, "prefilter": PrefilterConfig, "download": DownloadConfig,
+                    "consent": ConsentConfig,
                     "image": ImageConfig, "toxicity": ToxicityConfig, "clip": ClipConfig, "t5": T5Config, "models": ModelsConfig}
 
 
@@ -293,6 +334,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                 group.add_argument(s.flag, dest=s.key, action=action, default=argparse.SUPPRESS, help=help_text)
                 continue
             metavar = s.meta.get("metavar") or {int: "N", float: "X", tuple: "A,B"}.get(s.type)
+            if s.meta.get("repeat"):  # a list of files: the flag may be given several times (each may also be A,B)
+                group.add_argument(s.flag, dest=s.key, default=argparse.SUPPRESS, help=help_text, action="append",
+                                   metavar=metavar)
+                continue
             group.add_argument(
                 s.flag, dest=s.key, required=s.required, default=argparse.SUPPRESS, help=help_text,
                 type=str if s.type is tuple else s.type, choices=s.meta.get("choices"), metavar=metavar,
@@ -320,6 +365,8 @@ def _coerce(s: Setting, value, where: str):
         if isinstance(value, str):
             return tuple(x.strip() for x in value.split(",") if x.strip())
         if isinstance(value, (list, tuple)) and all(isinstance(x, str) for x in value):
+            if s.meta.get("repeat"):  # --blocklist A --blocklist B,C
+                return tuple(y.strip() for x in value for y in x.split(",") if y.strip())
             return tuple(x.strip() for x in value if x.strip())
         raise ConfigError(f"{name}: expected a comma-separated string or a list of strings, got {value!r}")
     if t is int:
@@ -479,12 +526,15 @@ def flat(cfg: PrepareConfig) -> dict:
     return out
 
 
-def fingerprint(cfg: PrepareConfig, input_files: list[dict]) -> str:
-    """16 hex chars over every `result` setting and the input files (path, bytes, rows): a partial
-    output is resumed, and a complete one accepted, only under the same fingerprint."""
+def fingerprint(cfg: PrepareConfig, input_files: list[dict], list_hashes: list[str] | None = None) -> str:
+    """16 hex chars over every `result` setting, the input files (path, bytes, rows) and the sha256 of
+    every --blocklist / --optout-list file (`list_hashes`, in flag order: a list edited in place changes
+    what is kept): a partial output is resumed, and a complete one accepted, only under the same fingerprint."""
     values = flat(cfg)
     payload = {"flags": {s.key: values[s.key] for s in SETTINGS.values() if s.meta["result"]},
                "inputs": [[f["path"], f["bytes"], f["rows"]] for f in input_files]}
+    if list_hashes:
+        payload["lists"] = list(list_hashes)
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -500,6 +550,9 @@ def command_argv(cfg: PrepareConfig, beam_argv: list[str] = ()) -> list[str]:
             continue
         if s.type is bool:
             argv.append(s.flag)
+        elif s.type is tuple and s.meta.get("repeat"):
+            for item in v:
+                argv += [s.flag, item]
         elif s.type is tuple:
             argv.append(f"{s.flag}={','.join(v)}")
         else:

@@ -133,13 +133,14 @@ def _windowed(out):
 class _DownloadFn(beam.DoFn):
     """((host, bucket), rows) -> records with `_body`, "rejects", and "hosts" tallies per group."""
 
-    def __init__(self, cfg, columns):
-        self.cfg, self.columns = cfg, columns
+    def __init__(self, cfg, columns, consent=None):
+        self.cfg, self.columns, self.consent = cfg, columns, consent
 
     def setup(self):
         from pipeline.fetch import Fetcher
 
-        self.fetcher = Fetcher(self.cfg.fetch_config())  # one per worker process, shared by its threads
+        overrides = {} if self.consent is None else {"tdm_header": self.consent.tdmrep, "x_robots_tag": self.consent.x_robots_tag}
+        self.fetcher = Fetcher(self.cfg.fetch_config(**overrides))  # one per worker process, shared by its threads
         self.threads = self.cfg.threads
         self.max_open = 4 * self.threads  # groups open at once (each waits for its budget or a thread)
         self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix="kiln-download")
@@ -252,6 +253,7 @@ class _DownloadFn(beam.DoFn):
             self.counters.n_out.inc()
             record = dict(record)
             record["_body"] = result.body
+            record["source_bytes"] = len(result.body)
             record["final_url"] = result.final_url
             record["http_status"] = result.status
             record["content_type"] = result.content_type
@@ -297,11 +299,12 @@ class Download(beam.PTransform):
     """records -> {"main": records with `_body` bytes, "rejects": reject rows}.
 
     `cfg`: the run's DownloadConfig (--per-host-concurrency, --per-host-buckets, --per-host-rate,
-    --download-threads); `columns`: its InputConfig (the URL and id columns)."""
+    --download-threads); `columns`: its InputConfig (the URL and id columns); `consent`: its
+    ConsentConfig (whether X-Robots-Tag and the tdm-reservation header are honoured; None: both are)."""
 
-    def __init__(self, cfg, columns):
+    def __init__(self, cfg, columns, consent=None):
         super().__init__()
-        self.cfg, self.columns = cfg, columns
+        self.cfg, self.columns, self.consent = cfg, columns, consent
 
     def expand(self, records):
         url_col, buckets = self.columns.url_col, self.cfg.per_host_buckets
@@ -309,7 +312,7 @@ class Download(beam.PTransform):
             records
             | "KeyByHostBucket" >> beam.Map(lambda r: (download_key(r[url_col], r["uid"], buckets), r))
             | "GroupByHostBucket" >> beam.GroupByKey()
-            | "Fetch" >> beam.ParDo(_DownloadFn(self.cfg, self.columns)).with_outputs("rejects", "hosts", main="main")
+            | "Fetch" >> beam.ParDo(_DownloadFn(self.cfg, self.columns, self.consent)).with_outputs("rejects", "hosts", main="main")
         )
         per_host = out.hosts | "SumPerHost" >> beam.CombinePerKey(_sum_tallies)
         _ = (

@@ -71,6 +71,8 @@ class FetchConfig:
     user_agent_token: str = "kiln"  # matched against UA-scoped X-Robots-Tag directives ("kiln: noai")
     user_agent: str = DEFAULT_USER_AGENT  # sent on every request
     disallowed_directives: tuple[str, ...] = ("noai", "noimageai", "noindex", "noimageindex")
+    x_robots_tag: bool = True  # False: X-Robots-Tag is not checked at all
+    tdm_header: bool = True  # TDMRep's `tdm-reservation: 1` response header ends the fetch (tdm_reservation)
     # Exact (host, port) pairs allowed although their addresses are not public (tests, local
     # mirrors): host as written in the URL, lowercased, IPv6 without brackets. Also accepts the
     # --allow-hosts string form, see parse_allow_hosts.
@@ -126,8 +128,21 @@ class _Transient(Exception):
     """A connection failure worth retrying: refused, reset, or a body cut short."""
 
 
+_DEFAULT_ACCEPT = "image/*,*/*;q=0.8"
+
+
+@dataclass(frozen=True)
+class _CallOptions:
+    """Fetcher.fetch's per-call keyword arguments, carried down to the request and the body read."""
+
+    accept: str  # Accept header
+    max_bytes: int  # body cap for this call
+    truncate: bool  # a body above the cap is cut at it and returned, not refused as too_large
+    check_optouts: bool  # False: X-Robots-Tag and tdm-reservation are not checked (rule files)
+
+
 # ---------------------------------------------------------------------------------------------
-# Pure helpers: addresses, --allow-hosts, X-Robots-Tag, Retry-After
+# Pure helpers: addresses, --allow-hosts, X-Robots-Tag, tdm-reservation, Retry-After
 
 
 _METADATA_ADDRESSES = frozenset(
@@ -317,6 +332,26 @@ def is_disallowed_by_robots(headers, user_agent_token: str, directives: Iterable
     return None
 
 
+def tdm_reserved(headers) -> str | None:
+    """The detail to report if the response reserves TDM rights, else None.
+
+    W3C TDMRep (CG Final Report, 2024-05-10), "TDM Header Field in HTTP Responses" (#sec-tdm-header):
+    `tdm-reservation: 1` reserves text-and-data-mining rights on the resource, `0` does not, and
+    any other value is a protocol error read as unset (#sec-tdm-reservation). Header names are
+    case-insensitive; a value repeated or comma-joined by a proxy counts as reserved if any item is
+    "1". `tdm-policy` (a URL to the rightsholder's licensing terms) only goes into the detail.
+    `headers`: as for is_disallowed_by_robots.
+    """
+    values = _header_values(headers, "tdm-reservation")
+    if not any(item.strip() == "1" for value in values for item in value.split(",")):
+        return None
+    detail = "tdm-reservation: " + ", ".join(v.strip() for v in values)
+    policies = _header_values(headers, "tdm-policy")
+    if policies:
+        detail += "; tdm-policy: " + ", ".join(p.strip() for p in policies)
+    return detail[:300]
+
+
 def _retry_after_s(value: str, now: datetime | None = None) -> float | None:
     """Seconds to wait from a Retry-After value (delta-seconds or HTTP-date); None if unparseable."""
     value = value.strip()
@@ -462,16 +497,41 @@ class Fetcher:
         """Release the DNS threads; lookups still queued are dropped."""
         self._dns_pool.shutdown(wait=False, cancel_futures=True)
 
-    def fetch(self, url: str, on_throttle=None) -> FetchResult:
+    def fetch(
+        self,
+        url: str,
+        on_throttle=None,
+        *,
+        accept: str | None = None,
+        max_bytes: int | None = None,
+        truncate: bool = False,
+        check_optouts: bool = True,
+    ) -> FetchResult:
         """Download `url`'s body. Never raises for network or content problems.
 
         `on_throttle(wait_s)`, if given, is called (on this thread) on every 429 or 503 response,
         retried or not, with the seconds the server asked for: its Retry-After, capped at
-        max_retry_after_s, else this attempt's exponential backoff."""
+        max_retry_after_s, else this attempt's exponential backoff.
+
+        For fetching rule files (pipeline/hostrules.py) rather than images: `accept` replaces the
+        Accept header; `max_bytes` replaces the config's cap for this call; `truncate=True` returns a
+        body above the cap cut at the cap instead of refusing it as too_large (RFC 9309 §2.5: parse
+        at least the first 500 KiB of a robots.txt); `check_optouts=False` skips the X-Robots-Tag
+        and tdm-reservation checks. Raises ValueError only for a bad `accept` or `max_bytes`."""
+        if accept is not None and not _PRINTABLE_ASCII.fullmatch(accept):
+            raise ValueError(f"accept must be printable ASCII, got {accept!r}")  # no header injection
+        if max_bytes is not None and max_bytes < 1:
+            raise ValueError(f"max_bytes must be >= 1, got {max_bytes!r}")
+        options = _CallOptions(
+            accept=accept or _DEFAULT_ACCEPT,
+            max_bytes=max_bytes or self.config.max_bytes,
+            truncate=truncate,
+            check_optouts=check_optouts,
+        )
         start = time.monotonic()
         result = FetchResult(url=url, body=None, reason=None)
         try:
-            self._fetch(url, start + self.config.timeout_s, result, on_throttle)
+            self._fetch(url, start + self.config.timeout_s, result, on_throttle, options)
         except _Stop as stop:
             result.body, result.reason, result.detail = None, stop.reason, stop.detail
             if stop.status is not None:
@@ -483,7 +543,7 @@ class Fetcher:
         result.elapsed_s = time.monotonic() - start
         return result
 
-    def _fetch(self, url: str, deadline: float, result: FetchResult, on_throttle=None) -> None:
+    def _fetch(self, url: str, deadline: float, result: FetchResult, on_throttle, options: _CallOptions) -> None:
         """Follow redirects and retries for one URL, filling `result`; raises _Stop on failure."""
         cfg = self.config
         current = url
@@ -494,7 +554,7 @@ class Fetcher:
             result.attempts += 1
             retry_after = None
             try:
-                response = self._request(target, deadline)
+                response = self._request(target, deadline, options)
             except _Transient as exc:
                 failure = _Stop("connection_error", str(exc))
             else:
@@ -601,7 +661,7 @@ class Fetcher:
                 if entry[1] == 0:
                     del self._slots[key]
 
-    def _request(self, target: _Target, deadline: float) -> _Response:
+    def _request(self, target: _Target, deadline: float, options: _CallOptions) -> _Response:
         """One GET to one checked address of `target`, connection closed afterwards."""
         addresses = self._permitted_addresses(target, deadline)
         with self._host_slot((target.host, target.port), deadline):
@@ -615,7 +675,7 @@ class Fetcher:
                     sock = self._ssl_context.wrap_socket(sock, server_hostname=target.ascii_host)
                 phase = "request"
                 sock.settimeout(self._io_timeout(deadline))
-                sock.sendall(self._request_bytes(target))
+                sock.sendall(self._request_bytes(target, options.accept))
                 phase = "response headers"
                 reader = _DeadlineReader(sock, deadline, self.config.read_timeout_s)
                 response = http.client.HTTPResponse(reader, method="GET")
@@ -625,7 +685,7 @@ class Fetcher:
                     response = http.client.HTTPResponse(reader, method="GET")
                     response.begin()
                 phase = "body"
-                return self._read_response(response, deadline)
+                return self._read_response(response, deadline, options)
             except TimeoutError:
                 if time.monotonic() >= deadline:
                     detail = f"deadline of {self.config.timeout_s:g}s passed during {phase}"
@@ -666,45 +726,54 @@ class Fetcher:
                 error = exc
         raise error
 
-    def _request_bytes(self, target: _Target) -> bytes:
+    def _request_bytes(self, target: _Target, accept: str) -> bytes:
         # Identity encoding: bodies arrive as served, so the byte cap is the real size and a
         # compressed bomb is never inflated here. Connection: close, since nothing is reused.
         return (
             f"GET {target.request_target} HTTP/1.1\r\n"
             f"Host: {target.host_header}\r\n"
             f"User-Agent: {self.config.user_agent}\r\n"
-            "Accept: image/*,*/*;q=0.8\r\n"
+            f"Accept: {accept}\r\n"
             "Accept-Encoding: identity\r\n"
             "Connection: close\r\n\r\n"
         ).encode("ascii")
 
-    def _read_response(self, response: http.client.HTTPResponse, deadline: float) -> _Response:
+    def _read_response(self, response: http.client.HTTPResponse, deadline: float, options: _CallOptions) -> _Response:
         """Check opt-outs and size, then read a 2xx body within the cap and the deadline."""
         cfg = self.config
         status = response.status
         status_line = f"{status} {response.reason}".strip()
-        if status < 400:  # an opt-out on a redirect hop covers what it points to
-            directive = is_disallowed_by_robots(response.headers, cfg.user_agent_token, cfg.disallowed_directives)
-            if directive is not None:
-                values = "; ".join(response.headers.get_all("X-Robots-Tag") or [])
-                raise _Stop(f"robots_{directive}", f"X-Robots-Tag: {values[:500]}", status)
+        if status < 400 and options.check_optouts:  # an opt-out on a redirect hop covers what it points to
+            if cfg.x_robots_tag:
+                directive = is_disallowed_by_robots(response.headers, cfg.user_agent_token, cfg.disallowed_directives)
+                if directive is not None:
+                    values = "; ".join(response.headers.get_all("X-Robots-Tag") or [])
+                    raise _Stop(f"robots_{directive}", f"X-Robots-Tag: {values[:500]}", status)
+            if cfg.tdm_header:
+                reserved = tdm_reserved(response.headers)
+                if reserved is not None:
+                    raise _Stop("tdm_reservation", reserved, status)
         body = None
         if 200 <= status < 300:
+            cap = options.max_bytes
             declared = response.length  # None when chunked or absent
-            if declared is not None and declared > cfg.max_bytes:
-                raise _Stop("too_large", f"Content-Length {declared} > max_bytes {cfg.max_bytes}", status)
+            if declared is not None and declared > cap and not options.truncate:
+                raise _Stop("too_large", f"Content-Length {declared} > max_bytes {cap}", status)
+            # Reading one byte past the cap tells "exactly at the cap" from "above it"; when
+            # truncating, reading stops at the cap and the connection is closed on the rest.
+            limit = cap if options.truncate else cap + 1
             chunks, total = [], 0
-            while True:
+            while total < limit:
                 if time.monotonic() >= deadline:  # a steady drip never trips the per-recv timeout
                     raise TimeoutError("deadline passed")
-                chunk = response.read(min(_CHUNK_BYTES, cfg.max_bytes + 1 - total))
+                chunk = response.read(min(_CHUNK_BYTES, limit - total))
                 if not chunk:
                     break
                 chunks.append(chunk)
                 total += len(chunk)
-                if total > cfg.max_bytes:
-                    raise _Stop("too_large", f"body passed max_bytes {cfg.max_bytes} while streaming", status)
-            if declared is not None and total < declared:
+            if total > cap:
+                raise _Stop("too_large", f"body passed max_bytes {cap} while streaming", status)
+            if declared is not None and total < min(declared, limit):
                 raise http.client.IncompleteRead(b"", declared - total)
             body = b"".join(chunks)
         return _Response(

@@ -4,7 +4,10 @@ The job (`build_pipeline`), each step a labelled PTransform, cheapest filter fir
 
     metadata ─► ReadMetadata ─► AssignUid ─► Prefilter (row checks, dedup by uid)
              ─► RouteToShard (uid range; shards already complete on disk are dropped here)
-             ─► CaptionToxicity (Detoxify, text only) ─► Download ─► Decode ─► Resize
+             ─► Blocklist (--blocklist ids, URL hashes, domains) ─► OptOut (--optout-list, robots.txt
+                and tdmrep.json, fetched once per origin: pipeline.optout)
+             ─► CaptionToxicity (Detoxify, text only) ─► Download (X-Robots-Tag, tdm-reservation)
+             ─► Decode (image hash blocklists, C2PA, PDQ) ─► Resize
              ─► ImageFilters (one CLIP image pass: similarity, then NSFW on the same embedding)
              ─► EmbedT5 (frozen T5, survivors only) ─► WriteShards (tar, rejects, meta per shard)
     every stage's rejects ─► WriteShards (rejects/NNNNNN.parquet)
@@ -49,6 +52,7 @@ from pipeline.errors import Interrupted, RunFailed, UserError, one_line
 from pipeline.download import Download, top_hosts
 from pipeline.finalize import AccountingError, build_manifest, check_accounting, funnel_from, read_footers, write_json
 from pipeline.model_stages import CaptionToxicity, EmbedT5, ImageFilters, ModelError
+from pipeline.optout import Blocklist, OptOut
 from pipeline.prefilter import Prefilter
 from pipeline.progress import LocalProgress, ProgressPrinter, job_metrics, tap, tap_all
 from pipeline.outdir import check_output, clear_output, is_local, remove_temp_files
@@ -186,11 +190,14 @@ class _Route(beam.DoFn):
             yield record
 
 
-def build_pipeline(p, cfg: PrepareConfig, input_schema, done_shards: frozenset, fingerprint: str, progress_dir: str | None = None):
+def build_pipeline(p, cfg: PrepareConfig, input_schema, done_shards: frozenset, fingerprint: str, progress_dir: str | None = None,
+                   list_hashes: tuple = ()):
     """Compose the job's labelled transforms on pipeline `p` (a TestPipeline in tests).
 
     `progress_dir`: where the progress taps of a local run write their counts (pipeline.progress).
-    `--gpu-resource-hint` puts Beam's accelerator hint on the three model stages only."""
+    `--gpu-resource-hint` puts Beam's accelerator hint on the three model stages only.
+    `list_hashes`: sha256 of the --blocklist/--optout-list files as the driver read them (workers
+    re-read the files and refuse to run on a changed one)."""
     columns = cfg.input
     sps = cfg.output.samples_per_shard
 
@@ -211,13 +218,23 @@ def build_pipeline(p, cfg: PrepareConfig, input_schema, done_shards: frozenset, 
     pre_rejects = pre["rejects"] | "RoutePrefilterRejects" >> beam.ParDo(_Route(done_shards), n_side)
 
     stage_rejects = [pre_rejects]
-    to_download = todo
+    consent = cfg.consent
+    checked = todo
+    if consent.blocklist:
+        blocked = checked | "Blocklist" >> Blocklist(consent, list_hashes, columns)
+        checked = blocked["main"]
+        stage_rejects.append(blocked["rejects"])
+    if consent.robots_txt or consent.tdmrep or consent.optout_list:
+        opted = checked | "OptOut" >> OptOut(consent, list_hashes, cfg.download, columns)
+        checked = opted["main"]
+        stage_rejects.append(opted["rejects"])
+    to_download = checked
     if cfg.toxicity.mode != "off":
-        toxicity = todo | "CaptionToxicity" >> hinted(CaptionToxicity(cfg.toxicity, cfg.models, columns), gpu)
+        toxicity = checked | "CaptionToxicity" >> hinted(CaptionToxicity(cfg.toxicity, cfg.models, columns), gpu)
         to_download = toxicity["main"]
         stage_rejects.append(toxicity["rejects"])
-    downloaded = to_download | "Download" >> Download(cfg.download, columns)
-    decoded = downloaded["main"] | "Decode" >> Decode(cfg.image, columns)
+    downloaded = to_download | "Download" >> Download(cfg.download, columns, consent)
+    decoded = downloaded["main"] | "Decode" >> Decode(cfg.image, columns, consent=consent, expected_hashes=list_hashes)
     resized = decoded["main"] | "Resize" >> Resize(cfg.image, columns)
     stage_rejects += [downloaded["rejects"], decoded["rejects"], resized["rejects"]]
     kept = resized["main"]
@@ -256,6 +273,38 @@ def build_pipeline(p, cfg: PrepareConfig, input_schema, done_shards: frozenset, 
                                         image_ext=cfg.image.encode_format, caption_column=columns.caption_col, config_fingerprint=fingerprint,
                                         t5_store=cfg.t5.store, t5_dtype=cfg.t5.dtype)
     )
+
+
+def consent_stats(cfg: PrepareConfig, counters: dict, blocklists, optout_lists) -> dict:
+    """stats.json's "consent" object (its shape: pipeline.consent). Origin counts are this run's
+    counters; rows removed are the funnel's."""
+    from pipeline.fetch import DEFAULT_USER_AGENT
+
+    c, dl = cfg.consent, cfg.download
+    n = lambda name: counters.get(f"optout/{name}", 0)  # noqa: E731
+    c2pa_reader = None
+    if c.c2pa:
+        from pipeline.c2pa_check import reader_version
+
+        c2pa_reader = reader_version()
+    return {
+        "user_agent": DEFAULT_USER_AGENT,
+        "user_agent_token": dl.user_agent_token,
+        "protocols": {
+            "robots_txt": {"enabled": c.robots_txt, "ai_tokens": list(c.ai_crawler_tokens), "ttl_s": c.rules_ttl_s,
+                           "origins": n("origins") if c.robots_txt else 0, "origins_no_rules": n("robots_none"),
+                           "origins_unavailable": n("robots_unavailable"), "on_unavailable": "disallow"},
+            "tdmrep": {"enabled": c.tdmrep, "origins": n("origins") if c.tdmrep else 0, "origins_with_file": n("tdmrep_ok"),
+                       "origins_unavailable": n("tdmrep_unavailable"), "on_unavailable": "reserve", "header": c.tdmrep},
+            "x_robots_tag": {"enabled": c.x_robots_tag, "directives": list(dl.disallowed_directives) if c.x_robots_tag else []},
+            "optout_list": {"enabled": bool(c.optout_list),
+                            "files": [{"path": o.path, "sha256": o.sha256, "domains": len(o.domains), "prefixes": len(o.prefixes)}
+                                      for o in optout_lists]},
+            "c2pa": {"enabled": c.c2pa, "reader": c2pa_reader},
+        },
+        "blocklists": [{"name": b.name, "path": b.path, "sha256": b.sha256, "entries": b.counts(), "pdq_threshold": b.pdq_threshold}
+                       for b in (blocklists.lists if blocklists else ())],
+    }
 
 
 def _versions() -> dict:
@@ -434,7 +483,11 @@ def run(cfg: PrepareConfig, beam_argv: list[str], test_pipeline=None) -> dict:
     # pipeline.outdir); nothing of the user's under --output is ever replaced or deleted.
     info = inspect_input(cfg.input.input, cfg.input)
     input_rows, input_files, input_schema = info.rows, info.files, info.schema
-    fingerprint = config_fingerprint(cfg, input_files)
+    from pipeline.optout import load_lists
+
+    blocklists, optout_lists = load_lists(cfg.consent)  # a missing or malformed list file: one line, before any work
+    hashes = tuple([b.sha256 for b in (blocklists.lists if blocklists else ())] + [o.sha256 for o in optout_lists])
+    fingerprint = config_fingerprint(cfg, input_files, list(hashes))
     made_output = is_local(output) and not os.path.exists(output)
     check_output(output, cfg.output.overwrite, cfg.output.card)  # creates --output if missing
 
@@ -476,7 +529,7 @@ def run(cfg: PrepareConfig, beam_argv: list[str], test_pipeline=None) -> dict:
     # Progress: local runs count rows with taps (the DirectRunner's run() blocks, so its metrics
     # cannot be polled); a runner whose run() returns at once (Dataflow) is polled for its counters.
     progress = LocalProgress.for_run(options, enabled=not quiet)
-    build_pipeline(p, run_cfg, input_schema, done, fingerprint, progress_dir=progress.dir if progress else None)
+    build_pipeline(p, run_cfg, input_schema, done, fingerprint, progress_dir=progress.dir if progress else None, list_hashes=hashes)
     printer = progress.printer(input_rows).start() if progress else None
     try:
         with _beam_errors_reported_once():
@@ -507,6 +560,7 @@ def run(cfg: PrepareConfig, beam_argv: list[str], test_pipeline=None) -> dict:
         "command": command_line(cfg, beam_argv),
         "stage_modes": stage_modes,
         "models": models,
+        "consent": consent_stats(cfg, counters, blocklists, optout_lists),
         "beam_options": options.get_all_options(drop_default=True),
         "versions": _versions(),
         "this_run": {

@@ -21,6 +21,8 @@ import pyarrow as pa
 
 # Stage names, in the order a row meets them.
 STAGE_PREFILTER = "prefilter"
+STAGE_BLOCKLIST = "blocklist"  # hash/id blocklists whose kind is known before download (SAMPLE_ID, URL hash, domain)
+STAGE_OPTOUT = "optout"  # machine-readable opt-outs known before download: --optout-list, robots.txt, TDMRep's tdmrep.json
 STAGE_TOXICITY = "toxicity"  # caption toxicity: text only, so before any download
 STAGE_DOWNLOAD = "download"
 STAGE_DECODE = "decode"
@@ -28,7 +30,7 @@ STAGE_RESIZE = "resize"
 STAGE_CLIP = "clip"  # CLIP image-text similarity
 STAGE_NSFW = "nsfw"  # LAION's NSFW head on the same CLIP image embedding
 STAGE_T5 = "t5"  # frozen T5 caption embedding, survivors only
-STAGES = (STAGE_PREFILTER, STAGE_TOXICITY, STAGE_DOWNLOAD, STAGE_DECODE, STAGE_RESIZE, STAGE_CLIP, STAGE_NSFW, STAGE_T5)
+STAGES = (STAGE_PREFILTER, STAGE_BLOCKLIST, STAGE_OPTOUT, STAGE_TOXICITY, STAGE_DOWNLOAD, STAGE_DECODE, STAGE_RESIZE, STAGE_CLIP, STAGE_NSFW, STAGE_T5)
 
 # The closed vocabulary of reasons, per stage. Download reasons for HTTP errors are spelled
 # f"http_{status}" (http_404, http_410, ...); every model stage also has "<stage>_error" for a record
@@ -51,6 +53,16 @@ REASONS = {
         "unreadable_value",  # a value of the row could not be converted from Parquet (out-of-range date, ...)
         "duplicate",  # same uid (url + caption) as a row that was kept
     ),
+    # A --blocklist entry matched; detail names the list and the entry (ids and hashes only).
+    STAGE_BLOCKLIST: ("blocklist_sample_id", "blocklist_url_sha256", "blocklist_url_md5", "blocklist_domain"),
+    STAGE_OPTOUT: (
+        "optout_list",  # the URL's domain or a URL prefix is on an --optout-list file; detail names the file and entry
+        "robotstxt_disallowed",  # robots.txt disallows the URL for kiln's token (its own group, else `*`)
+        "robotstxt_ai_optout",  # robots.txt has a group naming an AI-crawler token (--ai-crawler-tokens) that disallows the URL
+        "robotstxt_unavailable",  # robots.txt answered 5xx/429 or could not be fetched: RFC 9309's complete disallow
+        "tdmrep_reserved",  # /.well-known/tdmrep.json reserves text-and-data-mining rights for the URL's path
+        "tdmrep_unavailable",  # tdmrep.json answered 5xx/429, could not be fetched, or is not valid TDMRep JSON
+    ),
     STAGE_TOXICITY: ("toxic", "toxicity_error"),  # max over the chosen Detoxify labels above --max-toxicity
     STAGE_DOWNLOAD: (
         "private_address",  # resolves to loopback/private/link-local/CGNAT/multicast/metadata/... and not in --allow-hosts
@@ -66,6 +78,7 @@ REASONS = {
         "robots_noimageai",
         "robots_noindex",
         "robots_noimageindex",
+        "tdm_reservation",  # the response carries TDMRep's `tdm-reservation: 1` header
     ),
     STAGE_DECODE: (
         "not_an_image",  # bytes are not a recognised image (HTML served as image/jpeg, ...)
@@ -75,6 +88,12 @@ REASONS = {
         "decode_error",
         "too_small",  # decoded shorter side below --min-image-size
         "aspect_ratio",  # decoded aspect ratio beyond --max-aspect-ratio
+        # Checked on the downloaded bytes (exact hashes) and the decoded pixels (PDQ), before anything is
+        # written; detail names the list and the hash only, and the bytes are dropped.
+        "blocklist_image_sha256",
+        "blocklist_image_md5",
+        "blocklist_pdq",  # PDQ perceptual hash within the list's Hamming threshold
+        "c2pa_not_allowed",  # an embedded C2PA manifest's training-and-mining assertion says notAllowed
     ),
     STAGE_RESIZE: ("resize_error",),
     STAGE_CLIP: ("clip_similarity_low", "clip_error"),  # cosine similarity below --min-clip-similarity
@@ -164,6 +183,9 @@ RECORD_FIELDS = (
     RecordField("source_format", STAGE_DECODE, META, pa.string(), "jpeg, png, webp, gif or bmp: the downloaded file's format"),
     RecordField("image_bytes", STAGE_RESIZE, META, pa.int64(), "bytes of the stored image"),
     RecordField("image_sha256", STAGE_RESIZE, META, pa.string(), "hex sha256 of the stored image bytes"),
+    RecordField("source_bytes", STAGE_DOWNLOAD, META, pa.int64(), "bytes downloaded: the image file as the server sent it"),
+    RecordField("pdq_hash", STAGE_DECODE, META, pa.string(), "PDQ perceptual hash of the decoded image, 64 hex chars (for blocklists published later)"),
+    RecordField("pdq_quality", STAGE_DECODE, META, pa.int32(), "PDQ's quality score, 0-100 (below 50: too flat for matching)"),
     RecordField("final_url", STAGE_DOWNLOAD, META, pa.string(), "the URL the image came from after redirects"),
     RecordField("http_status", STAGE_DOWNLOAD, META, pa.int32(), "HTTP status of the final response"),
     RecordField("content_type", STAGE_DOWNLOAD, META, pa.string(), "the final response's Content-Type, as sent"),

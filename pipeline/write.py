@@ -222,16 +222,6 @@ def write_meta(f, rows, schema: pa.Schema, scratch_dir: str | None = None) -> No
         shutil.copyfileobj(local, f, COPY_CHUNK)
 
 
-def _parquet_bytes(table: pa.Table) -> bytes:
-    buf = io.BytesIO()
-    pq.write_table(table, buf, compression="zstd")
-    return buf.getvalue()
-
-
-def _stage_rank(stage: str) -> int:
-    return STAGES.index(stage) if stage in STAGES else len(STAGES)
-
-
 class _WriteShardFn(beam.DoFn):
     def __init__(self, output_dir, meta_schema, rejects_schema, image_ext, caption_column, config_fingerprint, scratch_dir=None,
                  t5_store="tar", t5_dtype="float16"):

@@ -1,7 +1,8 @@
 """`kiln demo`: the main job on an embedded default, end to end on this machine.
 
 Builds (once, cached) the tiny local models, synthesises a small web (pipeline.testbed.synth) with planted
-failures, mismatched and toxic captions, serves it on 127.0.0.1, runs `kiln prepare` on its
+failures, mismatched and toxic captions, and one row per opt-out protocol and blocklist kind (robots.txt
+on seven origins, TDMRep, X-Robots-Tag, an opt-out list, hash blocklists), serves it on 127.0.0.1, runs `kiln prepare` on its
 metadata with only that server allowed and every model filter on, and prints the funnel and where
 everything went.
 """
@@ -28,13 +29,14 @@ def main(args: argparse.Namespace, beam_argv: list[str]) -> int:
     if web_dir.exists():
         shutil.rmtree(web_dir)
     print(f"kiln demo: synthesising {args.rows} rows (seed {args.seed}) into {web_dir}")
-    web = synthesize(web_dir, rows=args.rows, seed=args.seed, failure_rate=0.2, mismatch_rate=0.1, toxic_rate=0.04)
+    web = synthesize(web_dir, rows=args.rows, seed=args.seed, failure_rate=0.2, mismatch_rate=0.1, toxic_rate=0.04,
+                     consent_per_kind=1)
     with SynthServer(web) as server:
         print(f"kiln demo: serving the synthetic web at {server.base_url}; allowing only {server.allow_hosts}")
         # A short deadline keeps the planted slow-drip and stalled URLs from dominating the demo.
         cfg = prepare_config(str(web_dir / "metadata.parquet"), str(out_dir), server.allow_hosts,
                              "--overwrite", "--download-timeout", "4", "--samples-per-shard", "200",
-                             *prepare_flags(models))
+                             *prepare_flags(models), *web.consent_flags)
         run(cfg, beam_argv)
     if args.train_s > 0:
         _train_and_sample(work, out_dir, models, args.train_s)

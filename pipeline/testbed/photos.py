@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import io
 import random
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 

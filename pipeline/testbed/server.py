@@ -37,7 +37,16 @@ class _State:
         self.stop = threading.Event()
         self._lock = threading.Lock()
         self._attempts: dict[str, int] = {}
+        self._hits: dict[str, int] = {}  # route key -> requests (robots.txt fetched once per origin, ...)
         self._conns: set[socket.socket] = set()
+
+    def hit(self, key: str) -> None:
+        with self._lock:
+            self._hits[key] = self._hits.get(key, 0) + 1
+
+    def hits(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._hits)
 
     def first_attempt(self, key: str) -> bool:
         with self._lock:
@@ -64,8 +73,8 @@ class _Listener(ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 256  # benchmarks open hundreds of connections at once
 
-    def __init__(self, address, state: _State, aux: bool):
-        self.state, self.aux = state, aux
+    def __init__(self, address, state: _State, aux: bool, site: str | None = None):
+        self.state, self.aux, self.site = state, aux, site
         super().__init__(address, _Handler)
 
     def server_bind(self):
@@ -88,7 +97,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     Route keys: "status" (default 200), "file" + "content_type" (body), "headers" (extra headers),
     "location" (redirect), "loop" (redirect to ?hop=N+1 forever), "first" ({"status", "headers"}
-    answered to the first request only), "drip" ({"length", "chunk", "interval"}), "stall".
+    answered to the first request only), "drip" ({"length", "chunk", "interval"}), "stall", "delay"
+    (seconds to wait before answering). A consent site's routes are keyed "@SITE/path".
     """
 
     protocol_version = "HTTP/1.0"
@@ -149,11 +159,15 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _route(self, with_body: bool) -> None:
         state = self.server.state
+        prefix = f"@{self.server.site}" if self.server.site else ""
         path, _, query = self.path.partition("?")
-        key = self.path if self.path in state.routes else path
+        key = prefix + self.path if prefix + self.path in state.routes else prefix + path
+        state.hit(key)
         route = state.routes.get(key)
         if route is None:
             return self._error(404, with_body=with_body)
+        if route.get("delay") and state.stop.wait(route["delay"]):
+            return None
         first = route.get("first")
         if first and state.first_attempt(key):
             return self._error(first["status"], first.get("headers"), with_body)
@@ -239,6 +253,12 @@ class SynthServer:
         except OSError:
             self.stop()
             raise
+        try:
+            for site, port in sorted((web.sites or {}).items()):
+                self._listeners.append(_Listener(("127.0.0.1", port), state, aux=False, site=site))
+        except OSError:
+            self.stop()
+            raise
         for cls, host, port in ((_Listener, "127.0.0.2", web.alt_loopback_port), (_Listener6, "::1", web.ipv6_port)):
             try:
                 self._listeners.append(cls((host, port), state, aux=True))
@@ -249,6 +269,10 @@ class SynthServer:
             t.start()
             self._threads.append(t)
         return self
+
+    def hits(self, path: str, site: str | None = None) -> int:
+        """Requests answered for `path` ("/robots.txt") on the main listener or a consent site."""
+        return self._state.hits().get((f"@{site}" if site else "") + path, 0) if self._state else 0
 
     def stop(self) -> None:
         """Stop all listeners and hang up on open connections (stalled ones included); idempotent."""

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import hashlib
 import io
 import json
 import math
@@ -35,11 +36,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
-from pipeline.records import STAGE_DECODE, STAGE_DOWNLOAD, STAGE_PREFILTER, compute_uid
+from pipeline.records import STAGE_BLOCKLIST, STAGE_DECODE, STAGE_DOWNLOAD, STAGE_OPTOUT, STAGE_PREFILTER, compute_uid
 
 LAION_SCHEMA = pa.schema(
     [
@@ -152,6 +154,68 @@ FILTER_KINDS: dict[str, tuple[str, str]] = {
 FAILURE_KINDS = tuple(k for k in EXPECTED if k != "ok")
 EXPECTED.update(FILTER_KINDS)
 
+# The consent web (`consent_per_kind` > 0): opt-out protocols and blocklists planted on the main
+# listener and on extra sites (127.0.0.1 ports; "localhost" is reached by name), each row's outcome
+# assuming the run's defaults plus the web's own --blocklist and --optout-list (SynthWeb.consent_flags).
+# kind -> (site (None: main), path template ({name}: the image file's name), expected stage, reason)
+_B, _O = STAGE_BLOCKLIST, STAGE_OPTOUT
+CONSENT_KINDS: dict[str, tuple] = {
+    "robots_kiln_disallow": (None, "/kiln-no/{name}", _O, "robotstxt_disallowed"),
+    "robots_allow_override": (None, "/kiln-no/yes/{name}", None, None),  # Allow's longer match wins
+    "robots_wildcard_end": (None, "/w/{name}.noai", _O, "robotstxt_disallowed"),  # Disallow: /w/*.noai$
+    "robots_wildcard_query": (None, "/w/{name}.noai?v=1", None, None),  # `$` anchors: a query escapes it
+    "robots_ai_optout": (None, "/ai-no/{name}", _O, "robotstxt_ai_optout"),  # CCBot/GPTBot's own group
+    "robots_star_ignored": (None, "/star-only/{name}", None, None),  # `*` rules: kiln has its own group here
+    "tdmrep_reserved": (None, "/tdm/{name}", _O, "tdmrep_reserved"),
+    "tdmrep_open": (None, "/tdm/open/{name}", None, None),  # an earlier tdmrep.json rule with reservation 0
+    "tdm_header": (None, "/{name}", _D, "tdm_reservation"),
+    "optout_listed": (None, "/listed/{name}", _O, "optout_list"),
+    "robots_star_disallow": ("star", "/nope/{name}", _O, "robotstxt_disallowed"),
+    "robots_star_allow": ("star", "/nope/ok/{name}", None, None),
+    "robots_404": ("norules", "/{name}", None, None),
+    "robots_500": ("broken", "/{name}", _O, "robotstxt_unavailable"),
+    "robots_slow": ("slow", "/{name}", None, None),
+    "robots_slow_disallow": ("slow", "/slow-no/{name}", _O, "robotstxt_disallowed"),
+    "tdmrep_500": ("tdm500", "/{name}", _O, "tdmrep_unavailable"),
+    "blocklist_sample_id": (None, "/{name}", _B, "blocklist_sample_id"),
+    "blocklist_url_sha256": (None, "/{name}", _B, "blocklist_url_sha256"),
+    "blocklist_url_md5": (None, "/{name}", _B, "blocklist_url_md5"),
+    "blocklist_domain": ("localhost", "/{name}", _B, "blocklist_domain"),
+    "blocklist_image_sha256": (None, "/{name}", _X, "blocklist_image_sha256"),
+    "blocklist_image_md5": (None, "/{name}", _X, "blocklist_image_md5"),
+    "blocklist_pdq": (None, "/{name}", _X, "blocklist_pdq"),  # the list has the original's PDQ; a re-encoded, resized copy is served
+}
+EXPECTED.update({k: (v[2], v[3]) for k, v in CONSENT_KINDS.items()})
+CONSENT_SITES = ("star", "norules", "broken", "slow", "tdm500", "localhost")
+SLOW_RULES_S = 1.5  # the slow site's robots.txt arrives after this long: slow is not unavailable
+BLOCKLIST_FILE, OPTOUT_FILE = "blocklist.txt", "optout.txt"
+MAIN_ROBOTS = """# the synthetic web's main site
+User-agent: *
+Disallow: /star-only/
+
+User-agent: kiln
+Disallow: /kiln-no/
+Allow: /kiln-no/yes/
+Disallow: /w/*.noai$
+
+User-agent: CCBot
+User-agent: GPTBot
+Disallow: /ai-no/
+
+User-agent: Google-Extended
+Allow: /
+"""
+MAIN_TDMREP = [
+    {"location": "/tdm/open/*", "tdm-reservation": 0},
+    {"location": "/tdm/*", "tdm-reservation": 1, "tdm-policy": "https://tdm.example/policy.json"},
+]
+SITE_ROBOTS = {"star": "User-agent: *\nDisallow: /nope/\nAllow: /nope/ok/\n", "slow": "User-agent: *\nDisallow: /slow-no/\n"}
+
+
+def site_host(name: str) -> str:
+    """The host name a consent site's URLs use: "localhost" for that site, 127.0.0.1 for the rest."""
+    return "localhost" if name == "localhost" else "127.0.0.1"
+
 _ROBOTS = {
     "robots_noai": "noai",
     "robots_noimageai": "noimageai",
@@ -200,6 +264,7 @@ class SynthWeb:
     rows: int
     failure_rate: float
     kinds: dict
+    sites: dict = None  # consent web: site name -> 127.0.0.1 port (CONSENT_SITES); {} without one
 
     @property
     def metadata_path(self) -> Path:
@@ -215,15 +280,29 @@ class SynthWeb:
 
     @property
     def allow_hosts(self) -> str:
-        """The pipeline's --allow-hosts value: the main listener only, never the auxiliary ones."""
-        return f"{urlsplit(self.base_url).hostname}:{self.port}"
+        """The pipeline's --allow-hosts value: the main listener and the consent web's sites, never
+        the auxiliary listeners."""
+        hosts = [f"{urlsplit(self.base_url).hostname}:{self.port}"]
+        hosts += [f"{site_host(name)}:{port}" for name, port in sorted((self.sites or {}).items())]
+        return ",".join(hosts)
+
+    @property
+    def consent_flags(self) -> list[str]:
+        """The `kiln prepare` flags the consent web's ground truth assumes: its --blocklist and
+        --optout-list files ([] for a web without consent rows)."""
+        if not self.sites:
+            return []
+        return ["--blocklist", str(self.root / BLOCKLIST_FILE), "--optout-list", str(self.root / OPTOUT_FILE)]
+
+    def site_url(self, name: str) -> str:
+        return f"http://{site_host(name)}:{self.sites[name]}"
 
     @classmethod
     def load(cls, root: str | Path) -> SynthWeb:
         root = Path(root)
         meta = json.loads((root / "web.json").read_text())
         fields = ("base_url", "port", "aux_port", "alt_loopback_port", "ipv6_port", "seed", "rows", "failure_rate", "kinds")
-        return cls(root=root, **{k: meta[k] for k in fields})
+        return cls(root=root, sites=meta.get("sites") or {}, **{k: meta[k] for k in fields})
 
 
 # --------------------------------------------------------------------------------------------
@@ -234,8 +313,9 @@ def _article(word: str) -> str:
     return "an" if word[0] in "aeiou" else "a"
 
 
-def _free_ports(reserved: int | None) -> tuple[int, int, int, int]:
-    """(main, aux, 127.0.0.2, ::1) ports free right now, none equal to `reserved` (base_url's port).
+def _free_ports(reserved: int | None, extra: int = 0) -> tuple[int, int, int, int, list[int]]:
+    """(main, aux, 127.0.0.2, ::1, [`extra` more 127.0.0.1 ports]) free right now, none equal to
+    `reserved` (base_url's port).
 
     All sockets stay open until every port is read so the 127.0.0.1 ports differ. Where
     127.0.0.2 or ::1 cannot be bound, a 127.0.0.1 port stands in: the Location still names that
@@ -258,7 +338,7 @@ def _free_ports(reserved: int | None) -> tuple[int, int, int, int]:
         main, aux = grab(socket.AF_INET, "127.0.0.1"), grab(socket.AF_INET, "127.0.0.1")
         alt = grab(socket.AF_INET, "127.0.0.2") or grab(socket.AF_INET, "127.0.0.1")
         v6 = (grab(socket.AF_INET6, "::1") if socket.has_ipv6 else None) or grab(socket.AF_INET, "127.0.0.1")
-        return main, aux, alt, v6
+        return main, aux, alt, v6, [grab(socket.AF_INET, "127.0.0.1") for _ in range(extra)]
     finally:
         for s in socks:
             s.close()
@@ -355,6 +435,7 @@ class _Planner:
         self.keys: set[tuple] = set()  # (URL, TEXT) pairs: only planted duplicates may repeat one
         self.routes: dict[str, dict] = {}
         self.files: dict[str, object] = {}  # name under images/ -> _Picture or bytes
+        self.blocklist: list[tuple[str, str]] = []  # (kind, value) entries the consent rows plant
         # 5/8 and 1/2 of the limit: 40x40 and 40x32 at the default 64.
         self.tiny = max(4, min_size * 5 // 8)
 
@@ -534,6 +615,69 @@ class _Planner:
         }
         return meta, truth
 
+    def consent_row(self, kind: str, sample_id: int, sites: dict) -> tuple[dict, dict]:
+        """(metadata row, ground-truth row) of a CONSENT_KINDS row: an ordinary picture served at the
+        kind's path on its site; fills self.blocklist with the entries that must catch it."""
+        site, template, stage, reason = CONSENT_KINDS[kind]
+        w, h = self.size()
+        fmt = "jpeg" if kind == "blocklist_pdq" else self.fmt()
+        bg, shapes, desc = self.scene(w, h)
+        name = f"{self.token()}.{EXTENSIONS[fmt]}"
+        target = template.format(name=name)
+        origin = self.base_url if site is None else f"http://{site_host(site)}:{sites[site]}"
+        url = origin + target
+        text = self.caption(desc)
+        self.keys.add((url, text))
+        picture = _Picture(w, h, bg, tuple(shapes), fmt, self.quality(fmt))
+        if kind in ("blocklist_image_sha256", "blocklist_image_md5"):
+            data = picture.encode()
+            self.files[name] = data
+            digest = hashlib.sha256(data) if kind.endswith("sha256") else hashlib.md5(data)
+            self.blocklist.append((kind[len("blocklist_"):], digest.hexdigest()))
+        elif kind == "blocklist_pdq":
+            from pipeline.blocklist import pdq_of
+
+            img = picture.render()
+            self.blocklist.append(("pdq", pdq_of(np.asarray(img), bgr=False)[0]))
+            copy = img.resize((max(8, w * 3 // 4), max(8, h * 3 // 4)), Image.BILINEAR)
+            buf = io.BytesIO()
+            copy.save(buf, "JPEG", quality=60)
+            self.files[name] = buf.getvalue()  # what is served: re-encoded and resized, a different sha256
+            w, h = copy.size
+        else:
+            self.files[name] = picture
+        if kind == "blocklist_sample_id":
+            self.blocklist.append(("sample_id", str(sample_id)))
+        elif kind == "blocklist_url_sha256":
+            self.blocklist.append(("url_sha256", hashlib.sha256(url.encode("utf-8")).hexdigest()))
+        elif kind == "blocklist_url_md5":
+            self.blocklist.append(("url_md5", hashlib.md5(url.encode("utf-8")).hexdigest()))
+        elif kind == "blocklist_domain":
+            self.blocklist.append(("domain", site_host(site)))
+        route = {"file": name, "content_type": CONTENT_TYPES[fmt]}
+        if kind == "tdm_header":
+            route["headers"] = {"tdm-reservation": "1", "tdm-policy": "https://tdm.example/policy.json"}
+        self.routes[("" if site is None else f"@{site}") + target] = route
+        meta = {"SAMPLE_ID": sample_id, "URL": url, "TEXT": text, "HEIGHT": h, "WIDTH": w, "LICENSE": "?",
+                "NSFW": "UNLIKELY", "similarity": round(self.rng.uniform(0.28, 0.45), 7)}
+        truth = {"SAMPLE_ID": sample_id, "uid": compute_uid(url, text), "URL": url, "TEXT": text, "kind": kind,
+                 "expected_stage": stage, "expected_reason": reason, "background": bg, "shapes": json.dumps(shapes),
+                 "true_width": w, "true_height": h, "format": fmt, "image_file": name}
+        return meta, truth
+
+    def consent_files(self, sites: dict) -> None:
+        """robots.txt and tdmrep.json of the main site and of every consent site (routes + files)."""
+        self.files["robots-main.txt"] = MAIN_ROBOTS.encode()
+        self.routes["/robots.txt"] = {"file": "robots-main.txt", "content_type": "text/plain"}
+        self.files["tdmrep-main.json"] = json.dumps(MAIN_TDMREP, indent=1).encode()
+        self.routes["/.well-known/tdmrep.json"] = {"file": "tdmrep-main.json", "content_type": "application/json"}
+        for site, text in SITE_ROBOTS.items():
+            self.files[f"robots-{site}.txt"] = text.encode()
+            self.routes[f"@{site}/robots.txt"] = {"file": f"robots-{site}.txt", "content_type": "text/plain"}
+        self.routes["@slow/robots.txt"]["delay"] = SLOW_RULES_S
+        self.routes["@broken/robots.txt"] = {"status": 500}
+        self.routes["@tdm500/.well-known/tdmrep.json"] = {"status": 500}
+
     def _route(self, kind: str, path: str, name: str, fmt: str) -> None:
         """Add the routes.json entries that make `path` behave as `kind`."""
         file = {"file": name, "content_type": CONTENT_TYPES[fmt]}
@@ -609,6 +753,7 @@ def synthesize(
     formats: tuple[str, ...] = FORMATS,
     mismatch_rate: float = 0.0,
     toxic_rate: float = 0.0,
+    consent_per_kind: int = 0,
 ) -> SynthWeb:
     """Write a synthetic web into `out_dir` (see the module docstring) and return its description.
 
@@ -616,7 +761,10 @@ def synthesize(
     original) cycle through FAILURE_KINDS in order; every kind appears once that count reaches
     len(FAILURE_KINDS). The rest are "ok". `min_size` is the pipeline's --min-image-size the planted
     too-small images undercut (40 px at 64). `size_range=(lo, hi)` bounds the longer side of every
-    image instead of the LAION-like default; `formats` restricts the encodings. Byte-identical
+    image instead of the LAION-like default; `formats` restricts the encodings. `consent_per_kind` > 0
+    turns ok rows into the consent web's rows (CONSENT_KINDS, that many each): robots.txt and
+    tdmrep.json on the main site and on extra sites, and blocklist.txt / optout.txt beside the
+    metadata for the run to pass (SynthWeb.consent_flags). Byte-identical
     output for the same arguments; base_url=None picks a free 127.0.0.1 port, which is in every URL.
     """
     if rows < 1:
@@ -643,7 +791,10 @@ def synthesize(
         if parts.scheme != "http" or parts.hostname not in ("127.0.0.1", "localhost") or parts.path:
             raise ValueError(f"base_url must be http://127.0.0.1:PORT (or localhost), got {base_url!r}")
         port = parts.port or 80
-    main_port, aux_port, alt_port, v6_port = _free_ports(port)
+    if consent_per_kind < 0:
+        raise SynthArgumentError("consent_per_kind must be >= 0")
+    main_port, aux_port, alt_port, v6_port, site_ports = _free_ports(port, len(CONSENT_SITES) if consent_per_kind else 0)
+    sites = dict(zip(CONSENT_SITES, site_ports))
     if base_url is None:
         base_url, port = f"http://127.0.0.1:{main_port}", main_port
 
@@ -660,14 +811,26 @@ def synthesize(
         picked = rng.sample(ok_idx, n_mis + n_tox)
         for j, i in enumerate(picked):
             kinds[i] = "mismatched_caption" if j < n_mis else "toxic_caption"
+    if consent_per_kind:
+        ok_idx = [i for i, k in enumerate(kinds) if k == "ok"]
+        n_consent = consent_per_kind * len(CONSENT_KINDS)
+        if n_consent > len(ok_idx) - 1:
+            raise SynthArgumentError(f"not enough ok rows ({len(ok_idx)}) for {n_consent} consent rows "
+                                     f"({consent_per_kind} x {len(CONSENT_KINDS)} kinds): add rows")
+        for j, i in enumerate(sorted(rng.sample(ok_idx, n_consent))):
+            kinds[i] = list(CONSENT_KINDS)[j % len(CONSENT_KINDS)]
     sample_ids = rng.sample(range(10**9, 4 * 10**12), rows)
 
     planner = _Planner(rng, base_url, (aux_port, alt_port, v6_port), min_size, size_range, formats)
     metas: list[dict | None] = [None] * rows
     truths: list[dict | None] = [None] * rows
     for i, kind in enumerate(kinds):
-        if kind != "duplicate":
+        if kind in CONSENT_KINDS:
+            metas[i], truths[i] = planner.consent_row(kind, sample_ids[i], sites)
+        elif kind != "duplicate":
             metas[i], truths[i] = planner.row(kind, sample_ids[i])
+    if consent_per_kind:
+        planner.consent_files(sites)
     ok_rows = [i for i, k in enumerate(kinds) if k == "ok"]
     for i, kind in enumerate(kinds):
         if kind == "duplicate":
@@ -690,6 +853,10 @@ def synthesize(
     pq.write_table(pa.Table.from_pylist(metas, schema=LAION_SCHEMA), out / "metadata.parquet")
     pq.write_table(pa.Table.from_pylist(truths, schema=GROUND_TRUTH_SCHEMA), out / "ground_truth.parquet")
     (out / "routes.json").write_text(json.dumps(planner.routes, indent=1, sort_keys=True))
+    if consent_per_kind:
+        lines = ["# name: synth-blocklist", "# the consent web's planted blocklist entries (pipeline.testbed.synth)"]
+        (out / BLOCKLIST_FILE).write_text("\n".join(lines + [f"{k} {v}" for k, v in planner.blocklist]) + "\n")
+        (out / OPTOUT_FILE).write_text(f"# the consent web's offline opt-out list\n{base_url}/listed/\n")
     counts = {k: kinds.count(k) for k in EXPECTED if k in kinds}
     web = {
         "base_url": base_url,
@@ -706,6 +873,7 @@ def synthesize(
         "size_range": list(size_range) if size_range else None,
         "formats": list(formats),
         "kinds": counts,
+        "sites": sites,
     }
     (out / "web.json").write_text(json.dumps(web, indent=1))
     return SynthWeb.load(out)

@@ -28,6 +28,7 @@ from pipeline.fetch import (
     address_category,
     is_disallowed_by_robots,
     parse_allow_hosts,
+    tdm_reserved,
 )
 
 IMAGE = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4  # the fetcher never decodes: any bytes do
@@ -668,6 +669,134 @@ def test_robots_header_shapes_and_token_case():
     assert is_disallowed_by_robots({"x-robots-tag": "kiln: noai"}, "Kiln", DIRECTIVES) == "noai"
     assert is_disallowed_by_robots([("X-Robots-Tag", "otherbot: noai")], "kiln", DIRECTIVES) is None
     assert is_disallowed_by_robots(_message("noindex"), "kiln", ("noai",)) is None
+
+
+# ---------------------------------------------------------------------------------------------
+# TDMRep's tdm-reservation header, and switching the opt-out checks off
+
+
+def test_tdm_reserved_pure():
+    assert tdm_reserved({"tdm-reservation": "1"}) == "tdm-reservation: 1"
+    assert tdm_reserved([("TDM-Reservation", " 1 "), ("tdm-policy", "https://p.test/policy.json")]) == (
+        "tdm-reservation: 1; tdm-policy: https://p.test/policy.json"
+    )
+    assert tdm_reserved([("tdm-reservation", "0"), ("tdm-reservation", "1")]) is not None  # any "1" reserves
+    assert tdm_reserved({"tdm-reservation": "0, 1"}) is not None  # joined by a proxy
+    for absent in ({}, {"tdm-reservation": "0"}, {"tdm-reservation": "2"}, {"tdm-reservation": "yes"},
+                   {"tdm-reservation": ""}, {"tdm-policy": "https://p.test/"}, {"x-tdm-reservation": "1"}):
+        assert tdm_reserved(absent) is None, absent
+    raw = "tdm-reservation: 1\r\nTDM-Policy: https://p.test/" + "x" * 1000 + "\r\n\r\n"
+    detail = tdm_reserved(http.client.parse_headers(io.BytesIO(raw.encode())))
+    assert detail.startswith("tdm-reservation: 1; tdm-policy: https://p.test/") and len(detail) <= 300
+
+
+@pytest.mark.parametrize("value, reason", [("1", "tdm_reservation"), (" 1", "tdm_reservation"), ("0", None), ("2", None)])
+def test_tdm_reservation_header(site, value, reason):
+    site.routes["/img"] = reply(headers=[("tdm-reservation", value), ("tdm-policy", "https://p.test/pol")])
+    r = fetch(site.url("/img"), allow_hosts=site.allow)
+    assert r.reason == reason
+    if reason is not None:
+        assert (r.body, r.status) == (None, 200)
+        assert r.detail == "tdm-reservation: 1; tdm-policy: https://p.test/pol"
+        assert reason in records.REASONS[records.STAGE_DOWNLOAD]
+    else:
+        assert r.ok
+
+
+def test_tdm_reservation_on_a_redirect_hop(site):
+    site.routes["/go"] = redirect("/img", headers=[("TDM-Reservation", "1")])
+    site.routes["/img"] = reply()
+    r = fetch(site.url("/go"), allow_hosts=site.allow)
+    assert (r.reason, r.status) == ("tdm_reservation", 302)
+    assert site.paths() == ["/go"]
+
+
+def test_optout_checks_can_be_switched_off(site):
+    site.routes["/tdm"] = reply(headers=[("tdm-reservation", "1")])
+    site.routes["/xrt"] = reply(headers=[("X-Robots-Tag", "noai")])
+    site.routes["/both"] = reply(headers=[("tdm-reservation", "1"), ("X-Robots-Tag", "noai")])
+    config = FetchConfig(timeout_s=5.0, allow_hosts=site.allow)
+    with Fetcher(config, resolver=_no_dns) as fetcher:
+        assert fetcher.fetch(site.url("/both")).reason == "robots_noai"  # X-Robots-Tag is checked first
+        assert fetcher.fetch(site.url("/both"), check_optouts=False).body == IMAGE
+    assert fetch(site.url("/tdm"), allow_hosts=site.allow, tdm_header=False).ok
+    assert fetch(site.url("/xrt"), allow_hosts=site.allow, tdm_header=False).reason == "robots_noai"
+    assert fetch(site.url("/xrt"), allow_hosts=site.allow, x_robots_tag=False).ok
+    assert fetch(site.url("/tdm"), allow_hosts=site.allow, x_robots_tag=False).reason == "tdm_reservation"
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-call options for rule files: Accept, max_bytes, truncate
+
+
+def fetch_with(site, path, **options):
+    config = FetchConfig(timeout_s=5.0, backoff_base_s=0.01, allow_hosts=site.allow, max_bytes=2000)
+    with Fetcher(config, resolver=_no_dns) as fetcher:
+        return fetcher.fetch(site.url(path), **options)
+
+
+def test_accept_header_override(site):
+    site.routes["/robots.txt"] = reply(body=b"User-agent: *\n", content_type="text/plain")
+    assert fetch_with(site, "/robots.txt").ok
+    assert fetch_with(site, "/robots.txt", accept="text/plain, */*;q=0.1").ok
+    assert [headers["Accept"] for _, headers in site.requests] == ["image/*,*/*;q=0.8", "text/plain, */*;q=0.1"]
+    config = FetchConfig(allow_hosts=site.allow)
+    with Fetcher(config, resolver=_no_dns) as fetcher:
+        with pytest.raises(ValueError, match="accept"):
+            fetcher.fetch(site.url("/robots.txt"), accept="text/plain\r\nX-Evil: 1")
+        with pytest.raises(ValueError, match="max_bytes"):
+            fetcher.fetch(site.url("/robots.txt"), max_bytes=0)
+    assert len(site.requests) == 2  # refused before any request
+
+
+def test_max_bytes_override(site):
+    site.routes["/big"] = reply(body=b"x" * 3000)
+    assert fetch_with(site, "/big").reason == "too_large"  # config cap: 2000
+    assert fetch_with(site, "/big", max_bytes=3000).body == b"x" * 3000
+    assert fetch_with(site, "/big", max_bytes=100).reason == "too_large"
+
+
+def _stream(body: bytes, chunked: bool):
+    def route(h):
+        h.send_response(200)
+        if chunked:
+            h.send_header("Transfer-Encoding", "chunked")
+            h.end_headers()
+            for i in range(0, len(body), 700):
+                piece = body[i : i + 700]
+                h.wfile.write(f"{len(piece):x}\r\n".encode() + piece + b"\r\n")
+            h.wfile.write(b"0\r\n\r\n")
+        else:  # no Content-Length: the body ends when the connection closes
+            h.end_headers()
+            h.wfile.write(body)
+            h.close_connection = True
+
+    return route
+
+
+def test_truncate_cuts_at_the_cap(site):
+    body = bytes(range(256)) * 20  # 5120 bytes
+    site.routes["/declared"] = reply(body=body)
+    site.routes["/chunked"] = _stream(body, chunked=True)
+    site.routes["/stream"] = _stream(body, chunked=False)
+    for path in ("/declared", "/chunked", "/stream"):
+        r = fetch_with(site, path, max_bytes=1000, truncate=True)
+        assert r.ok and r.body == body[:1000], path
+        assert fetch_with(site, path, max_bytes=1000).reason == "too_large", path
+        assert fetch_with(site, path, max_bytes=len(body), truncate=True).body == body, path  # exactly at the cap
+
+
+def test_truncate_still_reports_a_body_cut_short(site):
+    def short(h):  # declares 1500, sends 500 and hangs up: below the cap, so not a truncation
+        h.send_response(200)
+        h.send_header("Content-Length", "1500")
+        h.end_headers()
+        h.wfile.write(b"x" * 500)
+        h.close_connection = True
+
+    site.routes["/short"] = short
+    assert fetch_with(site, "/short", max_bytes=1000, truncate=True).reason == "connection_error"
+    assert fetch_with(site, "/short", max_bytes=400, truncate=True).body == b"x" * 400
 
 
 # ---------------------------------------------------------------------------------------------

@@ -102,9 +102,10 @@ def test_metadata_has_laion_schema(web):
 
 def test_every_kind_planted_with_vocabulary_expectations(web, truth):
     assert len(synth.FAILURE_KINDS) <= 90  # rows * failure_rate here
-    # The model-filter kinds are planted only at their own rates (0 here).
-    assert {r["kind"] for r in truth} == set(synth.EXPECTED) - set(synth.FILTER_KINDS)
-    assert web.kinds == {k: sum(r["kind"] == k for r in truth) for k in synth.EXPECTED if k not in synth.FILTER_KINDS}
+    # The model-filter kinds are planted only at their own rates (0 here), the consent kinds only with consent_per_kind.
+    assert {r["kind"] for r in truth} == set(synth.EXPECTED) - set(synth.FILTER_KINDS) - set(synth.CONSENT_KINDS)  # consent kinds: test_consent
+    assert web.kinds == {k: sum(r["kind"] == k for r in truth) for k in synth.EXPECTED
+                         if k not in synth.FILTER_KINDS and k not in synth.CONSENT_KINDS}
     for r in truth:
         assert (r["expected_stage"], r["expected_reason"]) == synth.EXPECTED[r["kind"]]
         if r["expected_stage"] is not None:
