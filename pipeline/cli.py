@@ -135,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_embed_prompts_args(e)
     e.set_defaults(func=_embed_prompts)
 
-    c = sub.add_parser("card", help="write the dataset card (README.md + plots) for a prepared dataset")
+    c = sub.add_parser("card", help="write the dataset card (README.md + plots), croissant.json and the EU training-content summary for a prepared dataset")
     from pipeline.card import add_card_args
 
     add_card_args(c)

@@ -5,12 +5,16 @@ kiln's files, by exact name (relative to the output directory):
     shards/NNNNNN.tar  meta/NNNNNN.parquet  rejects/NNNNNN.parquet
     manifest.json  stats.json  _SUCCESS
     README.md                  only when it carries CARD_MARKER (the dataset card kiln wrote)
+    training_summary.md        only when it carries SUMMARY_MARKER (the draft EU training-content summary)
+    croissant.json  training_summary.json
+                               only when they carry JSON_MARKER_KEY (kiln's Croissant file, the summary's JSON)
     card_plots/<PLOT_NAMES>.png
     <any of those>.tmp-<12 hex>  a file being written (every file appears by rename from one)
 
 Everything else under the directory is the user's: `check_output` refuses to start over it unless
 --overwrite, and nothing here deletes it (`clear_output` and `remove_temp_files` delete kiln's files
-only). A README.md without the marker is never replaced.
+only). A README.md, training_summary.md, croissant.json or training_summary.json without kiln's
+marker is never replaced (MARKED_NAMES, `is_kiln_document`).
 
 No output path is ever read as a glob: `list_files` lists a directory (os.scandir locally, Beam's
 FileSystems.match with every glob character of the directory escaped elsewhere), and `delete_files`
@@ -41,6 +45,22 @@ CARD_MARKER = ("<!-- kiln:dataset-card -- written by kiln (`kiln prepare`, `kiln
                "on every run. Delete this line to make the file your own: kiln then never overwrites it. -->")
 _MARKER_LINE = re.compile(rb"^<!-- kiln:dataset-card\b", re.MULTILINE)
 _MARKER_WITHIN = 1 << 16  # bytes of README.md searched for the marker (it follows the YAML block)
+# The documents `kiln card` writes beside the card (pipeline.card): Croissant JSON-LD, and the draft EU
+# training-content summary as Markdown and JSON.
+CROISSANT_NAME = "croissant.json"
+SUMMARY_MD_NAME = "training_summary.md"
+SUMMARY_JSON_NAME = "training_summary.json"
+SUMMARY_MARKER = ("<!-- kiln:training-summary -- written by kiln (`kiln prepare`, `kiln card`), which replaces this "
+                  "file on every run. Delete this line to make the file your own: kiln then never overwrites it. -->")
+_SUMMARY_MARKER_LINE = re.compile(rb"^<!-- kiln:training-summary\b", re.MULTILINE)
+# A JSON document is kiln's when its object's first key is this one (any value): a JSON-LD processor
+# reads it as a term of its own IRI scheme, so croissant.json stays valid Croissant.
+JSON_MARKER_KEY = "kiln:generated"
+JSON_MARKER = ("written by kiln (`kiln prepare`, `kiln card`), which replaces this file on every run; delete this key "
+               "to make the file your own: kiln then never overwrites it")
+_JSON_MARKER = re.compile(rb'\A\s*\{\s*"' + re.escape(JSON_MARKER_KEY.encode()) + rb'"\s*:')
+# kiln's own only with their marker inside; written by pipeline.card.write_card, README.md last.
+MARKED_NAMES = (CROISSANT_NAME, SUMMARY_JSON_NAME, SUMMARY_MD_NAME, CARD_NAME)
 
 TOP_FILES = ("manifest.json", "stats.json", "_SUCCESS")
 SHARD_FILES = {"shards": re.compile(r"\d{6}\.tar"), "meta": re.compile(r"\d{6}\.parquet"),
@@ -76,13 +96,14 @@ def temp_name(path: str) -> str:
 
 def is_kiln_name(rel: str, temp: bool = False) -> bool:
     """Whether `rel` (a path relative to the output directory, '/'-separated) is one of kiln's file
-    names (temp=True: one of kiln's temp files). README.md counts only with its marker (is_kiln_card)."""
+    names (temp=True: one of kiln's temp files). README.md and the other MARKED_NAMES count only with
+    their marker (is_kiln_document)."""
     if temp:
         m = TEMP_SUFFIX.search(rel)
         if not m or m.end() != len(rel):
             return False
         rel = rel[: m.start()]
-        if rel in (CARD_NAME, PROBE_NAME):
+        if rel in (*MARKED_NAMES, PROBE_NAME):
             return True
     folder, _, name = rel.rpartition("/")
     if not folder:
@@ -93,14 +114,33 @@ def is_kiln_name(rel: str, temp: bool = False) -> bool:
     return bool(pattern and pattern.fullmatch(name))
 
 
-def is_kiln_card(path: str) -> bool:
-    """Whether the file at `path` is a dataset card kiln wrote (a line of it starts with the marker)."""
+def _head(path: str) -> bytes | None:
     try:
         with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
-            head = f.read(_MARKER_WITHIN)
+            return f.read(_MARKER_WITHIN)
     except (OSError, ValueError):
+        return None
+
+
+def is_kiln_card(path: str) -> bool:
+    """Whether the file at `path` is a dataset card kiln wrote (a line of it starts with the marker)."""
+    head = _head(path)
+    return head is not None and bool(_MARKER_LINE.search(head))
+
+
+def is_kiln_document(path: str, name: str | None = None) -> bool:
+    """Whether the file at `path`, one of MARKED_NAMES (`name`, default: its file name), is kiln's:
+    README.md and training_summary.md with their marker line, the JSON files with JSON_MARKER_KEY as
+    their first key. False for a file that is missing or unreadable, or any other name."""
+    name = name or path.rstrip("/").rsplit("/", 1)[-1]
+    if name == CARD_NAME:
+        return is_kiln_card(path)
+    head = _head(path) if name in MARKED_NAMES else None
+    if head is None:
         return False
-    return bool(_MARKER_LINE.search(head))
+    if name == SUMMARY_MD_NAME:
+        return bool(_SUMMARY_MARKER_LINE.search(head))
+    return bool(_JSON_MARKER.match(head))
 
 
 # -- listing ---------------------------------------------------------------------------------------
@@ -159,7 +199,7 @@ def kiln_files(output: str, temp: bool = False) -> list[str]:
     for folder in ("", *SHARD_FILES, PLOTS_DIR):
         for m in list_files(join(base, folder) if folder else base):
             rel = _rel(base, m.path)
-            if is_kiln_name(rel, temp) or (not temp and rel == CARD_NAME and is_kiln_card(m.path)):
+            if is_kiln_name(rel, temp) or (not temp and rel in MARKED_NAMES and is_kiln_document(m.path, rel)):
                 out.append(m.path)
     return sorted(out)
 
@@ -172,7 +212,7 @@ def foreign_files(output: str) -> list[str]:
         rel = _rel(base, m.path)
         if is_kiln_name(rel) or is_kiln_name(rel, temp=True):
             continue
-        if rel == CARD_NAME and is_kiln_card(m.path):
+        if rel in MARKED_NAMES and is_kiln_document(m.path, rel):
             continue
         out.append(m.path)
     return out
@@ -242,8 +282,9 @@ def check_output(output: str, overwrite: bool, card: bool) -> list[str]:
     kiln would destroy. Returns the files kiln did not write that stay untouched (--overwrite).
 
     Raises ConfigError (one line) when `output` is a file; cannot be created or written (read-only
-    file system, permissions); holds a README.md that is not kiln's card while the card is on (even
-    with --overwrite); or, without --overwrite, holds any file kiln did not write."""
+    file system, permissions); holds a README.md that is not kiln's card, or a croissant.json /
+    training_summary.md / training_summary.json kiln did not write, while the card is on (even with
+    --overwrite); or, without --overwrite, holds any file kiln did not write."""
     base = output.rstrip("/") or "/"
     if is_local(base):
         if os.path.exists(base) and not os.path.isdir(base):
@@ -260,6 +301,11 @@ def check_output(output: str, overwrite: bool, card: bool) -> list[str]:
     if card and FileSystems.exists(readme) and not is_kiln_card(readme):
         raise ConfigError(f"{readme} is not a dataset card kiln wrote (it lacks kiln's marker line) and the card "
                           f"would replace it: move it or pass --no-card")
+    for name in MARKED_NAMES:
+        path = join(base, name)
+        if card and name != CARD_NAME and FileSystems.exists(path) and not is_kiln_document(path, name):
+            raise ConfigError(f"{path} is not a file kiln wrote (it lacks kiln's marker) and the card would replace it: "
+                              f"move it or pass --no-card")
     foreign = foreign_files(base)
     if foreign and not overwrite:
         shown = ", ".join(_rel(base, p) for p in foreign[:3])

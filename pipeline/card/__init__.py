@@ -11,11 +11,17 @@ filled from the run, not from a template:
   the finalizer uses; any disagreement raises CardError and no card is written;
 - every flag, threshold and stage mode, every model with its source and weight sha256, kiln's
   version and commit, the Beam runner and options, the run's start and end, the exact command;
-- opt-outs honoured (X-Robots-Tag directives and the rows each removed), the LICENSE column's mix
+- each opt-out protocol (robots.txt, TDMRep, X-Robots-Tag, opt-out lists, C2PA) and blocklist with the
+  rows it removed (stats.json's consent record, pipeline.consent), the LICENSE column's mix
   and the top source domains of the kept rows;
 - plots beside the card (card_plots/*.png): score distributions with their thresholds, image
   sizes, caption and T5 lengths, and a grid of seeded pseudo-random kept samples;
 - known limitations and biases of the filters used, and the questions the card cannot answer.
+
+Beside the card, from the same facts: croissant.json (Croissant 1.0 JSON-LD with the RAI fields:
+the files, every meta and rejects column, how the data was collected; pipeline.card.croissant) and
+training_summary.md / training_summary.json (a draft of the EU AI Act's public summary of training
+content, the Commission's July 2025 template; pipeline.card.summary).
 
 stats.json stays the machine-readable twin of the card. The output is deterministic for the same
 dataset (the only timestamps are the run's own, copied from stats.json).
@@ -24,7 +30,9 @@ dataset (the only timestamps are the run's own, copied from stats.json).
   plots.py    the PNGs (matplotlib)
   hub.py      the Hub metadata: licence ids, size categories, the offline validation
   render.py   the Markdown, one function per section
-  __init__    this API: build_card, write_card, CardError, and the `kiln card` command
+  croissant.py  croissant.json
+  summary.py  training_summary.json and .md
+  __init__    this API: build_card, build_documents, write_card, CardError, and the `kiln card` command
 
 `kiln --help` builds this package's parser (add_card_args), so numpy, pyarrow, Beam and matplotlib
 are imported on first use (the submodules, imported inside the functions below), not here.
@@ -43,6 +51,36 @@ def build_card(dataset_dir: str, *, seed: int = 0, n_samples: int = 16, language
                pretty_name: str | None = None, verify_tars: bool | None = None,
                unscreened_samples: bool = False) -> tuple[str, dict[str, bytes], dict]:
     """(README.md text, {relative plot path: png bytes}, metadata) for a dataset; writes nothing."""
+    text, pngs, meta, _, _ = _build(dataset_dir, seed=seed, n_samples=n_samples, language=language, pretty_name=pretty_name,
+                                    verify_tars=verify_tars, unscreened_samples=unscreened_samples)
+    return text, pngs, meta
+
+
+def build_documents(facts, pretty_name: str, language: list[str] | None = None) -> dict[str, bytes]:
+    """{file name: bytes} of croissant.json, training_summary.json and training_summary.md, from the
+    card's facts (pipeline.card.facts.collect); writes nothing. Each carries kiln's marker
+    (pipeline.outdir), so kiln knows it as its own file."""
+    import json
+
+    from pipeline.card.croissant import build_croissant
+    from pipeline.card.summary import build_summary, render_summary
+    from pipeline.outdir import CROISSANT_NAME, JSON_MARKER, JSON_MARKER_KEY, SUMMARY_JSON_NAME, SUMMARY_MARKER, SUMMARY_MD_NAME
+
+    marker = (JSON_MARKER_KEY, JSON_MARKER)
+    with _unexpected_content(facts.dataset_dir):
+        croissant = build_croissant(facts, pretty_name, language, marker=marker)
+        summary = build_summary(facts, language, marker=marker)
+        summary_md = render_summary(summary, marker_line=SUMMARY_MARKER)
+
+    def dump(obj) -> bytes:
+        return (json.dumps(obj, indent=2, ensure_ascii=False, allow_nan=False) + "\n").encode("utf-8")
+
+    return {CROISSANT_NAME: dump(croissant), SUMMARY_JSON_NAME: dump(summary), SUMMARY_MD_NAME: summary_md.encode("utf-8")}
+
+
+def _build(dataset_dir: str, *, seed: int, n_samples: int, language: list[str] | None, pretty_name: str | None,
+           verify_tars: bool | None, unscreened_samples: bool):
+    """build_card's (text, pngs, metadata), plus the facts and the pretty name the documents reuse."""
     from huggingface_hub import DatasetCard, DatasetCardData
 
     from pipeline.accounting import AccountingError
@@ -83,7 +121,7 @@ def build_card(dataset_dir: str, *, seed: int = 0, n_samples: int = 16, language
         raise CardError("card metadata does not survive DatasetCard's parser")
     if CARD_MARKER not in str(card):
         raise CardError("the card's marker line does not survive DatasetCard")
-    return str(card), pngs, meta
+    return str(card), pngs, meta, facts, name
 
 
 @contextlib.contextmanager
@@ -99,42 +137,52 @@ def _unexpected_content(dataset_dir: str):
 
 def write_card(dataset_dir, *, seed: int = 0, n_samples: int = 16, language: list[str] | None = None,
                pretty_name: str | None = None, verify_tars: bool | None = None, unscreened_samples: bool = False):
-    """Cross-check the dataset, then write DATASET_DIR/README.md and DATASET_DIR/card_plots/*.png.
+    """Cross-check the dataset, then write DATASET_DIR/README.md, DATASET_DIR/card_plots/*.png, and
+    beside the card croissant.json, training_summary.json and training_summary.md.
 
     Returns the card's path (a Path for a local directory, the URL string otherwise). Raises
-    CardError, writing nothing, if the files disagree with stats.json or manifest.json, or if
-    README.md is there and is not a card kiln wrote (it lacks pipeline.outdir.CARD_MARKER): kiln never
-    replaces a README.md of the user's. In card_plots/ only the plots the card names
-    (pipeline.outdir.PLOT_NAMES) are written or removed; every other file there stays.
-    Each file appears atomically (temp name + rename), README.md last.
+    CardError, writing nothing, if the files disagree with stats.json or manifest.json, or if one of
+    README.md, croissant.json, training_summary.json, training_summary.md is there and kiln did not
+    write it (it lacks kiln's marker: pipeline.outdir.is_kiln_document): kiln never replaces a file of
+    the user's. In card_plots/ only the plots the card names (pipeline.outdir.PLOT_NAMES) are written
+    or removed; every other file there stays. Each file appears atomically (temp name + rename),
+    README.md last.
     """
-    from pipeline.outdir import CARD_NAME, PLOTS_DIR, atomic_write, delete_files, is_kiln_name, join, list_files
+    from pipeline.outdir import CARD_NAME, MARKED_NAMES, PLOTS_DIR, atomic_write, delete_files, is_kiln_name, join, list_files
 
     base = str(dataset_dir).rstrip("/")
     out = join(base, CARD_NAME)
-    _check_not_users_readme(out)
-    text, pngs, _ = build_card(base, seed=seed, n_samples=n_samples, language=language, pretty_name=pretty_name,
-                               verify_tars=verify_tars, unscreened_samples=unscreened_samples)
-    _check_not_users_readme(out)  # again: the recount can take a while
+    _check_not_users_files(base)
+    text, pngs, meta, facts, name = _build(base, seed=seed, n_samples=n_samples, language=language, pretty_name=pretty_name,
+                                           verify_tars=verify_tars, unscreened_samples=unscreened_samples)
+    # The captions' languages only when someone declared them (--language, a LANGUAGE column), not the card's default.
+    documents = build_documents(facts, name, meta.get("language") if language or facts.languages else None)
+    _check_not_users_files(base)  # again: the recount can take a while
     fresh = {p.rsplit("/", 1)[-1] for p in pngs}
     stale = [m.path for m in list_files(join(base, PLOTS_DIR))
              if is_kiln_name(f"{PLOTS_DIR}/{m.path.rsplit('/', 1)[-1]}") and m.path.rsplit("/", 1)[-1] not in fresh]
     for rel, png in sorted(pngs.items()):
         atomic_write(join(base, rel), lambda f, data=png: f.write(data))
     delete_files(stale)
-    data = text.encode("utf-8")
-    atomic_write(out, lambda f: f.write(data))
+    for doc in MARKED_NAMES:  # README.md is the last of them
+        data = text.encode("utf-8") if doc == CARD_NAME else documents[doc]
+        atomic_write(join(base, doc), lambda f, data=data: f.write(data))
     return out if "://" in base else Path(out)
 
 
-def _check_not_users_readme(path: str) -> None:
+def _check_not_users_files(base: str) -> None:
     from apache_beam.io.filesystems import FileSystems
 
-    from pipeline.outdir import is_kiln_card
+    from pipeline.outdir import CARD_NAME, MARKED_NAMES, is_kiln_document, join
 
-    if FileSystems.exists(path) and not is_kiln_card(path):
-        raise CardError(f"{path} is not a dataset card kiln wrote (it lacks kiln's marker line), so kiln will not "
-                        f"replace it: move it away and re-run")
+    for name in MARKED_NAMES:
+        path = join(base, name)
+        if FileSystems.exists(path) and not is_kiln_document(path, name):
+            if name == CARD_NAME:
+                raise CardError(f"{path} is not a dataset card kiln wrote (it lacks kiln's marker line), so kiln will not "
+                                f"replace it: move it away and re-run")
+            raise CardError(f"{path} is not a file kiln wrote (it lacks kiln's marker), so kiln will not replace it: "
+                            f"move it away and re-run")
 
 
 # -- `kiln card` -----------------------------------------------------------------------------------
@@ -165,5 +213,5 @@ def main_card(args: argparse.Namespace) -> int:
                       unscreened_samples=args.unscreened_samples)
     from pipeline.card.plots import PLOTS_DIR
 
-    print(f"kiln card: wrote {path} and its plots in {PLOTS_DIR}/")
+    print(f"kiln card: wrote {path} and its plots in {PLOTS_DIR}/, croissant.json, training_summary.md and training_summary.json")
     return 0

@@ -57,8 +57,10 @@ SCORES = tuple(_SCORES[name] for name in SCORE_FIELDS)
 # caption columns (named by the run's --url-col / --caption-col) and the optional LICENSE/LANGUAGE.
 OPTIONAL_INPUT_COLUMNS = ("LICENSE", "LANGUAGE")
 KILN_META_COLUMNS = ("uid", "original_width", "original_height", "stored_width", "stored_height", "source_format",
-                     "image_bytes", *SCORE_FIELDS, "t5_len", "t5_truncated")
+                     "image_bytes", "source_bytes", *SCORE_FIELDS, "t5_len", "t5_truncated")
 REJECT_COLUMNS = ("stage", "reason", *SCORE_FIELDS)
+BLOCKLIST_REASON_PREFIX = "blocklist_"  # pipeline.consent's: every blocklist_* reason, whatever its stage
+NO_HOST = "(no host)"
 WH_BINS = 40  # log-spaced bins from 16 to 16384 px for the width x height histogram
 SAMPLE_MAX_TOXICITY = 0.5  # a caption above this is never shown in the sample grid
 
@@ -115,7 +117,7 @@ _STATS_SHAPE = {
 }
 _STATS_OPTIONAL = {  # absent is fine; present, they must have this type
     "flags": (dict,), "stage_modes": (dict,), "models": (dict,), "versions": (dict,), "this_run": (dict,),
-    "beam_options": (dict, type(None)),
+    "beam_options": (dict, type(None)), "consent": (dict,),
 }
 _MANIFEST_ENTRY = {"shard": (str, int), "samples": (int,), "rejected": (int,), "bytes": (int,), "meta": (str,),
                    "tar": (str,), "rejects": (str,)}
@@ -169,6 +171,22 @@ def domain_of(url) -> str:
     if host.startswith("www."):
         host = host[4:]
     return host or "(no host)"
+
+
+def host_of(url) -> str:
+    """The host the training summary counts bytes under: the URL's host name as urllib.parse reads it
+    (lowercased, IPv6 in brackets), with its port unless that is 80 or 443 -- no `www.` folding, so
+    the names are the hosts the bytes came from. NO_HOST for a URL without one."""
+    try:
+        parts = urlsplit(url or "")
+        host, port = parts.hostname or "", parts.port
+    except (ValueError, TypeError):  # a malformed port or netloc
+        return NO_HOST
+    if not host:
+        return NO_HOST
+    if ":" in host:
+        host = f"[{host}]"
+    return host if port in (None, 80, 443) else f"{host}:{port}"
 
 
 def wh_edges():
@@ -288,6 +306,18 @@ class Facts:
     unscreened_samples: bool = False  # draw the grid even when nothing was NSFW-scored
     max_sample_punsafe: float = 0.1
     bytes_by_kind: dict = field(default_factory=dict)
+    # Downloaded bytes (meta's source_bytes) per host_of(URL column) of the kept rows: the training
+    # summary's top domains. Meta files written before source_bytes existed lack the column.
+    source_bytes_by_host: collections.Counter = field(default_factory=collections.Counter)
+    source_bytes_rows: int = 0  # kept rows with a source_bytes value
+    source_bytes_missing: int = 0  # kept rows without one (column absent or null)
+    # Rows a --blocklist removed, per (list name, reason), from the rejects' detail ("NAME: ...");
+    # only read when stats.json's consent lists blocklists.
+    blocklist_rows: collections.Counter = field(default_factory=collections.Counter)
+    # The Arrow schemas of the first shard's meta and rejects files (every shard of a run has the
+    # same): croissant.json's fields. None without shards.
+    meta_schema: object = None
+    rejects_schema: object = None
 
 
 def collect(dataset_dir: str, *, seed: int = 0, n_samples: int = 16, max_sample_punsafe: float = 0.1,
@@ -319,12 +349,20 @@ def collect(dataset_dir: str, *, seed: int = 0, n_samples: int = 16, max_sample_
     heap: list = []  # _Neg((rank, uid, shard tar, caption, punsafe)): the n_samples smallest ranks
     url_col, caption_col = facts.columns["url"], facts.columns["caption"]
     meta_columns = (url_col, caption_col, *OPTIONAL_INPUT_COLUMNS, *KILN_META_COLUMNS)
-    for s in facts.shards:
+    list_names = blocklist_names(stats)
+    reject_columns = REJECT_COLUMNS + (("detail",) if list_names else ())
+    for i, s in enumerate(facts.shards):
+        if i == 0:
+            facts.meta_schema = read_schema(join(dataset_dir, s["meta"]))
+            facts.rejects_schema = read_schema(join(dataset_dir, s["rejects"]))
         table = read_columns(join(dataset_dir, s["meta"]), meta_columns)
         cols = {c: table.column(c).to_pylist() for c in table.column_names}
         _add_kept(facts, cols, url_col, caption_col)
         _add_sample_candidates(heap, cols, caption_col, s["tar"], seed, n_samples, max_sample_punsafe)
-        _add_rejected(facts, read_columns(join(dataset_dir, s["rejects"]), REJECT_COLUMNS))
+        rejects = read_columns(join(dataset_dir, s["rejects"]), reject_columns)
+        _add_rejected(facts, rejects)
+        if list_names:
+            _add_blocklist_rows(facts, rejects, list_names)
 
     facts.samples = sorted((n.entry for n in heap), key=lambda e: e[0])
     if not facts.samples_screened and not unscreened_samples:
@@ -339,7 +377,17 @@ def _add_kept(facts: Facts, cols: dict[str, list], url_col: str, caption_col: st
         facts.licences.update(v if v is not None else "(null)" for v in cols["LICENSE"])
     if "LANGUAGE" in cols:
         facts.languages.update(v if v else "(none)" for v in cols["LANGUAGE"])
-    facts.domains.update(domain_of(u) for u in cols.get(url_col, []))
+    urls = cols.get(url_col, [])
+    facts.domains.update(domain_of(u) for u in urls)
+    if "source_bytes" in cols:
+        for url, n in zip(urls, cols["source_bytes"]):
+            if n is None:
+                facts.source_bytes_missing += 1
+            else:
+                facts.source_bytes_by_host[host_of(url)] += n
+                facts.source_bytes_rows += 1
+    else:
+        facts.source_bytes_missing += len(cols.get("uid", urls))
     facts.formats.update(v or "(unknown)" for v in cols.get("source_format", []))
     facts.image_bytes += sum(v or 0 for v in cols.get("image_bytes", []))
     facts.t5_truncated += sum(1 for v in cols.get("t5_truncated", []) if v)
@@ -371,6 +419,38 @@ def _add_rejected(facts: Facts, table) -> None:
         facts.scores[score.column].add("rejected_here", here)
         facts.scores[score.column].add("rejected_elsewhere", elsewhere)
         facts.score_non_null[score.column] += len(here) + len(elsewhere)
+
+
+def blocklist_names(stats: dict) -> list[str]:
+    """The --blocklist names stats.json's consent record lists, longest first (a reject's detail
+    starts with the name of the list that matched)."""
+    consent = stats.get("consent")
+    lists = consent.get("blocklists") if isinstance(consent, dict) else None
+    if not isinstance(lists, list):
+        return []
+    names = {str(b.get("name")) for b in lists if isinstance(b, dict) and b.get("name") is not None}
+    return sorted(names, key=lambda n: (-len(n), n))
+
+
+def _add_blocklist_rows(facts: Facts, table, names: list[str]) -> None:
+    """Rows each --blocklist removed, per (list name, reason): the detail of a blocklist_* reject
+    starts with "NAME: " (pipeline.blocklist). A detail naming no known list counts under None."""
+    if "detail" not in table.column_names:
+        return
+    for reason, detail in zip(table.column("reason").to_pylist(), table.column("detail").to_pylist()):
+        if not str(reason).startswith(BLOCKLIST_REASON_PREFIX):
+            continue
+        detail = detail or ""
+        name = next((n for n in names if detail.startswith(f"{n}: ")), None)
+        facts.blocklist_rows[(name, reason)] += 1
+
+
+def read_schema(path: str):
+    """The Arrow schema of the parquet file at `path` (its footer only)."""
+    import pyarrow.parquet as pq
+
+    with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+        return pq.ParquetFile(f).schema_arrow
 
 
 def _add_sample_candidates(heap: list, cols: dict[str, list], caption_col: str, tar: str, seed: int, n_samples: int,

@@ -13,6 +13,7 @@ import shlex
 
 from pipeline.card.facts import SAMPLE_MAX_TOXICITY, SCORES, Facts, FloatHist, pct
 from pipeline.card.hub import hub_licence, licence_metadata
+from pipeline.card.summary import blocklist_entries, consent_of, opt_out_protocols
 
 
 def render(facts: Facts, plots: dict[str, str | None], pretty_name: str, seed: int, language: list[str] | None) -> str:
@@ -221,18 +222,81 @@ def collection_process(facts: Facts) -> list[str]:
 
 
 def opt_outs(facts: Facts) -> list[str]:
-    flags, n_in = facts.stats.get("flags", {}), facts.input_rows
-    listed = flags.get("disallowed_directives") or ""  # a JSON list; a comma-separated string in older runs
-    directives = [d.strip().lower() for d in (listed.split(",") if isinstance(listed, str) else listed) if d.strip()]
-    dl = facts.reasons.get("download", {})
+    """The opt-out table per protocol and the blocklist table (stats.json's consent record, rows
+    removed recounted from the rejects); a run before that record gets the X-Robots-Tag table it had."""
+    if consent_of(facts.stats) is None:
+        return _opt_outs_before_consent(facts)
+    consent, n_in = consent_of(facts.stats), facts.input_rows
+    protocols = opt_out_protocols(facts)
+    settings = {p["protocol"]: p["settings"] for p in protocols if p["enabled"]}
+    ua, token = consent.get("user_agent"), consent.get("user_agent_token")
     out = [
         "### Opt-out handling\n",
-        "kiln honours `X-Robots-Tag` response headers, bare or scoped to its user-agent token "
-        f"(`{md(flags.get('user_agent_token'))}: noai`); a header naming one of the directives below removes "
-        "the row (`none` counts as `noindex`). It does not read robots.txt, TDM reservation protocols "
-        "or other opt-out registries: an opt-out expressed only there was **not** honoured.\n",
-        "| directive honoured | rows removed | share of input |\n| --- | ---: | ---: |",
+        "kiln checks machine-readable reservations of rights before it keeps a sample, identifying itself as "
+        + (f"`{md(ua)}`" if ua else "kiln") + f" (robots.txt token `{md(token)}`). Every row an opt-out removed is a "
+        "row of `rejects/` with its stage and reason; the counts below are recounted from those files. A protocol "
+        "switched off for this run was **not** honoured: an opt-out expressed only that way was ignored.\n",
+        "| protocol | enabled | rows removed | share of input | origins consulted | origins whose rules could not be fetched | then |",
+        "| --- | --- | ---: | ---: | ---: | ---: | --- |",
     ]
+    for p in protocols:
+        if "origins_consulted" in p:
+            consulted, unavailable = f"{p.get('origins_consulted') or 0:,}", f"{p.get('origins_unavailable') or 0:,}"
+            then = f"`{md(p.get('on_unavailable'))}`: {md(p.get('on_unavailable_means') or 'not recorded')}"
+        else:
+            consulted = unavailable = then = "n/a"
+        out.append(f"| {md(p['title'])} | {'yes' if p['enabled'] else '**no**'} | {p['rows_removed']:,} | "
+                   f"{pct(p['rows_removed'], n_in)} | {consulted} | {unavailable} | {then} |")
+    out += ["", "| protocol | stage/reason | rows |\n| --- | --- | ---: |"]
+    for p in protocols:
+        for reason, n in p["rows_removed_by_reason"].items():
+            out.append(f"| {p['protocol']} | `{md(reason)}` | {n:,} |")
+    out.append("")
+    robots = settings.get("robots_txt", {})
+    if robots.get("ai_tokens"):
+        out.append("robots.txt: kiln obeys the group naming its token, else `*`; a disallow in a group naming one of "
+                   + ", ".join(f"`{md(t)}`" for t in robots["ai_tokens"]) + " is read as a training opt-out "
+                   f"(`robotstxt_ai_optout`). {robots.get('origins_no_rules') or 0:,} origin(s) answered 4xx (no rules: "
+                   "everything allowed, RFC 9309 §2.3.1.3).\n")
+    directives = settings.get("x_robots_tag", {}).get("directives") or []
+    if directives:
+        out += _directive_table(facts, directives)
+    files = settings.get("optout_list", {}).get("files") or []
+    if files:
+        out += ["| opt-out list | sha256 | domains | URL prefixes |\n| --- | --- | ---: | ---: |"]
+        for f in files:
+            out.append(f"| `{md(f.get('path'))}` | `{md(str(f.get('sha256'))[:16])}` | {f.get('domains') or 0:,} | {f.get('prefixes') or 0:,} |")
+        out.append("")
+    reader = settings.get("c2pa", {}).get("reader")
+    if reader:
+        out.append(f"C2PA manifests were read with {md(reader)}.\n")
+    return out + blocklist_table(facts)
+
+
+def blocklist_table(facts: Facts) -> list[str]:
+    bl = blocklist_entries(facts)
+    out = ["### Blocklists\n"]
+    if not bl or not bl["lists"]:
+        return out + ["No `--blocklist` was given: no sample ids, URL hashes, domains or image hashes were matched "
+                      "against a list.\n"]
+    out += ["| list | sha256 | entries per kind | rows removed per kind |\n| --- | --- | --- | --- |"]
+    for b in bl["lists"]:
+        entries = ", ".join(f"{md(k)} {n:,}" for k, n in sorted(b["entries"].items())) or "none"
+        removed = ", ".join(f"{md(r[len('blocklist_'):] if r.startswith('blocklist_') else r)} {n:,}"
+                            for r, n in b["rows_removed_by_reason"].items()) or "0"
+        out.append(f"| {md(b['name'])} | `{md(str(b['sha256'])[:16])}` | {entries} | {removed} |")
+    out.append(f"\n{bl['rows_removed']:,} rows removed by the lists together ("
+               + (", ".join(f"`{md(r)}` {n:,}" for r, n in bl["rows_removed_by_reason"].items()) or "none") + "); "
+               "a reject's detail names the list that matched (the first, in flag order), with the id or hash only."
+               + (f" {bl['rows_not_attributed_to_a_list']:,} of them name no list of this run."
+                  if bl["rows_not_attributed_to_a_list"] else "") + "\n")
+    return out
+
+
+def _directive_table(facts: Facts, directives: list[str]) -> list[str]:
+    n_in = facts.input_rows
+    dl = facts.reasons.get("download", {})
+    out = ["| directive honoured | rows removed | share of input |\n| --- | ---: | ---: |"]
     for d in directives:
         n = dl.get(f"robots_{d}", 0)
         out.append(f"| `{md(d)}` | {n:,} | {pct(n, n_in)} |")
@@ -241,6 +305,21 @@ def opt_outs(facts: Facts) -> list[str]:
         out.append(f"| `{md(r[len('robots_'):])}` | {n:,} | {pct(n, n_in)} |")
     out.append("")
     return out
+
+
+def _opt_outs_before_consent(facts: Facts) -> list[str]:
+    """A run before stats.json's consent record: X-Robots-Tag was all kiln honoured."""
+    flags = facts.stats.get("flags", {})
+    listed = flags.get("disallowed_directives") or ""  # a JSON list; a comma-separated string in older runs
+    directives = [d.strip().lower() for d in (listed.split(",") if isinstance(listed, str) else listed) if d.strip()]
+    return [
+        "### Opt-out handling\n",
+        "kiln honours `X-Robots-Tag` response headers, bare or scoped to its user-agent token "
+        f"(`{md(flags.get('user_agent_token'))}: noai`); a header naming one of the directives below removes "
+        "the row (`none` counts as `noindex`). It does not read robots.txt, TDM reservation protocols "
+        "or other opt-out registries: an opt-out expressed only there was **not** honoured.\n",
+        *_directive_table(facts, directives),
+    ]
 
 
 def how_the_job_ran(facts: Facts) -> list[str]:
@@ -378,19 +457,23 @@ def _provenance(prov) -> list[str]:
     return out
 
 
-def uses() -> list[str]:
+def uses_items() -> list[str]:
+    """The intended and unsuitable uses (the card's Uses section; croissant.json's rai:dataUseCases)."""
     return [
-        "## Uses\n",
-        "- **Intended:** training and evaluating text-to-image models (a cascaded diffusion model: the "
+        "**Intended:** training and evaluating text-to-image models (a cascaded diffusion model: the "
         "64 px base stage on every sample, super-resolution stages only on samples at least as large as "
-        "their output), and research on data filtering, using the per-sample scores to re-threshold.\n"
-        "- **Not suitable for:** identifying or profiling people; any use that needs the consent of the "
+        "their output), and research on data filtering, using the per-sample scores to re-threshold.",
+        "**Not suitable for:** identifying or profiling people; any use that needs the consent of the "
         "people depicted or a cleared copyright status; measuring demographic fairness (the composition "
         "is unknown, see below); use as a safety-vetted or child-safe image set; applications that need "
-        "captions to be accurate descriptions (alt-text is often not).\n"
-        "- **Before use,** read the limitations below and check your jurisdiction's rules on text and "
-        "data mining and on the images' licences.\n",
+        "captions to be accurate descriptions (alt-text is often not).",
+        "**Before use,** read the limitations below and check your jurisdiction's rules on text and "
+        "data mining and on the images' licences.",
     ]
+
+
+def uses() -> list[str]:
+    return ["## Uses\n", "\n".join(f"- {item}" for item in uses_items()) + "\n"]
 
 
 def distribution(facts: Facts) -> list[str]:
@@ -420,13 +503,20 @@ def maintenance(facts: Facts) -> list[str]:
     ]
 
 
-def limitations(facts: Facts) -> list[str]:
-    """Known limitations and biases of the filters this run used, and what the card cannot answer."""
+def limitation_items(facts: Facts) -> tuple[list[str], list[str]]:
+    """(biases, limitations) of the filters this run used and of the data, in the card's order when
+    joined; croissant.json's rai:dataBiases and rai:dataLimitations."""
+    items = _limitations(facts)
+    return [t for kind, t in items if kind == "bias"], [t for kind, t in items if kind == "limit"]
+
+
+def _limitations(facts: Facts) -> list[tuple[str, str]]:
+    """[("bias" | "limit", Markdown text)] in the card's order."""
     flags, modes, models = facts.stats.get("flags", {}), facts.stats.get("stage_modes", {}), facts.stats.get("models", {})
     kept, n_in = facts.kept, facts.input_rows
     lim = []
     if modes.get("clip") != "off":
-        lim.append(
+        lim.append(("bias",
             "**CLIP filtering is value-laden.** The similarity filter keeps captions that read the way "
             "CLIP's own web training data reads. Hong et al. (2024) audit CLIP filtering and find that data "
             "relating to several imputed demographic groups (LGBTQ+ people, older women, younger men) is "
@@ -435,10 +525,10 @@ def limitations(facts: Facts) -> list[str]:
             "representation of lower-income and non-Western communities; Radford et al. (2021, §7) report "
             "CLIP's own demographic biases. Birhane, Prabhu and Kahembwe (2021) document misogyny, "
             "pornography and malignant stereotypes that survived CLIP filtering in LAION-400M, and the "
-            "LAION-5B paper (Schuhmann et al., 2022) discusses the same risks for its subsets.")
+            "LAION-5B paper (Schuhmann et al., 2022) discusses the same risks for its subsets."))
     if modes.get("toxicity") != "off":
         tox = models.get("toxicity", {})
-        lim.append(
+        lim.append(("bias",
             "**Caption toxicity (Detoxify) flags words, not intent.** Its README warns that text with "
             "swearing, insults or profanity is likely to be classified as toxic regardless of tone or "
             "intent (e.g. humorous or self-deprecating), which can bias it against already vulnerable "
@@ -447,32 +537,60 @@ def limitations(facts: Facts) -> list[str]:
             + (" The `original` model was trained on English Wikipedia talk-page comments (Jigsaw 2018): "
                "it is English-centric and scores other languages unreliably."
                if str(tox.get("name") or tox.get("spec") or flags.get("toxicity_model")).endswith("original") else "")
-            + f" Model used: `{md(flags.get('toxicity_model'))}`.")
+            + f" Model used: `{md(flags.get('toxicity_model'))}`."))
     if modes.get("nsfw") != "off":
-        lim.append(
+        lim.append(("limit",
             "**The NSFW head misses things.** It is a small classifier on the CLIP image embedding; Hong et al. "
             "(2024) found that this kind of filter fails to remove sexually explicit content from a CLIP-"
             f"filtered web pool. Punsafe at or below {flags.get('max_punsafe')} does not mean safe: the "
-            "dataset may contain nudity, violence and other disturbing images.")
+            "dataset may contain nudity, violence and other disturbing images."))
     else:
-        lim.append("**No NSFW filter ran** (`--nsfw off`): the dataset is likely to contain sexual and violent imagery.")
+        lim.append(("limit", "**No NSFW filter ran** (`--nsfw off`): the dataset is likely to contain sexual and violent imagery."))
     lim += [
-        "**Alt-text is noisy.** Captions are whatever the page's alt attribute said: SEO keywords, file "
-        "names, text unrelated to the image, and text that reproduces stereotypes. "
-        + ("CLIP filtering removes some mismatches, not the rest." if modes.get("clip") == "filter"
-           else "No CLIP filter removed mismatched captions in this run."),
-        "**The web is not the world.** What is online, in English, on crawlable pages and still reachable "
-        "at download time over-represents some regions, languages, skin tones, ages and genders; "
-        f"{pct(kept, n_in)} of the input survived here, and link rot removes some sites more than others.",
-        "**People and private data.** Images may show identifiable people, including minors, and "
-        "personal information (faces, names in captions, documents); nothing in this pipeline detects "
-        "or removes it.",
-        "**No screening against known abuse material.** kiln does not match images against hash lists "
-        "of known child sexual abuse material. LAION withdrew its datasets (LAION-5B among them) in "
-        "December 2023 after links to such material were found in LAION-5B (Thiel, 2023); build from "
-        "metadata that has been cleaned of them (e.g. Re-LAION-5B) and screen with a hash-matching "
-        "service before publishing or training.",
+        ("limit", "**Alt-text is noisy.** Captions are whatever the page's alt attribute said: SEO keywords, file "
+         "names, text unrelated to the image, and text that reproduces stereotypes. "
+         + ("CLIP filtering removes some mismatches, not the rest." if modes.get("clip") == "filter"
+            else "No CLIP filter removed mismatched captions in this run.")),
+        ("bias", "**The web is not the world.** What is online, in English, on crawlable pages and still reachable "
+         "at download time over-represents some regions, languages, skin tones, ages and genders; "
+         f"{pct(kept, n_in)} of the input survived here, and link rot removes some sites more than others."),
+        ("limit", "**People and private data.** Images may show identifiable people, including minors, and "
+         "personal information (faces, names in captions, documents); nothing in this pipeline detects "
+         "or removes it."),
+        ("limit", _abuse_screening(facts)),
     ]
+    if consent_of(facts.stats) is not None:
+        lim.append(("limit", "**Opt-outs are as of the crawl.** kiln honoured the machine-readable opt-outs in the "
+                    "opt-out table when it fetched; a reservation of rights made later, or expressed only in a way "
+                    "kiln does not read (terms of service, page text, unlisted registries), is not reflected."))
+    return lim
+
+
+def _abuse_screening(facts: Facts) -> str:
+    """The limitation about known abuse material: what the run's image hash lists covered, if any."""
+    if consent_of(facts.stats) is None:  # a run before kiln had --blocklist
+        return ("**No screening against known abuse material.** kiln does not match images against hash lists "
+                "of known child sexual abuse material. LAION withdrew its datasets (LAION-5B among them) in "
+                "December 2023 after links to such material were found in LAION-5B (Thiel, 2023); build from "
+                "metadata that has been cleaned of them (e.g. Re-LAION-5B) and screen with a hash-matching "
+                "service before publishing or training.")
+    lists = (blocklist_entries(facts) or {}).get("lists") or []
+    image = [b for b in lists if any(n and k in ("image_sha256", "image_md5", "pdq") for k, n in (b.get("entries") or {}).items())]
+    tail = ("LAION withdrew its datasets (LAION-5B among them) in December 2023 after links to such material were found "
+            "in LAION-5B (Thiel, 2023); build from metadata that has been cleaned of them (e.g. Re-LAION-5B) and screen "
+            "with a hash-matching service before publishing or training.")
+    if not image:
+        return ("**No screening against known abuse material.** This run matched the images against no hash list "
+                "(`--blocklist` with image_sha256, image_md5 or pdq entries) of known child sexual abuse material. " + tail)
+    names = ", ".join(f"`{md(b.get('name'))}`" for b in image)
+    return (f"**Screening against known material is only as good as its lists.** The images were matched against {names} "
+            "(exact hashes, and PDQ within the list's threshold); material not on those lists passes, and kiln runs no "
+            "classifier for it. " + tail)
+
+
+def limitations(facts: Facts) -> list[str]:
+    """Known limitations and biases of the filters this run used, and what the card cannot answer."""
+    lim = [text for _, text in _limitations(facts)]
     out = ["## Known limitations and biases\n", *(f"- {item}" for item in lim), "", "### Questions this card cannot answer\n"]
     for q in (
         "Did the people depicted consent to being photographed, published, or used to train models? Unknown.",

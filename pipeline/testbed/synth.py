@@ -184,6 +184,8 @@ CONSENT_KINDS: dict[str, tuple] = {
     "blocklist_image_sha256": (None, "/{name}", _X, "blocklist_image_sha256"),
     "blocklist_image_md5": (None, "/{name}", _X, "blocklist_image_md5"),
     "blocklist_pdq": (None, "/{name}", _X, "blocklist_pdq"),  # the list has the original's PDQ; a re-encoded, resized copy is served
+    "c2pa_not_allowed": (None, "/{name}", _X, "c2pa_not_allowed"),  # a signed JPEG: c2pa.ai_training notAllowed
+    "c2pa_allowed": (None, "/{name}", None, None),  # a signed JPEG: ai_training allowed, ai_inference notAllowed
 }
 EXPECTED.update({k: (v[2], v[3]) for k, v in CONSENT_KINDS.items()})
 CONSENT_SITES = ("star", "norules", "broken", "slow", "tdm500", "localhost")
@@ -620,7 +622,7 @@ class _Planner:
         kind's path on its site; fills self.blocklist with the entries that must catch it."""
         site, template, stage, reason = CONSENT_KINDS[kind]
         w, h = self.size()
-        fmt = "jpeg" if kind == "blocklist_pdq" else self.fmt()
+        fmt = "jpeg" if kind in ("blocklist_pdq", "c2pa_not_allowed", "c2pa_allowed") else self.fmt()
         bg, shapes, desc = self.scene(w, h)
         name = f"{self.token()}.{EXTENSIONS[fmt]}"
         target = template.format(name=name)
@@ -644,6 +646,12 @@ class _Planner:
             copy.save(buf, "JPEG", quality=60)
             self.files[name] = buf.getvalue()  # what is served: re-encoded and resized, a different sha256
             w, h = copy.size
+        elif kind.startswith("c2pa_"):
+            from pipeline.testbed.c2pa_sign import sign, training_mining
+
+            use = "notAllowed" if kind == "c2pa_not_allowed" else "allowed"
+            self.files[name] = sign(picture.encode(), "image/jpeg",
+                                    [training_mining(c2pa_ai_training=use, c2pa_ai_inference="notAllowed")])
         else:
             self.files[name] = picture
         if kind == "blocklist_sample_id":

@@ -10,7 +10,6 @@ require. Each signature takes a few tens of milliseconds.
 
 from __future__ import annotations
 
-import datetime
 import io
 
 import pytest
@@ -21,10 +20,7 @@ from pipeline.c2pa_check import MARKER, decide, reader_version, training_mining
 
 c2pa = pytest.importorskip("c2pa")
 
-CREATED = {"label": "c2pa.actions", "data": {"actions": [{
-    "action": "c2pa.created",
-    "digitalSourceType": "http://cv.iptc.org/newscodes/digitalsourcetype/digitalCapture",
-}]}}
+from pipeline.testbed.c2pa_sign import CREATED  # noqa: E402 - after the importorskip
 
 
 def picture(fmt: str = "JPEG", size=(64, 48), color=(200, 40, 30)) -> bytes:
@@ -41,48 +37,11 @@ def tm(label: str = "c2pa.training-mining", **entries: str) -> dict:
 
 @pytest.fixture(scope="module")
 def credentials() -> tuple[bytes, bytes]:
-    """(PEM chain leaf+root, PEM PKCS#8 key of the leaf): ES256, valid from yesterday for 30 days."""
-    x509 = pytest.importorskip("cryptography.x509")
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+    """(PEM chain leaf+root, PEM PKCS#8 key of the leaf): the synthetic web's throw-away ES256 chain."""
+    pytest.importorskip("cryptography")
+    from pipeline.testbed.c2pa_sign import credentials as make
 
-    def name(cn):
-        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn),
-                          x509.NameAttribute(NameOID.ORGANIZATION_NAME, "kiln tests"),
-                          x509.NameAttribute(NameOID.COUNTRY_NAME, "US")])
-
-    def usage(**on):
-        flags = dict.fromkeys(("digital_signature", "content_commitment", "key_encipherment",
-                               "data_encipherment", "key_agreement", "key_cert_sign", "crl_sign",
-                               "encipher_only", "decipher_only"), False)
-        return x509.KeyUsage(**{**flags, **on})
-
-    now = datetime.datetime.now(datetime.timezone.utc)
-    root_key, leaf_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
-
-    def cert(subject, issuer, key, signing_key):
-        return (x509.CertificateBuilder().subject_name(subject).issuer_name(issuer)
-                .public_key(key.public_key()).serial_number(x509.random_serial_number())
-                .not_valid_before(now - datetime.timedelta(days=1))
-                .not_valid_after(now + datetime.timedelta(days=30))
-                .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False))
-
-    root = (cert(name("kiln test root"), name("kiln test root"), root_key, root_key)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .add_extension(usage(key_cert_sign=True, crl_sign=True), critical=True)
-            .sign(root_key, hashes.SHA256()))
-    leaf = (cert(name("kiln test signer"), root.subject, leaf_key, root_key)
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(usage(digital_signature=True), critical=True)
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.EMAIL_PROTECTION]), critical=False)
-            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(root_key.public_key()),
-                           critical=False)
-            .sign(root_key, hashes.SHA256()))
-    pem = serialization.Encoding.PEM
-    chain = leaf.public_bytes(pem) + root.public_bytes(pem)
-    key = leaf_key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    return chain, key
+    return make()
 
 
 @pytest.fixture(scope="module")

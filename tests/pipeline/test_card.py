@@ -243,6 +243,8 @@ def test_card_is_deterministic(dataset, tmp_path):
     with loopback_only():
         write_card(copy)
     assert (copy / "README.md").read_bytes() == card_path.read_bytes()
+    for doc in ("croissant.json", "training_summary.json", "training_summary.md"):  # written beside the card
+        assert (copy / doc).read_bytes() == (out / doc).read_bytes(), doc
     for png in (out / "card_plots").glob("*.png"):
         assert (copy / "card_plots" / png.name).read_bytes() == png.read_bytes(), png.name
 

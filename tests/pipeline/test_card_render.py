@@ -98,3 +98,49 @@ def test_opt_out_table_reads_the_directives_as_a_list_or_a_comma_separated_strin
         facts.input_rows = 10
         rows = [line for line in opt_outs(facts) if line.startswith("| `")]
         assert rows == ["| `noai` | 2 | 20.00% |", "| `noimageai` | 0 | 0.00% |", "| `noindex` | 1 | 10.00% |"], listed
+
+
+CONSENT = {
+    "user_agent": "kiln/0.1.0 (+https://example/kiln)", "user_agent_token": "kiln",
+    "protocols": {"robots_txt": {"enabled": True, "ai_tokens": ["GPTBot"], "origins": 7, "origins_no_rules": 1, "origins_unavailable": 2,
+                                 "on_unavailable": "disallow"},
+                  "tdmrep": {"enabled": False, "origins": 0, "origins_unavailable": 0, "on_unavailable": "reserve"},
+                  "x_robots_tag": {"enabled": True, "directives": ["noai"]},
+                  "optout_list": {"enabled": False, "files": []}, "c2pa": {"enabled": True, "reader": None}},
+    "blocklists": [{"name": "csam-hashes", "path": "/l.txt", "sha256": "ab" * 32, "entries": {"pdq": 5, "sample_id": 2}, "pdq_threshold": 31}],
+}
+
+
+def test_opt_out_table_per_protocol_and_blocklist_table_from_the_consent_record():
+    import collections
+
+    facts = _facts(consent=CONSENT)
+    facts.input_rows = 100
+    facts.funnel = [{"stage": "blocklist", "reasons": {"blocklist_sample_id": 2}}, {"stage": "optout", "reasons": {
+        "robotstxt_disallowed": 3, "robotstxt_unavailable": 4}}, {"stage": "download", "reasons": {"robots_noai": 1, "tdm_reservation": 9}},
+        {"stage": "decode", "reasons": {"blocklist_pdq": 1, "c2pa_not_allowed": 2}}]
+    facts.reasons = {f["stage"]: f["reasons"] for f in facts.funnel}
+    facts.blocklist_rows = collections.Counter({("csam-hashes", "blocklist_sample_id"): 2, ("csam-hashes", "blocklist_pdq"): 1})
+    text = "\n".join(opt_outs(facts))
+    assert ("| robots.txt (RFC 9309) | yes | 7 | 7.00% | 7 | 2 | `disallow`: treated as a complete disallow (RFC 9309 §2.3.1.4): "
+            "every URL of the origin removed |") in text
+    # A protocol switched off still shows the rows its reasons hold (here the header reason), marked as not honoured.
+    assert "| TDMRep (W3C: tdmrep.json and the tdm-reservation header) | **no** | 9 | 9.00% | 0 | 0 |" in text
+    assert "| X-Robots-Tag response header | yes | 1 | 1.00% | n/a | n/a | n/a |" in text
+    assert "| C2PA training-and-mining assertion in the image | yes | 2 | 2.00% | n/a | n/a | n/a |" in text
+    assert "| robots_txt | `optout/robotstxt_unavailable` | 4 |" in text
+    assert "| directive honoured | rows removed | share of input |\n| --- | ---: | ---: |\n| `noai` | 1 | 1.00% |" in text
+    assert "| csam-hashes | `abababababababab` | pdq 5, sample_id 2 | pdq 1, sample_id 2 |" in text
+    assert "3 rows removed by the lists together" in text
+    assert "It does not read robots.txt" not in text
+
+
+def test_the_card_funnel_shows_the_blocklist_and_optout_stages(tmp_path):
+    from pipeline.card import build_card
+    from tests.pipeline.test_croissant import consent_dataset
+
+    text, _, _ = build_card(str(consent_dataset(tmp_path / "ds")))
+    funnel = text[text.index("### Funnel"):text.index("### Reject reasons")]
+    assert "| prefilter | filter | 31 | 30 | 1 |" in funnel
+    assert "| blocklist | filter | 30 | 28 | 2 |" in funnel and "| optout | filter | 28 | 23 | 5 |" in funnel
+    assert "**Screening against known material is only as good as its lists.** The images were matched against `child-safety`" in text

@@ -177,3 +177,47 @@ def test_blocklist_flag_repeats_and_a_bad_file_is_one_line(tmp_path):
     assert "Traceback" not in proc.stderr and str(b) in proc.stderr
     assert len([ln for ln in proc.stderr.splitlines() if ln.strip()]) == 1, proc.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_the_run_writes_a_card_croissant_and_summary_that_recount_from_the_files(web, consent_run):
+    """Done-when of issue 15 on the run itself: the card's tables, a croissant.json mlcroissant
+    validates and reads, and a training summary whose numbers recount from the parquet files."""
+    import collections
+    import json
+
+    from pipeline.consent import PROTOCOLS, PROTOCOL_TITLES
+    from tests.pipeline.test_croissant import _mlcroissant_dataset
+    from tests.pipeline.test_training_summary import PROTOCOL_REASONS, _recount_bytes_per_host
+
+    w, _ = web
+    out, stats, _ = consent_run
+    kept, rejects = _rows(out, "meta"), _rows(out, "rejects")
+    # croissant.json: valid, and every kept row readable through it.
+    ds = _mlcroissant_dataset(out / "croissant.json")
+    assert len(list(ds.records(record_set="meta"))) == len(kept) == stats["kept"]
+    # training_summary.json: rows removed per protocol and per blocklist kind, from the rejects files.
+    summary = json.loads((out / "training_summary.json").read_text())
+    by_pair = collections.Counter((r["stage"], r["reason"]) for r in rejects)
+    protocols = {p["protocol"]: p for p in summary["3_data_processing_aspects"]["3.1_respect_of_reservation_of_rights"]["protocols"]}
+    assert set(protocols) == set(PROTOCOLS)
+    for name, pairs in PROTOCOL_REASONS.items():
+        assert protocols[name]["rows_removed"] == sum(by_pair[p] for p in pairs), name
+        assert protocols[name]["rows_removed"] > 0 or name == "x_robots_tag", name  # X-Robots-Tag rows: failure kinds (rate 0 here)
+    assert protocols["robots_txt"]["origins_consulted"] == len(CONSENT_SITES)
+    bl = summary["3_data_processing_aspects"]["3.2_removal_of_illegal_content"]["blocklists"]
+    assert bl["rows_removed"] == sum(n for (_, reason), n in by_pair.items() if reason.startswith("blocklist_")) > 0
+    # The top domains by bytes: a recount from the meta parquet.
+    per_host, missing = _recount_bytes_per_host(out)
+    total = sum(per_host.values())
+    ranked = sorted(per_host.items(), key=lambda kv: (-kv[1], kv[0]))
+    top = summary["2_list_of_data_sources"]["2.3_data_crawled_and_scraped_from_online_sources"]["top_domains_by_bytes"]
+    assert missing == 0 and top["bytes_total"] == total > 0
+    assert [(d["domain"], d["bytes"]) for d in top["domains"]] == ranked[:-(-len(per_host) // 10)]
+    # The card: one opt-out row per protocol, the blocklist by name, the new stages in the funnel.
+    card = (out / "README.md").read_text()
+    for name in PROTOCOLS:
+        assert PROTOCOL_TITLES[name] in card, name
+    assert "synth-blocklist" in card
+    assert {"blocklist", "optout"} <= {s["stage"] for s in stats["funnel"]}
+    for stage in ("blocklist", "optout"):
+        assert any(line.startswith("|") and f"| {stage} " in line.replace("`", "") for line in card.splitlines()), stage

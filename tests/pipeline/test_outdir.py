@@ -17,8 +17,8 @@ from apache_beam.io.filesystems import FileSystems
 
 from pipeline import outdir
 from pipeline.config import ConfigError
-from pipeline.outdir import (CARD_MARKER, check_output, clear_output, escape_glob, foreign_files, is_kiln_card, is_kiln_name,
-                             kiln_files, list_files, remove_temp_files)
+from pipeline.outdir import (CARD_MARKER, JSON_MARKER, JSON_MARKER_KEY, SUMMARY_MARKER, check_output, clear_output, escape_glob,
+                             foreign_files, is_kiln_card, is_kiln_document, is_kiln_name, kiln_files, list_files, remove_temp_files)
 from tests.pipeline.test_accounting import INPUT_ROWS, write_dataset
 from tests.pipeline.test_card_facts import lowercase_dataset  # noqa: F401 - a fixture
 
@@ -29,6 +29,12 @@ KILN = ["shards/000000.tar", "meta/000000.parquet", "rejects/000000.parquet", "s
 USERS = ["shards/my_notes.txt", "meta/analysis.csv", "card_plots/my_plot.png", "notes.md", "shards/000000.tar.bak",
          "meta/old/000001.parquet", "shards/0001.tar", "rejects/000000.tar", "extra/stats.json", "stats.json.tmp-xyz"]
 KILN_CARD = f"---\nlicense: unknown\n---\n\n{CARD_MARKER}\n\n# A dataset\n"
+# The documents beside the card (pipeline.card): kiln's with their marker, the user's without.
+KILN_DOCS = {"croissant.json": json.dumps({JSON_MARKER_KEY: JSON_MARKER, "@type": "sc:Dataset"}, indent=2),
+             "training_summary.json": json.dumps({JSON_MARKER_KEY: JSON_MARKER, "template": "x"}),
+             "training_summary.md": f"{SUMMARY_MARKER}\n\n# Public summary\n"}
+USERS_DOCS = {"croissant.json": '{"@type": "sc:Dataset", "kiln:generated": "not first"}',
+              "training_summary.json": "[]", "training_summary.md": f"# Mine\n\n{CARD_MARKER}\n"}
 
 
 def _tree(root: Path, rels, data=b"x") -> None:
@@ -71,6 +77,8 @@ def test_temp_names():
     assert is_kiln_name("README.md" + TEMP, temp=True) and is_kiln_name("_kiln_write_check" + TEMP, temp=True)
     assert not is_kiln_name("stats.json.tmp-0123456789AB", temp=True) and not is_kiln_name("stats.json.tmp-0123", temp=True)
     assert not is_kiln_name("notes.txt" + TEMP, temp=True)
+    for name in KILN_DOCS:
+        assert not is_kiln_name(name) and is_kiln_name(name + TEMP, temp=True)
     assert re.fullmatch(r"/o/stats\.json\.tmp-[0-9a-f]{12}", outdir.temp_name("/o/stats.json"))
 
 
@@ -82,6 +90,19 @@ def test_the_card_marker(tmp_path):
     assert not is_kiln_card(str(tmp_path / "mine.md")) and not is_kiln_card(str(tmp_path / "empty.md"))
     assert not is_kiln_card(str(tmp_path / "missing.md"))
     assert "\n" not in CARD_MARKER and CARD_MARKER.startswith("<!-- kiln:dataset-card") and CARD_MARKER.endswith("-->")
+
+
+def test_the_documents_beside_the_card_are_kiln_s_only_with_their_marker(tmp_path):
+    for name, text in KILN_DOCS.items():
+        (tmp_path / name).write_text(text)
+        assert is_kiln_document(str(tmp_path / name)), name
+        (tmp_path / name).write_text(USERS_DOCS[name])
+        assert not is_kiln_document(str(tmp_path / name)), name
+    (tmp_path / "README.md").write_text(KILN_CARD)
+    assert is_kiln_document(str(tmp_path / "README.md")) and not is_kiln_document(str(tmp_path / "missing.json"))
+    (tmp_path / "other.json").write_text(KILN_DOCS["croissant.json"])
+    assert not is_kiln_document(str(tmp_path / "other.json"))  # not one of kiln's names
+    assert is_kiln_document(str(tmp_path / "other.json"), "croissant.json")
 
 
 # -- listing ---------------------------------------------------------------------------------------
@@ -169,6 +190,31 @@ def test_clear_output_deletes_kiln_files_only(mixed):
     (mixed / "README.md").write_text(KILN_CARD)
     assert clear_output(str(mixed)) == [str(mixed / "README.md")] and not (mixed / "README.md").exists()
     assert clear_output(str(mixed / "missing")) == []
+
+
+def test_kiln_documents_are_kiln_files_and_a_users_are_foreign(mixed):
+    out = str(mixed)
+    for name, text in KILN_DOCS.items():
+        (mixed / name).write_text(text)
+    assert set(KILN_DOCS) <= set(_rels(mixed, kiln_files(out))) and _rels(mixed, foreign_files(out)) == sorted(USERS)
+    assert check_output(out, overwrite=True, card=True) and set(KILN_DOCS) <= set(_rels(mixed, clear_output(out)))
+    for name, text in USERS_DOCS.items():
+        (mixed / name).write_text(text)
+    assert set(USERS_DOCS) <= set(_rels(mixed, foreign_files(out))) and not set(USERS_DOCS) & set(_rels(mixed, kiln_files(out)))
+    clear_output(out)
+    assert all((mixed / name).read_text() == text for name, text in USERS_DOCS.items())
+
+
+def test_check_output_never_lets_the_card_replace_a_users_documents(tmp_path):
+    for name, text in USERS_DOCS.items():
+        out = tmp_path / name.replace(".", "_")
+        _tree(out, KILN)
+        (out / name).write_text(text)
+        for overwrite in (False, True):
+            with pytest.raises(ConfigError, match=rf"{name} is not a file kiln wrote .*: move it or pass --no-card$"):
+                check_output(str(out), overwrite=overwrite, card=True)
+        assert _rels(out, check_output(str(out), overwrite=True, card=False)) == [name]
+        assert (out / name).read_text() == text
 
 
 def test_remove_temp_files_removes_only_temp_files(mixed):

@@ -54,8 +54,17 @@ DIFFERING = {
 }
 BUSY_COUNTER = "/busy_ms"  # this_run.counters' <stage>/busy_ms: time spent per stage (ms)
 # The dataset card's lines that print those fields (README.md is compared without them).
+RUN_TIME_DOCS = ("croissant.json", "training_summary.json", "training_summary.md")
 CARD_LINES_FROM_DIFFERING = ("Image–caption pairs prepared by kiln", "- **When:**", "- **Runner:**",
                              "- **Busy time per stage", "kiln prepare --input ")
+
+
+def _leaves(node, path=()) -> dict:
+    if isinstance(node, dict):
+        return {k: v for key, val in node.items() for k, v in _leaves(val, (*path, key)).items()}
+    if isinstance(node, list):
+        return {k: v for i, val in enumerate(node) for k, v in _leaves(val, (*path, i)).items()}
+    return {path: node}
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +77,10 @@ def web(tmp_path_factory):
     # Enough planted failures that every kind appears (round(ROWS * 0.35) = 42 >= 37 kinds), and
     # mismatched / toxic captions for the model filters. Each run gets its own server (`runs`): the
     # server remembers which URLs it has answered 429/503 first.
-    w = synthesize(tmp_path_factory.mktemp("pweb"), rows=ROWS, seed=5, failure_rate=0.35, mismatch_rate=0.1, toxic_rate=0.05)
+    # One row per opt-out protocol and blocklist kind too: robots.txt/tdmrep.json fetched once per
+    # origin and joined to the rows by a CoGroupByKey, through the job API's coders.
+    w = synthesize(tmp_path_factory.mktemp("pweb"), rows=ROWS, seed=5, failure_rate=0.35, mismatch_rate=0.1, toxic_rate=0.05,
+                   consent_per_kind=1)
     assert round(ROWS * 0.35) >= len(FAILURE_KINDS)
     return w
 
@@ -78,7 +90,7 @@ def kiln_prepare(w, server, models, out: Path, beam_flags: list[str]) -> subproc
     decode, resize, CLIP, NSFW, T5 are all on by default), progress line on."""
     argv = [sys.executable, "-m", "pipeline.cli", "prepare", "--input", str(w.metadata_path), "--output", str(out),
             "--allow-hosts", server.allow_hosts, "--image-size", "64", "--download-timeout", "3",
-            "--samples-per-shard", "40", *prepare_flags(models), *beam_flags]
+            "--samples-per-shard", "40", *prepare_flags(models), *w.consent_flags, *beam_flags]
     return subprocess.run(argv, capture_output=True, text=True, cwd=REPO, timeout=600)
 
 
@@ -157,7 +169,22 @@ def test_shards_meta_and_rejects_are_byte_identical(runs):
         assert differing == {}, f"{sub} files differ between the runners"
     # Everything else too (manifest.json, the card's plots, _SUCCESS), but stats.json (next test)
     # and the card's lines that print the fields listed in DIFFERING.
-    assert [n for n in a if n not in ("stats.json", "README.md") and a[n] != b[n]] == []
+    assert [n for n in a if n not in ("stats.json", "README.md", *RUN_TIME_DOCS) and a[n] != b[n]] == []
+    # croissant.json and the training summary state the collection window (the run's start and end):
+    # only values that carry those times may differ,
+    times = [str(runs[r][1][k]) for r in ("direct", "portable") for k in ("started_at", "finished_at")]
+    for n in RUN_TIME_DOCS:
+        if n.endswith(".json"):
+            da, db = _leaves(json.loads(a[n])), _leaves(json.loads(b[n]))
+            assert sorted(da) == sorted(db), n
+            # and the sha256 croissant.json gives stats.json, whose bytes differ (next test)
+            diff = [(k, da[k], db[k]) for k in da if da[k] != db[k]
+                    and not (k[0] == "distribution" and k[-1] == "sha256" and da[(*k[:-1], "contentUrl")] == "stats.json")]
+        else:
+            la, lb = a[n].decode().splitlines(), b[n].decode().splitlines()
+            assert len(la) == len(lb), n
+            diff = [(i, x, y) for i, (x, y) in enumerate(zip(la, lb)) if x != y]
+        assert all(any(t in str(x) for t in times) for _, x, _ in diff), (n, diff)
     card_a, card_b = a["README.md"].decode().splitlines(), b["README.md"].decode().splitlines()
     assert len(card_a) == len(card_b)
     differing = [(x, y) for x, y in zip(card_a, card_b) if x != y]
@@ -183,8 +210,8 @@ def test_every_input_row_is_kept_or_rejected_once_with_every_stage_on(web, runs)
     acc = stats["accounting"]
     assert acc["ok"] and acc["input_rows"] == ROWS == stats["kept"] + stats["rejected"] == len(kept) + len(rejects)
     # Every stage ran: each filter rejected something, and every kept sample carries its T5 array.
-    assert {r["stage"] for r in rejects} >= {"prefilter", "toxicity", "download", "decode", "clip"}
-    assert stats["stage_modes"] == {"prefilter": "filter", "toxicity": "filter", "download": "filter", "decode": "filter",
+    assert {r["stage"] for r in rejects} >= {"prefilter", "blocklist", "optout", "toxicity", "download", "decode", "clip"}
+    assert stats["stage_modes"] == {"prefilter": "filter", "blocklist": "filter", "optout": "filter", "toxicity": "filter", "download": "filter", "decode": "filter",
                                     "resize": "filter", "clip": "filter", "nsfw": "filter", "t5": "embed"}
     members = [m.name for t in sorted((out / "shards").glob("*.tar")) for m in tarfile.open(t).getmembers()]
     assert len([m for m in members if m.endswith(".t5.npy")]) == len(kept) > 0
