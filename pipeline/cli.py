@@ -65,6 +65,18 @@ def _sample(args, extra):
     return main_sample(args)
 
 
+def _eval(args, extra):
+    from pipeline.evaluation import main_eval
+
+    return main_eval(args)
+
+
+def _rate(args, extra):
+    from train.rate import main_rate
+
+    return main_rate(args)
+
+
 def _card(args, extra):
     from pipeline.card import main_card
 
@@ -149,6 +161,19 @@ def build_parser() -> argparse.ArgumentParser:
     sm = sub.add_parser("sample", help="sample the cascade (base -> sr256 -> sr1024, each optional) into a grid PNG")
     add_sample_args(sm)
     sm.set_defaults(func=_sample)
+    from train.cli import add_eval_args
+
+    ev = sub.add_parser("eval", help="score samples: the synthetic compositional suite, CLIP score, FID/KID, a "
+                        "guidance sweep -> eval.json, plots, report.html (docs/eval.md)")
+    add_eval_args(ev)
+    ev.set_defaults(func=_eval)
+
+    from train.rate import add_rate_args  # standard library only; pyarrow when the command runs
+
+    ra = sub.add_parser("rate", help="side-by-side human rating of two `kiln sample --out-dir` directories "
+                        "(a page on 127.0.0.1); --summary tallies the answers")
+    add_rate_args(ra)
+    ra.set_defaults(func=_rate)
 
     mo = sub.add_parser("models", help="the model registry: list, show, fetch (checked, resumable) and verify model folders")
     from pipeline.models.cli import add_models_args

@@ -599,11 +599,11 @@ def run(cfg: PrepareConfig, beam_argv: list[str], test_pipeline=None) -> dict:
     with FileSystems.create(f"{output}/_SUCCESS") as f:
         f.write(b"")
     if not quiet:
-        print_funnel(stats, output)
+        print_funnel(stats, output, card=cfg.output.card)
     return stats
 
 
-def print_funnel(stats: dict, output: str) -> None:
+def print_funnel(stats: dict, output: str, card: bool = False) -> None:
     acc = stats["accounting"]
     n = acc["input_rows"]
     pct = lambda k: f"{100.0 * k / n:5.1f}%" if n else "  -  "  # noqa: E731
@@ -615,6 +615,9 @@ def print_funnel(stats: dict, output: str) -> None:
     print(f"  accounting: input rows == kept + rejected: {'OK' if acc['ok'] else 'FAILED'}")
     print(f"  shards:  {output}/shards/ ({stats['num_shards']} tar)   meta: {output}/meta/")
     print(f"  rejects: {output}/rejects/   stats: {output}/stats.json   manifest: {output}/manifest.json")
+    if card:
+        print(f"  card:    {output}/README.md   croissant: {output}/croissant.json   "
+              f"EU training summary: {output}/training_summary.md")
 
 
 def main(cfg: PrepareConfig, beam_argv: list[str]) -> int:

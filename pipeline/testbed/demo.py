@@ -53,8 +53,11 @@ DEMO_PROMPTS = (
 
 
 def _train_and_sample(work: Path, data: Path, models: dict, budget_s: float) -> None:
-    """The tiny cascade on the demo shards for a bounded time, then a sample grid for a few prompts:
-    what `kiln train`, `kiln embed-prompts` and `kiln sample` run, called directly."""
+    """The tiny three-stage cascade (tiny-base 32 px -> tiny-sr 64 px -> tiny-sr2 128 px) on the
+    demo shards for a bounded time, then a sample grid for a few prompts: what `kiln train`,
+    `kiln embed-prompts` and `kiln sample` run, called directly. tiny-sr2 trains on random 64 px
+    crops of samples stored at >= 128 px (the demo prepares at the default --image-size, 1024, and
+    its synthetic web's images are >= 256 px on the shorter side)."""
     # torch and the trainer are imported only when the demo trains (tests import this module for
     # prepare_config, and `kiln demo --train-s 0` never needs them).
     from pipeline.embed_prompts import embed_prompts
@@ -64,15 +67,15 @@ def _train_and_sample(work: Path, data: Path, models: dict, budget_s: float) -> 
     from train.trainer import train
 
     runs = work / "runs"
-    base_s, sr_s = budget_s * 2 / 3, budget_s / 3
-    print(f"\nkiln demo: training tiny-base for {base_s:.0f}s and tiny-sr for {sr_s:.0f}s on {data} (CPU)")
-    for preset, seconds in (("tiny-base", base_s), ("tiny-sr", sr_s)):
+    stages = (("tiny-base", budget_s / 2), ("tiny-sr", budget_s / 4), ("tiny-sr2", budget_s / 4))
+    print("\nkiln demo: training " + ", ".join(f"{p} for {s:.0f}s" for p, s in stages) + f" on {data} (CPU)")
+    for preset, seconds in stages:
         train(load_config(preset, {"train.sample_every": 0}), data, runs / preset, time_budget_s=seconds)
     prompts = work / "prompts.txt"
     prompts.write_text("\n".join(DEMO_PROMPTS) + "\n")
     embed_prompts(prompts, work / "prompts.parquet", f"local:{models['t5']}")
     captions, arrays, _ = load_prompts(work / "prompts.parquet")
-    checkpoints = [latest_checkpoint(runs / preset)[0] for preset in ("tiny-base", "tiny-sr")]
+    checkpoints = [latest_checkpoint(runs / preset)[0] for preset, _ in stages]
     grid = sample_to_grid(checkpoints, captions, arrays, work / "samples.png")
-    print(f"kiln demo: sample grid for {len(DEMO_PROMPTS)} prompts at {grid} "
-          f"(a few CPU minutes of training: expect colours and blobs, not pictures)")
+    print(f"kiln demo: sample grid for {len(DEMO_PROMPTS)} prompts at {grid}, base -> tiny-sr -> tiny-sr2 "
+          f"(32, 64, 128 px; a few CPU minutes of training: expect colours and blobs, not pictures)")

@@ -18,7 +18,7 @@ from train.config import (
     load_config,
 )
 
-PRESETS = ["base64", "sr1024", "sr256", "tiny-base", "tiny-sr"]
+PRESETS = ["base64", "sr1024", "sr256", "tiny-base", "tiny-sr", "tiny-sr2"]
 
 
 def test_list_presets():

@@ -233,3 +233,122 @@ def test_kiln_sample_bad_input_is_a_clear_error(checkpoints, tmp_path, case, mat
 def test_stage_names_are_the_cli_flags():
     args = sample_args("--base", "b", "--sr256", "s", "--sr1024", "t", "--prompts", "p", "--out", "o")
     assert [getattr(args, n) for n in STAGE_NAMES] == ["b", "s", "t"]
+
+
+# -- kiln sample --out-dir ------------------------------------------------------------------------------
+
+
+def _u8(image: torch.Tensor) -> np.ndarray:
+    return ((image + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+
+
+def test_out_dir_holds_every_image_of_every_stage_and_an_index(checkpoints, tmp_path, capsys):
+    from train.sample import SAMPLES_SCHEMA, read_sample_dir
+
+    arrays = prompt_arrays()
+    prompts = write_prompts(tmp_path / "p.parquet", ["a", "b", "c"], arrays)
+    out, grid = tmp_path / "samples", tmp_path / "grid.png"
+    assert main_sample(sample_args("--base", checkpoints["base"], "--sr256", checkpoints["sr"], "--prompts", prompts,
+                                   "--out-dir", out, "--per-prompt", "2", "--out", grid, "--steps", "2", "2",
+                                   "--guidance", "4", "1", "--batch-size", "2", "--seed", "5", "--device", "cpu")) == 0
+    assert capsys.readouterr().out.strip() == (f"kiln sample: 3 prompts x 2 through base -> sr256; wrote 12 images and "
+                                               f"{out / 'samples.parquet'}, and {grid}")
+    table = pq.read_table(out / "samples.parquet")
+    assert table.schema.remove_metadata() == SAMPLES_SCHEMA
+    d = read_sample_dir(out)
+    assert d.info["complete"] and d.info["per_prompt"] == 2 and d.info["seed"] == 5
+    assert [(s["stage"], s["guidance_weight"], s["resolution"], s["step"]) for s in d.info["stages"]] == [
+        ("base", 4.0, 16, 7), ("sr256", 1.0, 32, 7)]
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*.png")) == sorted(r["path"] for r in d.rows)
+    assert len(d.rows) == 12 and {r["category"] for r in d.rows} == {None}
+    row = next(r for r in d.rows if (r["prompt_index"], r["sample_index"], r["stage"]) == (2, 1, "sr256"))
+    assert row == {"prompt_index": 2, "sample_index": 1, "prompt": "c", "category": None, "seed": 6, "stage": "sr256",
+                   "width": 32, "height": 32, "guidance": 1.0, "steps": 2, "sampler": "ddim",
+                   "checkpoint": str(checkpoints["sr"]), "checkpoint_step": 7, "path": "sr256/000002-001.png"}
+    # Sample k is what `--seed SEED+k` gives, sampled piecewise exactly as in one go.
+    stages = load_cascade([checkpoints["base"], checkpoints["sr"]], steps=[2, 2], guidance=[4, 1])
+    for k in (0, 1):
+        base, sr = run_cascade(stages, arrays, seed=5 + k, batch_size=2)
+        for p in range(3):
+            for stage, images in (("base", base), ("sr256", sr)):
+                with Image.open(out / f"{stage}/{p:06d}-{k:03d}.png") as im:
+                    np.testing.assert_array_equal(np.asarray(im), _u8(images[p]))
+    # ... and the grid beside them is the one `--out` alone writes.
+    alone = sample_to_grid([checkpoints["base"], checkpoints["sr"]], ["a", "b", "c"], arrays, tmp_path / "alone.png",
+                           device="cpu", steps=[2, 2], guidance=[4, 1], seed=5, batch_size=2)
+    with Image.open(grid) as a, Image.open(alone) as b:
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_out_dir_never_writes_over_the_users_files(checkpoints, tmp_path):
+    from train.sample import SAMPLES_FILE, read_sample_dir
+
+    prompts = write_prompts(tmp_path / "p.parquet", ["a", "b"], prompt_arrays((3, 4)))
+
+    def run(out, *extra):
+        return main_sample(sample_args("--base", checkpoints["base"], "--prompts", prompts, "--out-dir", out, "--steps",
+                                       "1", "--device", "cpu", *extra))
+
+    foreign = tmp_path / "photos"
+    foreign.mkdir()
+    (foreign / "holiday.png").write_bytes(b"mine")
+    with pytest.raises(UserError, match="is not empty and was not written by `kiln sample`") as info:
+        run(foreign)
+    assert info.value.exit_code == 2 and [p.name for p in foreign.iterdir()] == ["holiday.png"]
+
+    out = tmp_path / "samples"
+    assert main_sample(sample_args("--base", checkpoints["base"], "--sr256", checkpoints["sr"], "--prompts", prompts,
+                                   "--out-dir", out, "--steps", "1", "--device", "cpu")) == 0
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with pytest.raises(UserError, match="holds an earlier `kiln sample` output: pass --overwrite"):
+        run(out)
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    (out / "notes.txt").write_text("mine")
+    assert run(out, "--overwrite", "--seed", "1") == 0  # base only now: the sr256 images go, the notes stay
+    assert (out / "notes.txt").read_text() == "mine" and not (out / "sr256").exists()
+    assert sorted(p.name for p in (out / "base").iterdir()) == ["000000-000.png", "000001-000.png"]
+    assert read_sample_dir(out).info["seed"] == 1
+
+    # An interrupted run (its index still marked incomplete) is redone by the same command.
+    table = pq.read_table(out / SAMPLES_FILE)
+    info = json.loads(table.schema.metadata[b"kiln.samples"])
+    pq.write_table(table.replace_schema_metadata({b"kiln.samples": json.dumps({**info, "complete": False}).encode()}),
+                   out / SAMPLES_FILE)
+    (out / "base" / "000001-000.png").unlink()
+    with pytest.raises(UserError, match="holds an interrupted `kiln sample` run"):
+        read_sample_dir(out)
+    assert run(out) == 0 and read_sample_dir(out).info["complete"]
+
+    # A file of the user's where the new run would write, and not in kiln's list: refused, nothing deleted.
+    (out / "base" / "000002-000.png").write_bytes(b"mine")
+    three = write_prompts(tmp_path / "p3.parquet", ["a", "b", "c"], prompt_arrays((3, 4, 5)))
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with pytest.raises(UserError, match="already holds base/000002-000.png, which kiln did not write"):
+        main_sample(sample_args("--base", checkpoints["base"], "--prompts", three, "--out-dir", out, "--steps", "1",
+                                "--device", "cpu", "--overwrite"))
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--per-prompt", "2", "--out", "g.png"], "--per-prompt needs --out-dir"),
+    (["--out-dir", "d", "--per-prompt", "0"], "--per-prompt must be >= 1"),
+    ([], "nothing to write: give --out GRID.png, --out-dir DIR, or both"),
+])
+def test_out_dir_flags(checkpoints, tmp_path, argv, match):
+    with pytest.raises(UserError, match=match):
+        main_sample(sample_args("--base", checkpoints["base"], "--prompts", tmp_path / "p.parquet", *argv))
+
+
+def test_a_sample_dir_is_read_only_by_the_names_kiln_writes(checkpoints, tmp_path):
+    """kiln eval reads the PNGs samples.parquet lists: a listed path that leads elsewhere is refused."""
+    from train.sample import SAMPLES_FILE, read_sample_dir
+
+    prompts = write_prompts(tmp_path / "p.parquet", ["a"], prompt_arrays((3,)))
+    out = tmp_path / "samples"
+    assert main_sample(sample_args("--base", checkpoints["base"], "--prompts", prompts, "--out-dir", out, "--steps", "1",
+                                   "--device", "cpu")) == 0
+    table = pq.read_table(out / SAMPLES_FILE)
+    bad = table.set_column(table.schema.get_field_index("path"), "path", pa.array(["../p.parquet"]))
+    pq.write_table(bad.replace_schema_metadata(table.schema.metadata), out / SAMPLES_FILE)
+    with pytest.raises(UserError, match="lists '../p.parquet', not a STAGE/PPPPPP-SSS.png that kiln writes"):
+        read_sample_dir(out)
