@@ -243,10 +243,14 @@ def rejects_schema(id_type: pa.DataType | None = None) -> pa.Schema:
 def reject_row(record: dict, rej: Reject, url_col: str = "URL", id_col: str = "SAMPLE_ID") -> dict:
     """The one way to turn a record (or an input row) and its `Reject` into a rejects-table row.
 
-    The row keeps the routing key (`shard`, None before routing) and the scores the record had."""
+    The row keeps the routing key (`shard`, None before routing) and the scores the record had --
+    except a blocklist match (`blocklist_*`), whose row carries only ids and hashes: no URL (a listed
+    URL can be abuse material's address) and no scores; its detail names the list and the matching
+    id or hash."""
     if rej.stage not in STAGES or not known_reason(rej.stage, rej.reason):
         raise ValueError(f"reject reason {rej.stage}/{rej.reason} is not in pipeline.records.REASONS")
-    url = record.get(url_col)
+    blocked = rej.reason.startswith("blocklist_")
+    url = None if blocked else record.get(url_col)
     row = {
         "uid": record["uid"],
         "SAMPLE_ID": record.get(id_col),
@@ -257,5 +261,5 @@ def reject_row(record: dict, rej: Reject, url_col: str = "URL", id_col: str = "S
         "shard": record.get("shard"),
     }
     for name in SCORE_FIELDS:
-        row[name] = record.get(name)
+        row[name] = None if blocked else record.get(name)
     return row

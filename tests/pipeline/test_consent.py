@@ -115,6 +115,8 @@ def test_no_blocklisted_image_reaches_the_output(web, consent_run):
     for r in _rows(out, "rejects"):
         if r["reason"].startswith("blocklist_"):
             assert "synth-blocklist" in r["detail"] and len(r["detail"]) < 300
+            # only ids and hashes: no URL, no scores
+            assert r["url"] is None and r["uid"] and all(r[k] is None for k in ("toxicity", "clip_similarity", "punsafe"))
 
 
 def test_kept_samples_record_pdq_and_source_bytes(web, consent_run):
