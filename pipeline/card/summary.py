@@ -252,7 +252,7 @@ def build_summary(facts: Facts, language: list[str] | None = None, marker: tuple
                     "types": "images (downloaded) with alt-text captions (from the input metadata)",
                     "formats_downloaded": formats,
                     "kept_samples": facts.kept,
-                    "sources": f"{len(facts.domains):,} distinct domains (host of the URL column, www. folded) among the kept samples",
+                    "sources": f"{len(facts.domains):,} distinct domains (host of the URL column without its port, www. folded, as the card counts them) among the kept samples",
                 },
                 "top_domains_by_bytes": top_domains(facts),
                 "other_crawled_sources": _provider("any other data the provider crawled or scraped for training"),
