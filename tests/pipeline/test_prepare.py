@@ -58,10 +58,14 @@ def clean_run(web, tmp_path_factory):
 
 
 def tree_bytes(root: Path) -> dict:
-    """Every output file except stats.json and the card README.md (they record times and the run's
-    Beam options) -> its bytes. The card's plots are compared: they depend on the data alone."""
+    """Every output file except stats.json, the card README.md, croissant.json and the training
+    summary (they record the run's times and Beam options) -> its bytes. The card's plots are
+    compared: they depend on the data alone."""
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
-            if p.is_file() and p.relative_to(root).as_posix() not in ("stats.json", "README.md")}
+            if p.is_file() and p.relative_to(root).as_posix() not in RUN_RECORDS}
+
+
+RUN_RECORDS = ("stats.json", "README.md", "croissant.json", "training_summary.json", "training_summary.md")
 
 
 def read_rejects(out: Path) -> list[dict]:
