@@ -161,10 +161,6 @@ def run_cascade(stages: Sequence[Stage], arrays: Sequence[np.ndarray], *, seed: 
     for s in stages[1:]:
         if s.cfg.stage != "sr":
             raise ConfigError(f"stage {s.cfg.name} after the base must be a super-resolution stage")
-    for before, s in zip(stages, stages[1:]):
-        if s.cfg.data.lowres_resolution != before.cfg.data.resolution:
-            raise ConfigError(f"stage {s.cfg.name} takes {s.cfg.data.lowres_resolution} px input, the stage before it "
-                              f"({before.cfg.name}) gives {before.cfg.data.resolution} px: pass the stages of one cascade")
     outputs: list[list[torch.Tensor]] = [[] for _ in stages]
     for start in range(0, len(arrays), batch_size):
         chunk = list(arrays[start : start + batch_size])
