@@ -30,7 +30,20 @@ STAGE_RESIZE = "resize"
 STAGE_CLIP = "clip"  # CLIP image-text similarity
 STAGE_NSFW = "nsfw"  # LAION's NSFW head on the same CLIP image embedding
 STAGE_T5 = "t5"  # frozen T5 caption embedding, survivors only
-STAGES = (STAGE_PREFILTER, STAGE_BLOCKLIST, STAGE_OPTOUT, STAGE_TOXICITY, STAGE_DOWNLOAD, STAGE_DECODE, STAGE_RESIZE, STAGE_CLIP, STAGE_NSFW, STAGE_T5)
+STAGE_DEDUP = "dedup"  # `kiln prepare --dedup`: duplicates among the survivors, and overlap with an evaluation set
+STAGE_SUBSET = "subset"  # `kiln subset`: a parent dataset's sample left out of the child, with the rule that did it
+STAGES = (STAGE_PREFILTER, STAGE_BLOCKLIST, STAGE_OPTOUT, STAGE_TOXICITY, STAGE_DOWNLOAD, STAGE_DECODE, STAGE_RESIZE, STAGE_CLIP, STAGE_NSFW, STAGE_T5,
+          STAGE_DEDUP, STAGE_SUBSET)
+
+# Dedup reasons: the same in `kiln prepare --dedup` (stage dedup) and `kiln subset --dedup` (stage subset).
+# The reject row's `duplicate_of` names the kept sample (uid) it duplicates; for eval_overlap, the
+# evaluation image's name.
+DEDUP_REASONS = (
+    "duplicate_exact",  # same sha256 of the stored image bytes as a kept sample
+    "duplicate_pdq",  # PDQ hash within the Hamming radius of a kept sample's
+    "duplicate_semantic",  # CLIP image embedding within the cosine radius of a kept sample's
+    "eval_overlap",  # near an image of the --decontaminate evaluation set (PDQ radius or CLIP cosine)
+)
 
 # The closed vocabulary of reasons, per stage. Download reasons for HTTP errors are spelled
 # f"http_{status}" (http_404, http_410, ...); every model stage also has "<stage>_error" for a record
@@ -99,6 +112,19 @@ REASONS = {
     STAGE_CLIP: ("clip_similarity_low", "clip_error"),  # cosine similarity below --min-clip-similarity
     STAGE_NSFW: ("punsafe_high",),  # punsafe above --max-punsafe
     STAGE_T5: ("t5_fp16_overflow", "t5_error"),  # an embedding value outside float16's finite range
+    STAGE_DEDUP: DEDUP_REASONS,
+    # `kiln subset`: the rule that left a parent sample out; detail names the rule and the values.
+    STAGE_SUBSET: (
+        "where",  # the --where expression (or a threshold flag) is false or null for the sample
+        "license_not_allowed",  # the licence column's value is not in --licenses
+        "too_small",  # stored image below --min-stored-size
+        "uid_dropped",  # the uid is on a --drop-uids list
+        "uid_not_listed",  # --keep-uids was given and the uid is not on it
+        "blocklist_sample_id", "blocklist_url_sha256", "blocklist_url_md5", "blocklist_domain",
+        "blocklist_image_sha256", "blocklist_pdq",  # a --blocklist entry matched the stored ids/hashes
+        "optout_list",  # an --optout-list entry matched the stored URL
+        *DEDUP_REASONS,
+    ),
 }
 
 
@@ -111,11 +137,12 @@ def known_reason(stage: str, reason: str) -> bool:
 class Reject(Exception):
     """Raised by a pure stage function: the row leaves the pipeline with this stage and reason."""
 
-    def __init__(self, stage: str, reason: str, detail: str = ""):
+    def __init__(self, stage: str, reason: str, detail: str = "", duplicate_of: str | None = None):
         super().__init__(f"{stage}/{reason}: {detail}")
         self.stage = stage
         self.reason = reason
         self.detail = detail
+        self.duplicate_of = duplicate_of
 
 
 def _uid_part(value):
@@ -236,6 +263,7 @@ def rejects_schema(id_type: pa.DataType | None = None) -> pa.Schema:
             pa.field("detail", pa.string()),
             pa.field("shard", pa.int32()),
             *(pa.field(name, pa.float32()) for name in SCORE_FIELDS),
+            pa.field("duplicate_of", pa.string()),  # dedup / eval_overlap: the kept sample's uid (or eval image) it duplicates
         ]
     )
 
@@ -259,7 +287,7 @@ def reject_row(record: dict, rej: Reject, url_col: str = "URL", id_col: str = "S
         "reason": rej.reason,
         "detail": as_text(rej.detail)[:1000],
         "shard": record.get("shard"),
+        **{name: None if blocked else record.get(name) for name in SCORE_FIELDS},
+        "duplicate_of": rej.duplicate_of,
     }
-    for name in SCORE_FIELDS:
-        row[name] = None if blocked else record.get(name)
     return row

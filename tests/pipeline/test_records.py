@@ -123,7 +123,9 @@ def test_reject_row_is_the_one_shape_of_a_rejection():
     row = reject_row(record, Reject("clip", "clip_similarity_low", "0.05 < 0.28"), url_col="url", id_col="key")
     assert row == {"uid": "a" * 32, "SAMPLE_ID": 7, "url": "http://x.example.test/a.jpg", "stage": "clip",
                    "reason": "clip_similarity_low", "detail": "0.05 < 0.28", "shard": 3, "toxicity": 0.1,
-                   "clip_similarity": 0.05, "punsafe": None}
+                   "clip_similarity": 0.05, "punsafe": None, "duplicate_of": None}
+    dup = reject_row(record, Reject("dedup", "duplicate_pdq", "hamming 4", duplicate_of="b" * 32), url_col="url", id_col="key")
+    assert dup["stage"] == "dedup" and dup["duplicate_of"] == "b" * 32
     table = pa.Table.from_pylist([row], schema=rejects_schema(pa.int64()))
     assert table.column("SAMPLE_ID").to_pylist() == [7]
     # Before routing a row has no shard; a long detail is cut; http_<code> is a download reason.
