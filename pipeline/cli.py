@@ -175,6 +175,17 @@ def build_parser() -> argparse.ArgumentParser:
     add_rate_args(ra)
     ra.set_defaults(func=_rate)
 
+    from pipeline.recheck import add_recheck_args, main_recheck  # no Beam until the command runs
+
+    rc = sub.add_parser("recheck", usage="kiln recheck PARENT --out FILE [flags] [Beam flags]",
+                        help="ask each kept sample's host again for its opt-outs (robots.txt, tdmrep.json, X-Robots-Tag) "
+                        "-> the uids that now opt out, for `kiln subset --drop-uids` (a Beam job)",
+                        description="Re-fetch robots.txt and tdmrep.json once per origin and HEAD every kept URL through "
+                        "the safe fetcher, politely; write the uids whose owners now opt out (FILE) and a report (FILE.json). "
+                        "Unknown flags go to Beam. docs/consent.md, \"Rechecking a finished dataset\".")
+    add_recheck_args(rc)
+    rc.set_defaults(func=lambda args, extra: main_recheck(args, extra), beam_args=True)
+
     mo = sub.add_parser("models", help="the model registry: list, show, fetch (checked, resumable) and verify model folders")
     from pipeline.models.cli import add_models_args
 

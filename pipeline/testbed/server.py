@@ -5,6 +5,9 @@ port is in every URL of the metadata), plus auxiliary listeners on another 127.0
 127.0.0.2 and on [::1] that serve any file in images/ as a plain image: the planted redirects point
 there, so a missing private-address guard shows up as a kept row. routes.json says how each request
 target behaves (status, redirects, Retry-After on the first attempt, slow drip, stall; see `_Handler`).
+`SynthServer.set_route` changes a route while the server runs (a site that changes its robots.txt,
+tdmrep.json or X-Robots-Tag between two runs: `kiln recheck`'s tests), and `requests` /
+`max_in_flight` count what each site was asked (politeness checks).
 """
 
 from __future__ import annotations
@@ -38,11 +41,41 @@ class _State:
         self._lock = threading.Lock()
         self._attempts: dict[str, int] = {}
         self._hits: dict[str, int] = {}  # route key -> requests (robots.txt fetched once per origin, ...)
+        self._methods: dict[tuple[str, str], int] = {}  # (method, route key) -> requests
+        self._in_flight: dict[str, int] = {}  # site ("" for the main listener) -> requests being answered
+        self._max_in_flight: dict[str, int] = {}
+        self._starts: dict[str, list[float]] = {}  # site -> time.monotonic() of every request it answered
         self._conns: set[socket.socket] = set()
 
-    def hit(self, key: str) -> None:
+    def hit(self, key: str, method: str = "GET") -> None:
         with self._lock:
             self._hits[key] = self._hits.get(key, 0) + 1
+            self._methods[(method, key)] = self._methods.get((method, key), 0) + 1
+
+    def methods(self) -> dict[tuple[str, str], int]:
+        with self._lock:
+            return dict(self._methods)
+
+    def enter(self, site: str) -> None:
+        with self._lock:
+            n = self._in_flight[site] = self._in_flight.get(site, 0) + 1
+            self._starts.setdefault(site, []).append(time.monotonic())
+            self._max_in_flight[site] = max(n, self._max_in_flight.get(site, 0))
+
+    def leave(self, site: str) -> None:
+        with self._lock:
+            self._in_flight[site] -= 1
+
+    def starts(self, site: str) -> list[float]:
+        with self._lock:
+            return list(self._starts.get(site, ()))
+
+    def max_in_flight(self, site: str, reset: bool = False) -> int:
+        with self._lock:
+            n = self._max_in_flight.get(site, 0)
+            if reset:
+                self._max_in_flight[site] = self._in_flight.get(site, 0)
+            return n
 
     def hits(self) -> dict[str, int]:
         with self._lock:
@@ -95,7 +128,8 @@ class _Listener6(_Listener):
 class _Handler(BaseHTTPRequestHandler):
     """Serves routes.json; on an auxiliary listener, any file in images/ as a plain image.
 
-    Route keys: "status" (default 200), "file" + "content_type" (body), "headers" (extra headers),
+    Route keys: "status" (default 200), "file" + "content_type" (body), "body" + "content_type" (an
+    inline UTF-8 body, for routes set while serving), "headers" (extra headers),
     "location" (redirect), "loop" (redirect to ?hop=N+1 forever), "first" ({"status", "headers"}
     answered to the first request only), "drip" ({"length", "chunk", "interval"}), "stall", "delay"
     (seconds to wait before answering). A consent site's routes are keyed "@SITE/path".
@@ -159,11 +193,20 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _route(self, with_body: bool) -> None:
         state = self.server.state
+        site = self.server.site or ""
+        state.enter(site)
+        try:
+            self._answer(state, with_body)
+        finally:
+            state.leave(site)
+
+    def _answer(self, state: _State, with_body: bool) -> None:
         prefix = f"@{self.server.site}" if self.server.site else ""
         path, _, query = self.path.partition("?")
-        key = prefix + self.path if prefix + self.path in state.routes else prefix + path
-        state.hit(key)
-        route = state.routes.get(key)
+        routes = state.routes  # one snapshot: set_route swaps the dict, never edits it in place
+        key = prefix + self.path if prefix + self.path in routes else prefix + path
+        state.hit(key, self.command)
+        route = routes.get(key)
         if route is None:
             return self._error(404, with_body=with_body)
         if route.get("delay") and state.stop.wait(route["delay"]):
@@ -184,6 +227,8 @@ class _Handler(BaseHTTPRequestHandler):
         if "file" in route:
             body = (state.images / route["file"]).read_bytes()
             return self._send(status, body, route["content_type"], route.get("headers"), with_body)
+        if "body" in route:
+            return self._send(status, route["body"].encode(), route.get("content_type", "text/plain"), route.get("headers"), with_body)
         self._error(status, with_body=with_body)
 
     def _stall(self) -> None:
@@ -273,6 +318,43 @@ class SynthServer:
     def hits(self, path: str, site: str | None = None) -> int:
         """Requests answered for `path` ("/robots.txt") on the main listener or a consent site."""
         return self._state.hits().get((f"@{site}" if site else "") + path, 0) if self._state else 0
+
+    def route(self, key: str) -> dict | None:
+        """The route answering `key` ("/robots.txt", "@star/robots.txt", "/img/x.jpg"), None if none."""
+        route = self._state.routes.get(key) if self._state else None
+        return None if route is None else dict(route)
+
+    def set_route(self, key: str, route: dict | None) -> None:
+        """Answer `key` with `route` from the next request on (None: 404), as a site that changes its
+        robots.txt, tdmrep.json or an image's headers would. Only while serving; routes.json is not
+        touched, so a restarted server serves the web as synthesised."""
+        if self._state is None:
+            raise RuntimeError("set_route: the server is not running")
+        routes = dict(self._state.routes)
+        if route is None:
+            routes.pop(key, None)
+        else:
+            routes[key] = dict(route)
+        self._state.routes = routes  # one assignment: a handler sees the old routes or the new ones
+
+    def requests(self, path: str, site: str | None = None, method: str | None = None) -> int:
+        """Requests answered for `path` on the main listener or a consent site; `method` ("HEAD",
+        "GET") counts only those."""
+        if self._state is None:
+            return 0
+        key = (f"@{site}" if site else "") + path
+        return sum(n for (m, k), n in self._state.methods().items() if k == key and method in (None, m))
+
+    def request_times(self, site: str | None = None) -> list[float]:
+        """time.monotonic() at which the main listener (or a consent site) began answering each request."""
+        return self._state.starts(site or "") if self._state else []
+
+    def max_in_flight(self, site: str | None = None, reset: bool = False) -> int:
+        """The most requests the main listener (or a consent site) was answering at once since it
+        started or since the last reset (`reset=True` starts a new count after reading this one)."""
+        if self._state is None:
+            return 0
+        return self._state.max_in_flight(site or "", reset)
 
     def stop(self) -> None:
         """Stop all listeners and hang up on open connections (stalled ones included); idempotent."""
