@@ -19,7 +19,7 @@ import apache_beam as beam
 from apache_beam.metrics import Metrics
 
 from pipeline.fetch import Fetcher
-from pipeline.recheck import (NO_ORIGIN, RULES_BATCH, UNAVAILABLE_REASONS, HeadFetcher, RecheckConfig, head_url, head_verdict,
+from pipeline.recheck_rules import (NO_ORIGIN, RULES_BATCH, UNAVAILABLE_REASONS, HeadFetcher, RecheckConfig, head_url, head_verdict,
                               rules_summary)
 
 
