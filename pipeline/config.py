@@ -226,6 +226,35 @@ class T5Config:
 
 
 @dataclass(frozen=True)
+class DedupConfig:
+    # pipeline/dedup.py: one stage after EmbedT5, before the writer; a removed sample is a reject of
+    # stage dedup naming the kept sample it duplicates (docs/running-at-scale.md: what each rule costs).
+    dedup: tuple = setting((), "duplicate rules among the samples that passed every filter, comma-separated: exact (same "
+                           "stored image bytes), pdq (PDQ hash within --dedup-pdq-radius), semantic (CLIP image embedding "
+                           "cosine >= --dedup-cosine; needs --clip score or filter). Kept: the larger stored image, then "
+                           "the higher clip_similarity, then the smaller uid", key="dedup", type=tuple, shown="none",
+                           metavar="RULES")
+    pdq_radius: int = setting(15, "PDQ Hamming distance (of 256 bits) at or below which two images are near duplicates "
+                              "(hashes of quality < 50 never match); the index's cost grows fast above 15",
+                              key="dedup_pdq_radius", type=int, lo=0, hi=128)
+    cosine: float = setting(0.95, "CLIP image-embedding cosine at or above which two images are semantic duplicates",
+                            key="dedup_cosine", type=float, lo=-1.0, hi=1.0)
+    decontaminate: str | None = setting(None, "an evaluation set (a folder of images, a webdataset .tar, or a folder of "
+                                        ".tar shards): samples near any of its images are removed (reason eval_overlap)",
+                                        key="decontaminate", type=str, metavar="PATH", shown="none")
+    eval_pdq_radius: int = setting(31, "PDQ distance at or below which a sample matches an evaluation image",
+                                   key="decontaminate_pdq_radius", type=int, lo=0, hi=128)
+    eval_cosine: float | None = setting(None, "also match evaluation images by CLIP image-embedding cosine at or above this "
+                                        "(loads --clip-model for the evaluation images)", key="decontaminate_cosine",
+                                        type=float, lo=-1.0, hi=1.0, shown="off: PDQ only")
+
+    @property
+    def enabled(self) -> bool:
+        """pipeline.dedup.rules_of(this) gives the rules; the stage runs when any is on."""
+        return bool(self.dedup or self.decontaminate)
+
+
+@dataclass(frozen=True)
 class ModelsConfig:
     models: str | None = setting(None, "a folder written by `kiln models fetch` (e.g. `kiln models fetch laion400m-defaults --to DIR`): "
                                  "every model flag naming a registry model, or left at its default, is taken from there",
@@ -248,6 +277,7 @@ class PrepareConfig:
     toxicity: ToxicityConfig = ToxicityConfig()
     clip: ClipConfig = ClipConfig()
     t5: T5Config = T5Config()
+    dedup: DedupConfig = DedupConfig()
     models: ModelsConfig = ModelsConfig()
 
     def stage_modes(self) -> dict:
@@ -255,7 +285,8 @@ class PrepareConfig:
         c = self.consent
         return {"prefilter": "filter", "blocklist": "filter" if c.blocklist else "off",
                 "optout": "filter" if (c.robots_txt or c.tdmrep or c.optout_list) else "off", "toxicity": self.toxicity.mode, "download": "filter", "decode": "filter",
-                "resize": "filter", "clip": self.clip.clip_mode, "nsfw": self.clip.nsfw_mode, "t5": self.t5.mode}
+                "resize": "filter", "clip": self.clip.clip_mode, "nsfw": self.clip.nsfw_mode, "t5": self.t5.mode,
+                **({"dedup": "filter"} if self.dedup.enabled else {})}  # absent when off: older stats.json read the same
 
 
 # (attribute, --help group title, group description)
@@ -270,6 +301,7 @@ SECTIONS = (
     ("toxicity", "caption toxicity", "each model filter is 'filter' (score and reject), 'score' (record scores, reject nothing) or 'off'"),
     ("clip", "CLIP similarity + NSFW", None),
     ("t5", "text embedding (frozen T5, survivors only)", None),
+    ("dedup", "deduplication and decontamination (after every filter)", "off unless --dedup or --decontaminate is given"),
     ("models", "model runtime", None),
 )
 
@@ -291,7 +323,8 @@ class Setting:
 
 _SECTION_CLASSES = {"input": InputConfig, "output": OutputConfig, "prefilter": PrefilterConfig, "download": DownloadConfig,
                     "consent": ConsentConfig,
-                    "image": ImageConfig, "toxicity": ToxicityConfig, "clip": ClipConfig, "t5": T5Config, "models": ModelsConfig}
+                    "image": ImageConfig, "toxicity": ToxicityConfig, "clip": ClipConfig, "t5": T5Config, "dedup": DedupConfig,
+                    "models": ModelsConfig}
 
 
 def settings() -> Iterator[Setting]:
@@ -430,6 +463,17 @@ def validate(cfg: PrepareConfig) -> PrepareConfig:
     if cfg.clip.nsfw_mode != "off" and not (cfg.clip.nsfw_head or "").strip():
         raise ConfigError("--nsfw needs --nsfw-head HEAD (LAION's CLIP-based NSFW detector for --clip-model: a registry name "
                           "or local:FILE), or --nsfw off")
+    dd = cfg.dedup
+    unknown = [r for r in dd.dedup if r not in ("exact", "pdq", "semantic")]
+    if unknown:
+        raise ConfigError(f"--dedup {','.join(unknown)}: not a rule; give a comma-separated list of exact, pdq, semantic")
+    if "semantic" in dd.dedup and cfg.clip.clip_mode == "off":
+        raise ConfigError("--dedup semantic needs the CLIP image embedding: use --clip score (or filter), or leave semantic out")
+    if dd.eval_cosine is not None and not dd.decontaminate:
+        raise ConfigError("--decontaminate-cosine needs --decontaminate PATH (the evaluation set)")
+    if dd.eval_cosine is not None and cfg.clip.clip_mode == "off":
+        raise ConfigError("--decontaminate-cosine needs the dataset's CLIP image embeddings: use --clip score (or filter), "
+                          "or match by PDQ only (leave --decontaminate-cosine out)")
     dl = cfg.download
     if dl.per_host_buckets > dl.per_host_concurrency:
         raise ConfigError(f"--per-host-buckets {dl.per_host_buckets} is above --per-host-concurrency {dl.per_host_concurrency}: "

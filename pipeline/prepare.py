@@ -9,7 +9,9 @@ The job (`build_pipeline`), each step a labelled PTransform, cheapest filter fir
              ─► CaptionToxicity (Detoxify, text only) ─► Download (X-Robots-Tag, tdm-reservation)
              ─► Decode (image hash blocklists, C2PA, PDQ) ─► Resize
              ─► ImageFilters (one CLIP image pass: similarity, then NSFW on the same embedding)
-             ─► EmbedT5 (frozen T5, survivors only) ─► WriteShards (tar, rejects, meta per shard)
+             ─► EmbedT5 (frozen T5, survivors only)
+             ─► Dedup (--dedup exact/pdq/semantic, --decontaminate: pipeline.dedup; a global step)
+             ─► WriteShards (tar, rejects, meta per shard)
     every stage's rejects ─► WriteShards (rejects/NNNNNN.parquet)
 
 then, in the driver (`run`): the accounting from the files on disk (pipeline.finalize) ─►
@@ -246,6 +248,18 @@ def build_pipeline(p, cfg: PrepareConfig, input_schema, done_shards: frozenset, 
         embedded = kept | "EmbedT5" >> hinted(EmbedT5(cfg.t5, cfg.models, columns), gpu)
         kept = embedded["main"]
         stage_rejects.append(embedded["rejects"])
+    if cfg.dedup.enabled:
+        from pipeline.dedup import ClipEmbedder, DedupStage, rules_of
+
+        rules = rules_of(cfg.dedup)
+        from pipeline.write import shard_name
+
+        # A resumed run's written samples are kept and take part (pipeline.dedup: the same decisions).
+        written = [f"{cfg.output.output.rstrip('/')}/meta/{shard_name(i)}.parquet" for i in sorted(done_shards)]
+        loader = ClipEmbedder(cfg.clip, cfg.models) if rules.eval_cosine is not None else None
+        deduped = kept | "Dedup" >> DedupStage(rules, columns, loader, written)
+        kept = deduped["main"]
+        stage_rejects.append(deduped["rejects"])
 
     expected = (
         todo
@@ -487,7 +501,12 @@ def run(cfg: PrepareConfig, beam_argv: list[str], test_pipeline=None) -> dict:
 
     blocklists, optout_lists = load_lists(cfg.consent)  # a missing or malformed list file: one line, before any work
     hashes = tuple([b.sha256 for b in (blocklists.lists if blocklists else ())] + [o.sha256 for o in optout_lists])
-    fingerprint = config_fingerprint(cfg, input_files, list(hashes))
+    eval_digest = []
+    if cfg.dedup.decontaminate:
+        from pipeline.dedup import eval_set_digest
+
+        eval_digest = [eval_set_digest(cfg.dedup.decontaminate)]  # a missing or empty eval set: one line, before any work
+    fingerprint = config_fingerprint(cfg, input_files, list(hashes) + eval_digest)
     made_output = is_local(output) and not os.path.exists(output)
     check_output(output, cfg.output.overwrite, cfg.output.card)  # creates --output if missing
 

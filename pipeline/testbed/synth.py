@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import dataclasses
 import hashlib
 import io
 import json
@@ -296,6 +297,12 @@ class SynthWeb:
             return []
         return ["--blocklist", str(self.root / BLOCKLIST_FILE), "--optout-list", str(self.root / OPTOUT_FILE)]
 
+    @property
+    def duplicates(self) -> list[dict]:
+        """The planted duplicates (dupes_per_kind): [{"uid", "SAMPLE_ID", "of_uid", "of_SAMPLE_ID", "how"}]."""
+        path = self.root / DUPES_FILE
+        return json.loads(path.read_text()) if path.exists() else []
+
     def site_url(self, name: str) -> str:
         return f"http://{site_host(name)}:{self.sites[name]}"
 
@@ -356,8 +363,20 @@ class _Picture:
     shapes: tuple  # of dicts with shape, colour, position, bbox
     fmt: str
     quality: int
+    texture: int | None = None  # planted duplicates' originals: a seeded low-frequency texture, so PDQ has detail to hash
 
     def render(self) -> Image.Image:
+        img = self._render_flat()
+        if self.texture is None:
+            return img
+        # +-40 levels of 8x8-cell noise, upsampled smoothly: survives resizing and re-encoding, as
+        # photographs' structure does (the flat drawings alone are mostly below PDQ's quality 50).
+        cells = np.random.default_rng(self.texture).uniform(-40, 40, (8, 8)).astype(np.float32)
+        noise = np.asarray(Image.fromarray(cells, mode="F").resize((self.width, self.height), Image.BICUBIC))
+        a = np.asarray(img).astype(np.float32) + noise[..., None]
+        return Image.fromarray(np.clip(a, 0, 255).astype(np.uint8))
+
+    def _render_flat(self) -> Image.Image:
         img = Image.new("RGB", (self.width, self.height), COLOURS[self.background])
         draw = ImageDraw.Draw(img)
         # A gentle vertical shading (at most 12% darker): keeps files from being perfectly flat
@@ -762,6 +781,7 @@ def synthesize(
     mismatch_rate: float = 0.0,
     toxic_rate: float = 0.0,
     consent_per_kind: int = 0,
+    dupes_per_kind: int = 0,
 ) -> SynthWeb:
     """Write a synthetic web into `out_dir` (see the module docstring) and return its description.
 
@@ -772,7 +792,10 @@ def synthesize(
     image instead of the LAION-like default; `formats` restricts the encodings. `consent_per_kind` > 0
     turns ok rows into the consent web's rows (CONSENT_KINDS, that many each): robots.txt and
     tdmrep.json on the main site and on extra sites, and blocklist.txt / optout.txt beside the
-    metadata for the run to pass (SynthWeb.consent_flags). Byte-identical
+    metadata for the run to pass (SynthWeb.consent_flags). `dupes_per_kind` > 0 turns ok rows into
+    planted duplicates of other ok rows (DUPE_KINDS, that many each, every one of its own original),
+    written down in duplicates.json (SynthWeb.duplicates); they stay kind "ok" (kept without --dedup).
+    Byte-identical
     output for the same arguments; base_url=None picks a free 127.0.0.1 port, which is in every URL.
     """
     if rows < 1:
@@ -801,6 +824,8 @@ def synthesize(
         port = parts.port or 80
     if consent_per_kind < 0:
         raise SynthArgumentError("consent_per_kind must be >= 0")
+    if dupes_per_kind < 0:
+        raise SynthArgumentError("dupes_per_kind must be >= 0")
     main_port, aux_port, alt_port, v6_port, site_ports = _free_ports(port, len(CONSENT_SITES) if consent_per_kind else 0)
     sites = dict(zip(CONSENT_SITES, site_ports))
     if base_url is None:
@@ -852,6 +877,8 @@ def synthesize(
             truths[i] = {**truths[orig], "SAMPLE_ID": sample_ids[i], "kind": "duplicate"}
             truths[i]["expected_stage"], truths[i]["expected_reason"] = EXPECTED["duplicate"]
 
+    dupes = _plant_dupes(planner, kinds, metas, truths, dupes_per_kind) if dupes_per_kind else None
+
     images = out / "images"
     if images.exists():
         shutil.rmtree(images)  # stale files from an earlier synth would be served by the aux listeners
@@ -861,6 +888,10 @@ def synthesize(
     pq.write_table(pa.Table.from_pylist(metas, schema=LAION_SCHEMA), out / "metadata.parquet")
     pq.write_table(pa.Table.from_pylist(truths, schema=GROUND_TRUTH_SCHEMA), out / "ground_truth.parquet")
     (out / "routes.json").write_text(json.dumps(planner.routes, indent=1, sort_keys=True))
+    if dupes is not None:
+        (out / DUPES_FILE).write_text(json.dumps(dupes, indent=1))
+    elif (out / DUPES_FILE).exists():
+        (out / DUPES_FILE).unlink()  # a stale ground truth from an earlier synth
     if consent_per_kind:
         lines = ["# name: synth-blocklist", "# the consent web's planted blocklist entries (pipeline.testbed.synth)"]
         (out / BLOCKLIST_FILE).write_text("\n".join(lines + [f"{k} {v}" for k, v in planner.blocklist]) + "\n")
@@ -887,6 +918,159 @@ def synthesize(
     return SynthWeb.load(out)
 
 
+# --------------------------------------------------------------------------------------------
+# Planted duplicates (dupes_per_kind) and an evaluation folder that overlaps the web
+
+DUPES_FILE = "duplicates.json"
+# how -> what the copy is. Which dedup rule catches each is the test's to assert (tests/pipeline/test_dedup.py).
+DUPE_KINDS = {
+    "exact_copy": "the same file under another URL and caption",
+    "reencoded": "the same pixels re-encoded as JPEG at quality 40",
+    "resized": "scaled to 75% of each side",
+    "cropped": "the central 75% of each side",
+    "colour_shifted": "red x1.12 + 10, blue x0.9",
+    "rescene": "the same scene drawn again, every shape moved by 8% of the width, under another caption",
+}
+_DUPE_PREFIXES = ("Copy: ", "Stock photo, ", "Seen online: ", "Reposted: ", "Image of this: ", "Look: ")
+
+
+@dataclass(frozen=True)
+class _Derived:
+    """A planted duplicate's file: the original picture, transformed and encoded."""
+
+    base: _Picture
+    how: str
+
+    @property
+    def size(self) -> tuple[int, int]:
+        w, h = self.base.width, self.base.height
+        if self.how == "resized":
+            return round(w * 0.75), round(h * 0.75)
+        if self.how == "cropped":
+            return round(w * 0.75), round(h * 0.75)
+        return w, h
+
+    @property
+    def fmt(self) -> str:
+        return "jpeg" if self.how == "reencoded" else self.base.fmt
+
+    def picture(self) -> _Picture:
+        if self.how != "rescene":
+            return self.base
+        b = self.base
+        dx = round(0.08 * b.width)
+        shapes = []
+        for sh in b.shapes:
+            x0, y0, x1, y1 = sh["bbox"]
+            shift = dx if x1 + dx <= b.width else -min(dx, x0)
+            shapes.append({**sh, "bbox": [x0 + shift, y0, x1 + shift, y1]})
+        return _Picture(b.width, b.height, b.background, tuple(shapes), b.fmt, b.quality, texture=(b.texture or 0) ^ 0x5EED)
+
+    def encode(self) -> bytes:
+        if self.how == "exact_copy":
+            return self.base.encode()
+        img = self.picture().render()
+        w, h = img.size
+        if self.how == "resized":
+            img = img.resize(self.size, Image.LANCZOS)
+        elif self.how == "cropped":
+            cw, ch = self.size
+            img = img.crop(((w - cw) // 2, (h - ch) // 2, (w - cw) // 2 + cw, (h - ch) // 2 + ch))
+        elif self.how == "colour_shifted":
+            a = np.asarray(img).astype(np.float32)
+            a[..., 0] = a[..., 0] * 1.12 + 10
+            a[..., 2] = a[..., 2] * 0.9
+            img = Image.fromarray(np.clip(a, 0, 255).astype(np.uint8))
+        buf = io.BytesIO()
+        if self.how == "reencoded":
+            img.save(buf, "JPEG", quality=40)
+        else:
+            if self.base.fmt == "jpeg":
+                img.save(buf, "JPEG", quality=self.base.quality)
+            elif self.base.fmt == "png":
+                img.save(buf, "PNG")
+            else:
+                img.save(buf, "WEBP", quality=self.base.quality, method=2)
+        return buf.getvalue()
+
+
+def _plant_dupes(planner: _Planner, kinds: list, metas: list, truths: list, per_kind: int) -> list[dict]:
+    """Turn 2 x per_kind x len(DUPE_KINDS) ok rows into (original, duplicate) pairs; returns the ground truth."""
+    rng = planner.rng
+    uid_count: dict = {}
+    for t in truths:
+        uid_count[t["uid"]] = uid_count.get(t["uid"], 0) + 1
+    ok = [i for i, k in enumerate(kinds) if k == "ok" and uid_count[truths[i]["uid"]] == 1
+          and isinstance(planner.files.get(truths[i]["image_file"]), _Picture)]
+    need = 2 * per_kind * len(DUPE_KINDS)
+    if need > len(ok) - 1:
+        raise SynthArgumentError(f"not enough ok rows ({len(ok)}) for {need // 2} planted duplicates and their originals: add rows")
+    picked = sorted(rng.sample(ok, need))
+    rng.shuffle(picked)
+    out = []
+    for j, how in enumerate(h for h in DUPE_KINDS for _ in range(per_kind)):
+        orig, dup = picked[2 * j], picked[2 * j + 1]
+        base = dataclasses.replace(planner.files[truths[orig]["image_file"]], texture=rng.getrandbits(32))
+        planner.files[truths[orig]["image_file"]] = base
+        derived = _Derived(base, how)
+        fmt = derived.fmt
+        name = f"{planner.token()}.{EXTENSIONS[fmt]}"
+        planner.files[name] = derived
+        planner._route("ok", f"/{name}", name, fmt)
+        url = f"{planner.base_url}/{name}"
+        text = rng.choice(_DUPE_PREFIXES) + metas[orig]["TEXT"]
+        w, h = derived.size
+        metas[dup] = {**metas[dup], "URL": url, "TEXT": text, "WIDTH": w, "HEIGHT": h}
+        shapes = [dict(s) for s in derived.picture().shapes]
+        truths[dup] = {**truths[dup], "uid": compute_uid(url, text), "URL": url, "TEXT": text, "background": base.background,
+                       "shapes": json.dumps(shapes), "true_width": w, "true_height": h, "format": fmt, "image_file": name}
+        out.append({"uid": truths[dup]["uid"], "SAMPLE_ID": truths[dup]["SAMPLE_ID"], "of_uid": truths[orig]["uid"],
+                    "of_SAMPLE_ID": truths[orig]["SAMPLE_ID"], "how": how})
+    return sorted(out, key=lambda d: d["uid"])
+
+
+def write_eval_folder(web: SynthWeb, out_dir: str | Path, overlap: int, others: int = 4, seed: int = 0) -> dict:
+    """An evaluation set for decontamination tests: `overlap` images of the web (ok rows that are
+    no planted duplicate's original or copy), re-encoded as PNG, plus `others` scenes that are not
+    in the web. Returns {eval image name: the overlapped row's uid, or None}; also written to
+    overlap.json in the folder (not an image: the folder's readers skip it)."""
+    rng = random.Random(seed)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    truths = pq.read_table(web.ground_truth_path).to_pylist()
+    involved = {d["uid"] for d in web.duplicates} | {d["of_uid"] for d in web.duplicates}
+    uid_count: dict = {}
+    for t in truths:
+        uid_count[t["uid"]] = uid_count.get(t["uid"], 0) + 1
+    from pipeline.blocklist import pdq_of
+
+    def pdq_quality(t):
+        return pdq_of(np.asarray(Image.open(web.images_dir / t["image_file"]).convert("RGB")), bgr=False)[1]
+
+    # Rows whose image is detailed enough for PDQ (quality >= 60; the pipeline skips < 50).
+    ok = [t for t in truths if t["kind"] == "ok" and t["uid"] not in involved and uid_count[t["uid"]] == 1 and t["image_file"]]
+    ok = [t for t in ok if pdq_quality(t) >= 60]
+    if overlap > len(ok):
+        raise SynthArgumentError(f"only {len(ok)} plain ok rows to overlap, asked for {overlap}")
+    truth = {}
+    for i, t in enumerate(rng.sample(ok, overlap)):
+        img = Image.open(web.images_dir / t["image_file"]).convert("RGB")
+        name = f"eval_{i:04d}.png"
+        img.save(out / name, "PNG")
+        truth[name] = t["uid"]
+    for i in range(others):
+        w, h = rng.randint(200, 400), rng.randint(200, 400)
+        bg, fg = rng.sample(list(COLOURS), 2)
+        s = rng.randint(60, 150)
+        x0, y0 = rng.randint(0, w - s), rng.randint(0, h - s)
+        shape = {"shape": rng.choice(SHAPES), "colour": fg, "position": "center", "bbox": [x0, y0, x0 + s, y0 + s]}
+        name = f"other_{i:04d}.png"
+        _Picture(w, h, bg, (shape,), "png", 0).render().save(out / name, "PNG")
+        truth[name] = None
+    (out / "overlap.json").write_text(json.dumps(truth, indent=1, sort_keys=True))
+    return truth
+
+
 def _write_files(images: Path, files: dict) -> None:
     """Encode and write every file; in threads, since Pillow's encoders release the GIL."""
     # ~0.1 s to build, shared by every bomb of this synth.
@@ -894,7 +1078,7 @@ def _write_files(images: Path, files: dict) -> None:
 
     def write(item):
         name, spec = item
-        if isinstance(spec, _Picture):
+        if isinstance(spec, (_Picture, _Derived)):
             data = spec.encode()
         elif isinstance(spec, bytes):
             data = spec
@@ -924,6 +1108,9 @@ def add_synth_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--formats", default=",".join(FORMATS), help="comma-separated subset of jpeg,png,webp")
     parser.add_argument("--mismatch-rate", type=float, default=0.0, help="share of rows whose caption describes another scene")
     parser.add_argument("--toxic-rate", type=float, default=0.0, help="share of rows whose caption carries a toxic phrase")
+    parser.add_argument("--dupes-per-kind", type=int, default=0,
+                        help="planted duplicates of each kind (exact copy, re-encoded, resized, cropped, colour-shifted, "
+                             "re-rendered scene), listed in duplicates.json")
 
 
 def main_synth(args: argparse.Namespace) -> int:
@@ -939,6 +1126,7 @@ def main_synth(args: argparse.Namespace) -> int:
         formats=tuple(f.strip() for f in args.formats.split(",") if f.strip()),
         mismatch_rate=args.mismatch_rate,
         toxic_rate=args.toxic_rate,
+        dupes_per_kind=args.dupes_per_kind,
     )
     print(f"wrote {web.rows} rows to {web.root} in {time.monotonic() - t0:.1f}s; base URL {web.base_url}")
     print("kinds: " + ", ".join(f"{k}={n}" for k, n in web.kinds.items()))
