@@ -153,6 +153,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_card_args(c)
     c.set_defaults(func=_card)
 
+    from pipeline.subset import add_subset_args, main_subset  # light: the Beam job is pipeline.subset_job, imported on run
+
+    su = sub.add_parser("subset", usage="kiln subset PARENT --out CHILD [rules] [Beam flags]",
+                        help="a finished dataset -> a child dataset by rules on stored columns, licences, uid lists, "
+                        "blocklists and dedup; offline, accounted against the parent (docs/subset.md)")
+    add_subset_args(su)
+    su.set_defaults(func=main_subset, beam_args=True)
+
     from train.cli import add_sample_args, add_train_args
 
     t = sub.add_parser("train", help="train one cascade stage (base64 / sr256 / sr1024 / tiny-*) from the shards")

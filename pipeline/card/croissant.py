@@ -19,6 +19,8 @@ The tests validate the file with mlcroissant and read the meta record set throug
 
 from __future__ import annotations
 
+import json
+
 import hashlib
 import re
 from urllib.parse import quote
@@ -224,6 +226,16 @@ def build_croissant(facts: Facts, pretty_name: str, language: list[str] | None =
         "distribution": distribution,
         "recordSet": record_sets,
     })
+    from pipeline.card.summary import derivation
+
+    derived = derivation(st)
+    if derived:  # a `kiln subset` child: schema.org's isBasedOn names the parent dataset
+        p = derived["parent"]
+        out["isBasedOn"] = {"@type": "sc:Dataset", "name": str(p.get("path")), "url": str(p.get("path")),
+                            "identifier": f"kiln config_fingerprint {p.get('config_fingerprint')}",
+                            "description": (f"kiln subset of this dataset ({p.get('kept') or 0:,} samples) by "
+                                            + "; ".join(_rule_text(r) for r in derived["rules"]) + "; stats.json → subset "
+                                            "holds the rules and the parent's card sha256")}
     if st.get("finished_at"):
         out["dateCreated"] = st["finished_at"]
     if language:
@@ -316,3 +328,9 @@ def rai_fields(facts: Facts, limitation_items, uses_items) -> dict:
         # The RAI 1.0 specification's table spells it ...Timeframe, its text and mlcroissant ...TimeFrame: both.
         out["rai:dataCollectionTimeframe"] = out["rai:dataCollectionTimeFrame"] = [period["start"], period["end"]]
     return out
+
+
+def _rule_text(rule: dict) -> str:
+    """A subset rule in a few words: its name and its settings (stats.json's subset.rules entry)."""
+    rest = {k: v for k, v in rule.items() if k not in ("rule", "reasons")}
+    return f"{rule.get('rule')} {json.dumps(rest, sort_keys=True, default=str)}" if rest else str(rule.get("rule"))

@@ -13,7 +13,7 @@ import shlex
 
 from pipeline.card.facts import SAMPLE_MAX_TOXICITY, SCORES, Facts, FloatHist, pct
 from pipeline.card.hub import hub_licence, licence_metadata
-from pipeline.card.summary import blocklist_entries, consent_of, opt_out_protocols
+from pipeline.card.summary import blocklist_entries, consent_of, derivation, opt_out_protocols
 
 
 def render(facts: Facts, plots: dict[str, str | None], pretty_name: str, seed: int, language: list[str] | None) -> str:
@@ -21,6 +21,7 @@ def render(facts: Facts, plots: dict[str, str | None], pretty_name: str, seed: i
     reason the plot was skipped."""
     lines = [
         *intro(facts, pretty_name),
+        *derived_from(facts),
         *motivation(facts),
         *composition(facts, plots, seed, language),
         *collection_process(facts),
@@ -82,6 +83,42 @@ def intro(facts: Facts, pretty_name: str) -> list[str]:
         "from the shard, metadata and rejects files when the card was written and checked against "
         "`stats.json` and `manifest.json`.\n",
     ]
+
+
+def derived_from(facts: Facts) -> list[str]:
+    """A `kiln subset` child: its parent (path, fingerprint, card), the rules in the order they
+    applied, and the funnel from the parent's input rows to this dataset. Nothing for kiln prepare's."""
+    d = derivation(facts.stats)
+    if d is None:
+        return []
+    p = d["parent"]
+    out = ["## Derived from a parent dataset\n",
+           f"This dataset is a subset of the kiln dataset `{md(p.get('path'))}` (configuration fingerprint "
+           f"`{md(p.get('config_fingerprint'))}`, manifest sha256 `{md(p.get('manifest_sha256'))}`, card sha256 "
+           f"`{md(p.get('card_sha256') or 'no card')}`), made by `kiln subset` without any network access: kept samples "
+           "are the parent's bytes (images, captions, metadata, T5 arrays), copied unchanged. Every parent sample is "
+           "either kept here or a row of `rejects/` with stage `subset` and the rule that removed it. The sections below "
+           "on collection and filtering describe how the parent was made.\n"]
+    if d.get("grandparent"):
+        out.append(f"The parent is itself a subset of `{md(d['grandparent'])}`.\n")
+    out.append("**Rules, in the order they applied** (the first that fails names the reject reason; a `--where` "
+               "condition that is null counts as false):\n")
+    out.append("| # | rule | reject reason | settings |\n| ---: | --- | --- | --- |")
+    for i, r in enumerate(d["rules"], 1):
+        rest = {k: v for k, v in r.items() if k not in ("rule", "reasons")}
+        out.append(f"| {i} | {md(r.get('rule'))} | `{md(r.get('reasons'))}` | {md(rest)} |")
+    if not d["rules"]:
+        out.append("| - | none: every parent sample kept | - | - |")
+    out.append("")
+    for w in d.get("warnings") or []:
+        out.append(f"- **Note:** {md(w)}")
+    out.append("**Funnel from the parent's input** (the parent's stages, then this subset):\n")
+    out.append("| stage | in | out | rejected | reasons |\n| --- | ---: | ---: | ---: | --- |")
+    for f in d["funnel"]:
+        reasons = ", ".join(f"{k} {v:,}" for k, v in sorted((f.get("reasons") or {}).items(), key=lambda kv: -kv[1]))
+        out.append(f"| {md(f.get('stage'))} | {f.get('in', 0):,} | {f.get('out', 0):,} | {f.get('rejected', 0):,} | {md(reasons or '-')} |")
+    out.append("")
+    return out
 
 
 def motivation(facts: Facts) -> list[str]:
@@ -216,9 +253,19 @@ def collection_process(facts: Facts) -> list[str]:
         f"every redirect re-checked (at most {flags.get('max_redirects')}); at most {flags.get('max_bytes'):,} bytes "
         f"and {flags.get('download_timeout')} s per URL, {flags.get('retries')} retries on 429/5xx honouring "
         f"Retry-After; User-Agent token `{md(flags.get('user_agent_token'))}`.\n"
-        f"- **When:** {st.get('started_at')} to {st.get('finished_at')}. Web content changes: a later "
+        f"- **When:** {_fetched(st)}. Web content changes: a later "
         "run over the same metadata downloads different bytes for some URLs (link rot, edits).\n")
     return out + opt_outs(facts) + how_the_job_ran(facts)
+
+
+def _fetched(st: dict) -> str:
+    """When the images were fetched: this run's start and end, or for a `kiln subset` child (which
+    downloads nothing) the parent's collection period."""
+    d = derivation(st)
+    period = ((st.get("subset") or {}).get("parent") or {}).get("collection_period") if d else None
+    if isinstance(period, dict):
+        return f"{period.get('start') or 'unknown'} to {period.get('end')}, when the parent dataset was made (kiln subset downloads nothing)"
+    return f"{st.get('started_at')} to {st.get('finished_at')}"
 
 
 def opt_outs(facts: Facts) -> list[str]:

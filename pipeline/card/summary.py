@@ -47,6 +47,22 @@ def _provider(what: str) -> dict:
 # -- views of stats.json's consent record, shared with the card and croissant.json -----------------
 
 
+def derivation(stats: dict) -> dict | None:
+    """A `kiln subset` child's parent and rules (stats.json's "subset" object), or None for a dataset
+    `kiln prepare` made: {parent: {path, config_fingerprint, card_sha256, ...}, rules, funnel} where
+    funnel is the parent's funnel followed by the subset stage (rows from the parent's input rows)."""
+    sub = stats.get("subset")
+    if not isinstance(sub, dict) or not isinstance(sub.get("parent"), dict):
+        return None
+    parent = sub["parent"]
+    funnel = [dict(f) for f in parent.get("funnel") or [] if isinstance(f, dict)]
+    funnel += [dict(f) for f in stats.get("funnel") or [] if isinstance(f, dict) and f.get("stage") == "subset"]
+    return {"parent": {k: parent.get(k) for k in ("path", "config_fingerprint", "manifest_sha256", "card_sha256",
+                                                  "input_rows", "kept", "command")},
+            "grandparent": (parent.get("subset") or {}).get("parent", {}).get("path") if isinstance(parent.get("subset"), dict) else None,
+            "rules": list(sub.get("rules") or []), "warnings": list(sub.get("warnings") or []), "funnel": funnel}
+
+
 def consent_of(stats: dict) -> dict | None:
     """stats.json's "consent" object (pipeline.consent), or None for a run that predates it."""
     consent = stats.get("consent")
@@ -166,6 +182,11 @@ def collection_period(stats: dict) -> dict:
     """When the images were fetched, as far as the run records it: kiln keeps no per-image fetch
     time, so the run's own start and end (stats.json) bound it -- unless shards came from an earlier
     run (a resume), whose fetch times this run does not know."""
+    parent = (stats.get("subset") or {}).get("parent") if isinstance(stats.get("subset"), dict) else None
+    if isinstance(parent, dict) and isinstance(parent.get("collection_period"), dict):
+        # `kiln subset` downloads nothing: its images were fetched when the parent was made.
+        return {**parent["collection_period"], "basis": "the parent dataset's collection period (kiln subset downloads "
+                "nothing): " + str(parent["collection_period"].get("basis"))}
     resumed = (stats.get("this_run") or {}).get("shards_skipped") or 0
     out = {"start": None if resumed else stats.get("started_at"), "end": stats.get("finished_at"),
            "basis": ("the run's start and end (stats.json started_at / finished_at); kiln does not record when each image "
@@ -200,6 +221,7 @@ def build_summary(facts: Facts, language: list[str] | None = None, marker: tuple
         "template": TEMPLATE,
         "status": ("draft written by kiln from one dataset it prepared; the provider completes every entry marked "
                    "provider_must_complete, adds every other training data source, and publishes the result"),
+        "derived_from": derivation(st),  # `kiln subset`: the parent dataset and the rules (None: made by kiln prepare)
         "dataset": {"kiln_version": st.get("kiln_version"), "git_commit": st.get("git_commit"),
                     "config_fingerprint": st.get("config_fingerprint"), "input_rows": facts.input_rows,
                     "kept": facts.kept, "rejected": facts.rejected, "started_at": st.get("started_at"),
@@ -434,6 +456,7 @@ def render_summary(data: dict, marker_line: str | None = None) -> str:
         f"{d['input_rows']:,} input rows, {d['kept']:,} kept, {d['rejected']:,} rejected). Every entry marked {fill} is "
         "for the provider, who also adds every other source of training data before publishing. "
         "`training_summary.json` beside this file carries the same numbers machine-readably.\n",
+        *_derived_lines(data.get("derived_from")),
         "## 1. General information\n",
         "### 1.1 Provider identification\n",
         f"- Provider name and contact details: {fill}",
@@ -557,3 +580,15 @@ def render_summary(data: dict, marker_line: str | None = None) -> str:
     out += ["", "Every removed row is in `rejects/` with its stage, reason and detail.\n",
             "## What the provider must add\n", *(f"- {item}" for item in data["provider_must_complete"]), ""]
     return "\n".join(out)
+
+
+def _derived_lines(derived: dict | None) -> list[str]:
+    """training_summary.md's note that the dataset is a `kiln subset` of another (its parent's content
+    is where the crawl below happened; the subset downloaded nothing)."""
+    if not derived:
+        return []
+    p = derived["parent"]
+    return [f"**Derived dataset.** This dataset is a subset (`kiln subset`, offline: nothing was downloaded) of the kiln "
+            f"dataset `{p.get('path')}` (configuration `{p.get('config_fingerprint')}`, {p.get('kept') or 0:,} samples), "
+            f"selected by {len(derived['rules'])} rule(s) recorded in `training_summary.json` → `derived_from`. The crawl "
+            "described below is the parent's.\n"]
