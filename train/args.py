@@ -146,6 +146,9 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     data.add_argument("--kid-subset-size", type=int, default=1000, metavar="N",
                       help="KID subset size, capped at the smaller set [1000]")
     data.add_argument("--kid-subsets", type=int, default=100, metavar="N", help="KID subsets [100]")
+    data.add_argument("--sr-n", type=int, default=64, metavar="N",
+                      help="SR stages (--sr256 / --sr1024 with --data, with or without --base): held-out shard images "
+                      "each is scored on, against the true image and bicubic; 0 skips this with --base [64]")
     gen = p.add_argument_group("sampling first (instead of SAMPLE_DIRs)")
     gen.add_argument("--base", default=None, metavar="CKPT", help="base stage checkpoint")
     gen.add_argument("--sr256", default=None, metavar="CKPT", help="first super-resolution stage (optional)")

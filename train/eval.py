@@ -8,6 +8,8 @@ and KID -- over a guidance sweep, into eval.json, two trade-off plots and an HTM
               --guidance 1,3,5,8 --out-dir eval/ [--clip SPEC] [--features SPEC]
     # samples already written by `kiln sample --out-dir` (one directory per guidance weight)
     kiln eval samples/w1 samples/w3 --out-dir eval/ [--suite synthetic | --prompt-file drawbench.csv] ...
+    # SR stages alone, against the true image of held-out shard samples (also done with --base and --data)
+    kiln eval --sr256 CKPT [--sr1024 CKPT] --data DATASET --out-dir eval-sr/ [--sr-n 64] [--aug-level 0]
 
 docs/eval.md says what each number means. The pieces:
 
@@ -21,6 +23,11 @@ docs/eval.md says what each number means. The pieces:
     statistics      accuracy with a 95% Wilson interval, and a chance level: what these same images
                     score against the category's OTHER prompts (all pairs, or a seeded sample of them)
                     -- the accuracy of a model that draws like this one but ignores the prompt.
+    SR stages       `sr_pairs`: held-out shard images at the stage's output size (the centre window
+                    for a random-crop stage) and their low-res twins, made as training makes them;
+                    `train.sample.upscale` runs the stage on them; `sr_scores`: PSNR of SR and of
+                    bicubic against the truth, and of SR downsampled against its input, each with
+                    a 95% Student-t interval (`t_interval`).
     metrics         CLIP score, FID and KID come from kiln's metrics module through `MetricHooks`:
                     train/ imports nothing from embed/ or pipeline/ (DESIGN.md), so the `kiln eval`
                     command (pipeline.evaluation) hands them in.
@@ -30,7 +37,8 @@ The sampler never runs a text encoder (DESIGN.md), so prompts reach `kiln eval -
 T5 spec of --data's stats.json when there is one).
 
 Output directory (--out-dir): eval.json (written first marked incomplete, last complete, listing
-every file kiln wrote there), report.html, plots/*.png and, when it sampled, samples/w<W>/ (each a
+every file kiln wrote there), report.html, plots/*.png, sr/<slot>.png (an SR stage's examples:
+low-res | bicubic | SR | truth) and, when it sampled, samples/w<W>/ (each a
 `kiln sample --out-dir` directory). A directory holding anything else is refused; an earlier
 complete output needs --overwrite, and only the files its eval.json lists are deleted.
 """
@@ -49,6 +57,7 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -71,16 +80,24 @@ from train.evaluate import (
     scene_key,
 )
 
+if TYPE_CHECKING:  # torch is imported where it is used: `kiln eval --write-prompts` runs without it
+    import torch
+
 __all__ = [
     "EVAL_FILE",
+    "SR_SCORES",
     "SUITES",
     "MetricHooks",
     "Prompt",
+    "SRPairs",
     "check_eval_dir",
     "main_eval",
     "read_prompt_file",
     "score_synthetic",
+    "sr_pairs",
+    "sr_scores",
     "synthetic_suite",
+    "t_interval",
     "training_combinations",
     "wilson_interval",
 ]
@@ -92,11 +109,13 @@ REPORT_FILE = "report.html"
 PLOTS_DIR = "plots"
 PLOT_NAMES = ("fid_vs_clip", "accuracy_vs_guidance")  # plots/<name>.png
 SAMPLES_DIR = "samples"
-_KILN_FILE = re.compile(r"report\.html|plots/[a-z_]+\.png")
+_KILN_FILE = re.compile(r"report\.html|plots/[a-z_]+\.png|sr/sr(?:256|1024)\.png")
 _KILN_SAMPLES = re.compile(r"samples/w[0-9][0-9.e+-]*")
 Z95 = 1.959963984540054  # two-sided 95% normal quantile
 MAX_CHANCE_PAIRS = 50_000  # a category's chance level uses every pair up to this many, else a seeded sample
 REPORT_MAX_IMAGES = 24  # per category and run in report.html
+SR_DIR = "sr"  # sr/<slot>.png: an SR stage's examples, low-res | bicubic | SR | truth
+SR_GRID_SAMPLES = 6  # held-out samples shown per SR stage
 
 
 # --------------------------------------------------------------------------------------------
@@ -442,18 +461,21 @@ def _check_flags(args: argparse.Namespace, metrics: MetricHooks | None) -> None:
     generating = args.base is not None
     if generating and args.samples:
         raise ConfigError("give SAMPLE_DIRs to score, or --base CKPT to sample first, not both")
-    if not generating and not args.samples:
-        raise ConfigError("nothing to score: give SAMPLE_DIRs written by `kiln sample --out-dir`, or --base CKPT "
-                          "--prompts PROMPTS.parquet to sample first")
+    if not generating and not args.samples and not _sr_only(args):
+        raise ConfigError("nothing to score: give SAMPLE_DIRs written by `kiln sample --out-dir`, --base CKPT "
+                          "--prompts PROMPTS.parquet to sample first, or --sr256 CKPT --data DATASET to score an SR "
+                          "stage on held-out images")
     if not args.out_dir:
         raise ConfigError("--out-dir DIR is required: where eval.json, report.html and plots/ go")
-    if not generating:
+    if _sr_only(args) or (generating and (args.sr256 or args.sr1024)):
+        _check_sr_flags(args)
+    if not generating and not _sr_only(args):
         given = [f for f, v in (("--prompts", args.prompts), ("--guidance", args.guidance), ("--sr256", args.sr256),
                                 ("--sr1024", args.sr1024), ("--steps", args.steps), ("--aug-level", args.aug_level))
                  if v is not None]
         if given:
             raise ConfigError(f"{', '.join(given)} set how to sample: they go with --base CKPT, not with SAMPLE_DIRs")
-    else:
+    elif generating:
         if args.sr1024 and not args.sr256:
             raise ConfigError("--sr1024 needs --sr256 (the cascade is base -> sr256 -> sr1024)")
         if not args.prompts:
@@ -489,6 +511,32 @@ def _check_flags(args: argparse.Namespace, metrics: MetricHooks | None) -> None:
             raise ConfigError(f"{flag} must be >= {low}, got {value}")
     if (args.clip or args.features) and metrics is None:
         raise ConfigError("--clip and --features need kiln's metrics module: run them through the `kiln eval` command")
+
+
+def _sr_only(args) -> bool:
+    """`kiln eval --sr256 CKPT [--sr1024 CKPT] --data DATASET`: SR stages scored on held-out images."""
+    return args.base is None and not args.samples and bool(args.sr256 or args.sr1024)
+
+
+def _check_sr_flags(args) -> None:
+    if args.sr_n < 0 or (_sr_only(args) and args.sr_n < 1):
+        low = "0 (0 skips SR scoring)" if args.base else "1"
+        raise ConfigError(f"--sr-n must be >= {low}, got {args.sr_n}")
+    if any(not (math.isfinite(v) and 0 <= v <= 1) for v in args.aug_level or []):
+        raise ConfigError(f"--aug-level takes levels in [0, 1], got {' '.join(map(str, args.aug_level))}")
+    if not _sr_only(args):
+        return
+    if not args.data:
+        raise ConfigError("scoring an SR stage needs --data DATASET_DIR: its held-out shard images are the true "
+                          "high-res pictures the stage's output is compared with")
+    given = [f for f, v in (("--prompts", args.prompts), ("--guidance", args.guidance), ("--suite", args.suite),
+                            ("--prompt-file", args.prompt_file), ("--clip", args.clip), ("--features", args.features),
+                            ("--fid", args.fid or None), ("--stage", args.stage)) if v is not None]
+    if given:
+        raise ConfigError(f"{', '.join(given)} score samples drawn from prompts: add --base CKPT to sample the cascade "
+                          "(without it, --sr256 / --sr1024 are scored on held-out images of --data only)")
+    if args.batch_size < 1 or any(n < 1 for n in args.steps or []):
+        raise ConfigError(f"--batch-size and --steps must be >= 1, got {args.batch_size} and {args.steps}")
 
 
 def _t5_hint(data: str | None) -> str:
@@ -634,6 +682,8 @@ def main_eval(args: argparse.Namespace, metrics: MetricHooks | None = None) -> i
         return _write_prompts(args)
     out = Path(args.out_dir)
     replace = check_eval_dir(out, args.overwrite)
+    if _sr_only(args):
+        return _main_sr(args, out, replace)
     suite = args.suite == "synthetic"
     prompt_file = read_prompt_file(args.prompt_file)[0] if args.prompt_file else None
     if args.data:
@@ -681,15 +731,20 @@ def main_eval(args: argparse.Namespace, metrics: MetricHooks | None = None) -> i
     cascade = _load_cascade(args) if args.base else None
     clip = metrics.load_clip(args.clip) if args.clip else None
     features = metrics.load_features(args.features) if args.features else None
+    sr_jobs = []  # every SR stage of the cascade, scored on --data's held-out images
+    if cascade is not None and args.data and args.sr_n > 0 and len(cascade[0]) > 1:
+        stages, paths, _ = cascade
+        sr_jobs = _sr_jobs(args, list(zip(("sr256", "sr1024"), paths[1:], stages[1:])))
 
     settings = {k: getattr(args, k) for k in ("samples", "base", "sr256", "sr1024", "prompts", "guidance", "per_prompt",
                                               "steps", "aug_level", "sampler", "weights", "seed", "suite", "suite_n",
                                               "prompt_file", "data", "clip", "features", "reference_n",
-                                              "kid_subset_size", "kid_subsets", "stage")}
+                                              "kid_subset_size", "kid_subsets", "stage", "sr_n")}
     # Until the last write, eval.json lists every file this run may write (so an interrupted run is
     # cleaned up by the next) and marks the directory as kiln's.
     info: dict = {"format": EVAL_FORMAT, "complete": False, "settings": settings,
-                  "files": [REPORT_FILE, *(f"{PLOTS_DIR}/{n}.png" for n in PLOT_NAMES)], "sample_dirs": []}
+                  "files": [REPORT_FILE, *(f"{PLOTS_DIR}/{n}.png" for n in PLOT_NAMES), *(j.grid for j in sr_jobs)],
+                  "sample_dirs": []}
     _clear(out, replace)
     out.mkdir(parents=True, exist_ok=True)
     if cascade is not None:
@@ -725,8 +780,12 @@ def main_eval(args: argparse.Namespace, metrics: MetricHooks | None = None) -> i
         _score_run(run, out, args, suite, clip, features, reference, metrics)
         print(f"kiln eval: {_summary_line(run.result)}", flush=True)
 
+    sr = {}
+    for job in sr_jobs:
+        sr[job.name] = _score_sr(out, job, args, cascade[2])
+        print(f"kiln eval: {_sr_summary(sr[job.name])}", flush=True)
     plots = _plots(out, runs)
-    report = _report(out, runs, plots, held, suite, reference)
+    report = _report(out, runs, plots, held, suite, reference, sr)
     info.update({
         "complete": True,
         "stage": runs[0].stage,
@@ -737,14 +796,16 @@ def main_eval(args: argparse.Namespace, metrics: MetricHooks | None = None) -> i
         "features": {"spec": args.features} if args.features else None,
         "reference": {k: v for k, v in reference.items() if k != "features"} if reference else None,
         "runs": [r.result for r in runs],
+        "sr": sr or None,
         "plots": plots,
         "report": REPORT_FILE,
-        "files": [REPORT_FILE, *plots.values()],
+        "files": [REPORT_FILE, *plots.values(), *(j.grid for j in sr_jobs)],
     })
     _write_json(out / EVAL_FILE, info)
     if held:
         print(f"kiln eval: {held['note']}")
-    print(f"kiln eval: wrote {out / EVAL_FILE}, {out / report}" + "".join(f", {out / p}" for p in plots.values()))
+    print(f"kiln eval: wrote {out / EVAL_FILE}, {out / report}" + "".join(f", {out / p}" for p in plots.values())
+          + "".join(f", {out / j.grid}" for j in sr_jobs))
     return 0
 
 
@@ -784,6 +845,230 @@ def _sample_sweep(args, cascade, out: Path, info: dict, chosen: list[tuple[str, 
                       categories=[c[2] for c in chosen], per_prompt=args.per_prompt, seed=args.seed, device=device,
                       batch_size=args.batch_size, source=str(args.prompts), weights=args.weights)
     return [read_sample_dir(out / rel) for rel in info["sample_dirs"]]
+
+
+# --------------------------------------------------------------------------------------------
+# SR stages against the true image (held-out shard images: the only place one exists)
+
+
+@dataclass
+class SRPairs:
+    """Held-out shard images for one SR stage: the true image at the size the stage outputs and
+    its low-res twin, both made by the stage's own preprocessing (train.data.make_example: shorter
+    side resized and centre-cropped to data.resolution, then -- for a random-crop stage -- the
+    centre data.crop_size window; the low-res input area-downsampled from exactly those pixels)."""
+
+    truth: torch.Tensor  # [N, 3, S, S] in [-1, 1]
+    lowres: torch.Tensor  # [N, 3, L, L] in [-1, 1]
+    arrays: list  # the samples' T5 arrays from the shards (float16 [t5_len, d_model])
+    keys: list[str]
+    captions: list[str]
+    info: dict  # data, split, holdout_fraction, n, scored_size, lowres_size, crop, note
+
+
+def sr_pairs(cfg, data_dir: str | Path, n: int, holdout_fraction: float) -> SRPairs:
+    """The first `n` samples of `data_dir`'s held-out split (in shard order, as `kiln sample
+    --from-shards` picks them) that the stage of `cfg` would train on (stored side >= its
+    min_stored_size: the truth is never an upscaled picture). With holdout_fraction 0 nothing was
+    held out: every split is read and the note says so. A dataset the stage cannot read (T5 of
+    another width) or without such samples is a DatasetError (one line)."""
+    import torch
+
+    from train.data import ImageSpec, Record, SkipCounts, check_dataset, load_records, make_example
+
+    spec = ImageSpec.from_config(cfg)
+    check_dataset(data_dir, spec)
+    split = "holdout" if holdout_fraction > 0 else "all"
+    counts = SkipCounts()
+    records = load_records(data_dir, spec, split=split, holdout_fraction=holdout_fraction, limit=n, counts=counts)
+    if not records:
+        raise DatasetError(f"--data {data_dir}: no {split} images of at least {spec.min_stored_size} px for the "
+                           f"{cfg.name} stage (holdout_fraction {holdout_fraction}; skipped: {counts.skipped()}): give "
+                           "the dataset the stage was trained on (or --holdout-fraction)")
+    crop = None
+    if spec.random_crop:  # a deterministic window in place of training's random one: the centre
+        c, r = spec.crop_size, spec.resolution
+        at = (r - c) // 2
+        records = [Record(x.key, x.image[:, at : at + c, at : at + c], x.text, x.caption, x.meta) for x in records]
+        crop = {"size": c, "of": r, "top": at, "left": at}
+        spec = ImageSpec(resolution=c, lowres_resolution=spec.lowres_size, text_max_len=spec.text_max_len)
+    examples = [make_example(x, spec) for x in records]
+    truth = torch.stack([e["image"] for e in examples])
+    lowres = torch.stack([e["lowres"] for e in examples])
+    note = (f"the first {len(records)} held-out images of {data_dir} (holdout_fraction {holdout_fraction})"
+            if split == "holdout" else
+            f"the first {len(records)} images of {data_dir}: the checkpoint held nothing out, so these include "
+            "training images (train with --holdout-fraction for a fair score)")
+    if crop:
+        note += f"; the centre {crop['size']} px window of each {crop['of']} px image (the stage trains on crops)"
+    info = {"data": str(data_dir), "split": split, "holdout_fraction": holdout_fraction, "n": len(records),
+            "scored_size": int(truth.shape[-1]), "lowres_size": int(lowres.shape[-1]), "crop": crop, "note": note,
+            "skipped": counts.skipped()}
+    return SRPairs(truth, lowres, [x.text for x in records], [x.key for x in records], [x.caption for x in records],
+                   info)
+
+
+def t_interval(values) -> dict:
+    """{"mean", "ci95", "n", "interval": "t"}: the mean and its two-sided 95% Student-t interval
+    (n - 1 degrees of freedom; tens of samples, so t rather than the normal z). n < 2: no interval."""
+    from scipy import stats
+
+    v = np.asarray(values, dtype=np.float64)
+    n = len(v)
+    mean = float(v.mean()) if n else float("nan")
+    half = float(stats.t.ppf(0.975, n - 1)) * float(v.std(ddof=1)) / math.sqrt(n) if n > 1 else float("nan")
+    return {"mean": mean, "ci95": [mean - half, mean + half], "n": n, "interval": "t"}
+
+
+SR_SCORES = ("psnr_sr", "psnr_bicubic", "psnr_gain", "consistency", "consistency_bicubic")
+
+
+def sr_scores(sr: torch.Tensor, truth: torch.Tensor, lowres: torch.Tensor) -> tuple[dict, torch.Tensor]:
+    """Per-image scores in dB (train.evaluate.psnr, [-1, 1] pixels, data range 2) of SR outputs
+    against the true images, and the bicubic baseline (low-res upsampled bicubically, clipped to
+    [-1, 1]; returned too):
+
+        psnr_sr              SR output vs truth
+        psnr_bicubic         bicubic vs truth
+        psnr_gain            psnr_sr - psnr_bicubic, per image (paired)
+        consistency          SR output area-downsampled to the low-res size (as training makes
+                             the low-res input) vs the low-res input: does it keep what it was given
+        consistency_bicubic  the same for bicubic (its round trip is not exact either)"""
+    import torch.nn.functional as F
+
+    from train.diffusion import upsample_lowres
+    from train.evaluate import psnr
+
+    if truth.shape != sr.shape or len(lowres) != len(sr):
+        raise ValueError(f"SR {tuple(sr.shape)}, truth {tuple(truth.shape)}, low-res {tuple(lowres.shape)}")
+    bicubic = upsample_lowres(lowres.float(), truth.shape[-1], "bicubic").clamp(-1, 1)
+
+    def down(x: torch.Tensor) -> torch.Tensor:  # as train.data.make_example makes the low-res input
+        return F.interpolate(x.float(), size=tuple(lowres.shape[-2:]), mode="area")
+
+    p_sr, p_bic = psnr(sr, truth), psnr(bicubic, truth)
+    scores = {"psnr_sr": p_sr, "psnr_bicubic": p_bic, "psnr_gain": p_sr - p_bic,
+              "consistency": psnr(down(sr), lowres), "consistency_bicubic": psnr(down(bicubic), lowres)}
+    return {k: v.double().numpy() for k, v in scores.items()}, bicubic
+
+
+@dataclass
+class _SRJob:
+    """One SR stage to score: its slot (sr256 / sr1024), checkpoint, loaded Stage, data, aug level."""
+
+    name: str
+    checkpoint: str
+    stage: object  # train.sample.Stage
+    pairs: SRPairs
+    aug_level: float
+
+    @property
+    def grid(self) -> str:
+        return f"{SR_DIR}/{self.name}.png"
+
+
+def _sr_jobs(args, named: list[tuple[str, str, object]]) -> list[_SRJob]:
+    """The SR stages of `named` [(slot, checkpoint, Stage)] with their held-out pairs, read before
+    anything is written (a dataset the stage cannot read stops here). aug level: --aug-level, else 0
+    (a true low-res image is clean; the stage's sampling default is for the base's outputs)."""
+    from train.args import per_stage
+    from train.sample import _checkpoint_holdout
+
+    try:
+        aug = per_stage(args.aug_level, len(named), "aug-level")
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
+    jobs = []
+    for (name, path, stage), a in zip(named, aug):
+        frac = args.holdout_fraction if args.holdout_fraction is not None else _checkpoint_holdout(path)
+        pairs = sr_pairs(stage.cfg, args.data, args.sr_n, frac)
+        jobs.append(_SRJob(name, str(path), stage, pairs, float(a) if a is not None else 0.0))
+    return jobs
+
+
+def _score_sr(out: Path, job: _SRJob, args, device) -> dict:
+    """Run one SR stage on its held-out low-res images; its eval.json entry, and sr/<slot>.png."""
+    from train.grid import save_grid
+    from train.sample import upscale
+
+    st, pairs = job.stage, job.pairs
+    sr = upscale(st, pairs.lowres, pairs.arrays, seed=args.seed, device=device, batch_size=args.batch_size,
+                 aug_level=job.aug_level)
+    per, bicubic = sr_scores(sr, pairs.truth, pairs.lowres)
+    k = min(SR_GRID_SAMPLES, len(sr))
+    captions = [f"SR {per['psnr_sr'][i]:.1f} dB, bicubic {per['psnr_bicubic'][i]:.1f} dB; {pairs.captions[i]}"
+                for i in range(k)]
+    size, low = pairs.info["scored_size"], pairs.info["lowres_size"]
+    save_grid(None, captions, out / job.grid, rows=[pairs.lowres[:k], bicubic[:k], sr[:k], pairs.truth[:k]],
+              row_labels=[f"low-res {low}px", f"bicubic {size}px", f"SR {size}px", f"truth {size}px"])
+    d = st.cfg.data
+    return {
+        "stage": job.name, "checkpoint": job.checkpoint, "checkpoint_step": st.step, "config": st.cfg.name,
+        "resolution": d.resolution, "lowres_resolution": d.lowres_resolution,
+        **pairs.info,
+        "settings": {"steps": int(st.setting("steps")), "sampler": st.setting("sampler"),
+                     "guidance_weight": float(st.setting("guidance_weight")), "threshold": st.setting("threshold"),
+                     "aug_level": job.aug_level, "seed": args.seed, "batch_size": args.batch_size,
+                     "weights": args.weights},
+        **{name: t_interval(per[name]) for name in SR_SCORES},
+        "per_sample": [{"key": key, "caption": cap, **{name: float(per[name][i]) for name in SR_SCORES}}
+                       for i, (key, cap) in enumerate(zip(pairs.keys, pairs.captions))],
+        "grid": job.grid,
+    }
+
+
+def _sr_summary(r: dict) -> str:
+    def f(name: str, sign: str = "") -> str:
+        v = r[name]
+        return f"{v['mean']:{sign}.2f} dB [{v['ci95'][0]:{sign}.2f}, {v['ci95'][1]:{sign}.2f}]"
+
+    where = f", centre {r['crop']['size']} px crops" if r["crop"] else ""
+    return (f"{r['stage']} ({r['config']}, {r['lowres_size']} -> {r['scored_size']} px{where}, {r['n']} "
+            f"{'held-out ' if r['split'] == 'holdout' else ''}images): SR {f('psnr_sr')}, bicubic {f('psnr_bicubic')}, "
+            f"SR - bicubic {f('psnr_gain', '+')}; consistency {f('consistency')} (bicubic "
+            f"{r['consistency_bicubic']['mean']:.2f} dB); 95% t intervals")
+
+
+def _main_sr(args, out: Path, replace: list[Path]) -> int:
+    """`kiln eval --sr256 CKPT [--sr1024 CKPT] --data DATASET`: SR stages only, no prompts."""
+    import torch
+
+    from train.args import per_stage
+    from train.device import check_device
+    from train.sample import Stage
+
+    check_device(args.device)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    slots = [(n, p) for n, p in (("sr256", args.sr256), ("sr1024", args.sr1024)) if p]
+    try:
+        steps = per_stage(args.steps, len(slots), "steps")
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
+    named = []
+    for (name, path), n in zip(slots, steps):
+        stage = Stage.load(path, device=device, weights=args.weights, steps=n, sampler=args.sampler)
+        if stage.cfg.stage != "sr":
+            raise ConfigError(f"the {name} checkpoint {path} holds a {stage.cfg.stage} stage ({stage.cfg.name}); "
+                              f"{name} needs a super-resolution stage")
+        named.append((name, path, stage))
+    jobs = _sr_jobs(args, named)
+    settings = {k: getattr(args, k) for k in ("sr256", "sr1024", "data", "sr_n", "holdout_fraction", "steps",
+                                              "aug_level", "sampler", "weights", "seed", "batch_size")}
+    info: dict = {"format": EVAL_FORMAT, "complete": False, "settings": settings,
+                  "files": [REPORT_FILE, *(j.grid for j in jobs)], "sample_dirs": []}
+    _clear(out, replace)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_json(out / EVAL_FILE, info)  # marks the directory as kiln's until the last write
+    sr = {}
+    for job in jobs:
+        sr[job.name] = _score_sr(out, job, args, device)
+        print(f"kiln eval: {_sr_summary(sr[job.name])}", flush=True)
+    report = _report(out, [], {}, None, False, None, sr)
+    info.update({"complete": True, "stage": None, "runs": [], "sr": sr, "plots": {}, "report": report,
+                 "files": [REPORT_FILE, *(j.grid for j in jobs)]})
+    _write_json(out / EVAL_FILE, info)
+    print(f"kiln eval: wrote {out / EVAL_FILE}, {out / report}" + "".join(f", {out / j.grid}" for j in jobs))
+    return 0
 
 
 # --------------------------------------------------------------------------------------------
@@ -844,6 +1129,32 @@ def _save(fig, out: Path, name: str) -> str:
     return rel
 
 
+def _sr_report(sr: dict) -> str:
+    """The SR section of report.html: a table of every stage's scores, then its example grid."""
+    e = html.escape
+
+    def cell(v: dict, sign: str = "") -> str:
+        return f"{v['mean']:{sign}.2f}<br>[{v['ci95'][0]:{sign}.2f}, {v['ci95'][1]:{sign}.2f}]"
+
+    head = ["stage", "config", "px", "images", "SR vs truth", "bicubic vs truth", "SR − bicubic", "consistency",
+            "bicubic consistency"]
+    parts = ["<h2>Super-resolution stages against the true image</h2><p class='note'>PSNR in dB on [-1, 1] pixels, "
+             "mean and 95% Student-t interval over the images (SR − bicubic: of the per-image differences). "
+             "Consistency: the output area-downsampled to the low-res size against the low-res input.</p>"
+             "<table><tr>" + "".join(f"<th>{h}</th>" for h in head) + "</tr>"]
+    for r in sr.values():
+        size = f"{r['lowres_size']} → {r['scored_size']}"
+        size += f"<br>(centre crop of {r['crop']['of']})" if r["crop"] else ""
+        cells = [e(r["stage"]), e(r["config"]), size, str(r["n"]), cell(r["psnr_sr"]), cell(r["psnr_bicubic"]),
+                 cell(r["psnr_gain"], "+"), cell(r["consistency"]), cell(r["consistency_bicubic"])]
+        parts.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+    parts.append("</table>")
+    for r in sr.values():
+        parts.append(f"<h3>{e(r['stage'])}: low-res | bicubic | SR | truth</h3><p class='note'>{e(r['note'])}</p>"
+                     f"<img class='plot' src='{e(r['grid'])}' alt='{e(r['stage'])} examples'>")
+    return "".join(parts)
+
+
 _CSS = """body{font-family:system-ui,sans-serif;margin:1.5em;color:#222}table{border-collapse:collapse;margin:.5em 0}
 td,th{border:1px solid #ccc;padding:3px 6px;font-size:13px;text-align:right}th{background:#f3f3f3}
 td.l,th.l{text-align:left}.grid{display:flex;flex-wrap:wrap;gap:6px}figure{margin:0;width:132px}
@@ -858,13 +1169,23 @@ def _fmt(v, pct=True) -> str:
     return f"{v:.0%}" if pct else f"{v:.4g}"
 
 
-def _report(out: Path, runs: list[_Run], plots: dict, held: dict | None, suite: bool, reference: dict | None) -> str:
+def _report(out: Path, runs: list[_Run], plots: dict, held: dict | None, suite: bool, reference: dict | None,
+            sr: dict | None = None) -> str:
     """report.html: self-contained (inline CSS, no scripts), images linked relative to it."""
     e = html.escape
     res = [r.result for r in runs]
+    what = [f"{len(runs)} run(s), stage {e(runs[0].stage)}"] if runs else []
+    what += [f"SR stage(s) {e(', '.join(sr))} on held-out images"] if sr else []
     parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>kiln eval</title><style>{_CSS}</style></head>"
-             f"<body><h1>kiln eval</h1><p class='note'>{len(runs)} run(s), stage {e(runs[0].stage)}; "
+             f"<body><h1>kiln eval</h1><p class='note'>{'; '.join(what)}; "
              f"numbers are explained in kiln's docs/eval.md.</p>"]
+    if sr:
+        parts.append(_sr_report(sr))
+    if not runs:
+        parts.append("</body></html>\n")
+        text = "".join(parts)
+        atomic_write(out / REPORT_FILE, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+        return REPORT_FILE
     if held:
         parts.append(f"<p class='note'>{e(held['note'])}</p>")
     if reference:

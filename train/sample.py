@@ -25,7 +25,7 @@ samples.parquet lists are deleted (`check_sample_dir`). `kiln eval` reads such a
 
 From Python: `sample_to_grid([base_ckpt, sr_ckpt], captions, arrays, "grid.png")` does what the
 command does once it has the prompts; `load_cascade` + `run_cascade` give the image tensors;
-`write_samples` fills a sample directory.
+`write_samples` fills a sample directory; `upscale` runs an SR stage on given low-res images.
 """
 
 from __future__ import annotations
@@ -56,8 +56,8 @@ from train.grid import save_grid
 from train.text import collate_text, decode_t5_bytes
 
 __all__ = ["SAMPLES_FILE", "SAMPLES_SCHEMA", "STAGE_NAMES", "SampleDir", "Stage", "check_sample_dir", "load_cascade",
-           "load_prompts", "main_sample", "read_sample_dir", "run_cascade", "sample_to_grid", "shard_prompts",
-           "write_samples"]
+           "load_prompts", "main_sample", "read_sample_dir", "run_cascade", "sample_stage", "sample_to_grid",
+           "shard_prompts", "upscale", "write_samples"]
 
 PROMPTS_FOOTER_KEY = b"kiln.t5"  # = pipeline.embed_prompts.FOOTER_KEY (train/ does not import pipeline/)
 PROMPTS_COLUMNS = ("prompt", "t5_len", "t5")  # what the sampler reads of an embed-prompts file
@@ -166,20 +166,50 @@ def run_cascade(stages: Sequence[Stage], arrays: Sequence[np.ndarray], *, seed: 
         chunk = list(arrays[start : start + batch_size])
         prev = None
         for i, st in enumerate(stages):
-            text, mask = collate_text(chunk, st.cfg.data.text_max_len)
-            if text.shape[-1] != st.cfg.unet.text_dim:
-                raise ConfigError(f"stage {st.cfg.name} wants text_dim {st.cfg.unet.text_dim}, prompts have "
-                                 f"d_model {text.shape[-1]}: embed them with the T5 the shards used")
-            r = st.cfg.data.resolution
             gen = torch.Generator(device=device).manual_seed(int(seed) * 1000 + i * 100_003 + offset + start)
-            out = sample(st.model, (len(chunk), st.cfg.unet.channels, r, r), text.to(device), mask.to(device),
-                         steps=int(st.setting("steps")), sampler=st.setting("sampler"),
-                         guidance_weight=float(st.setting("guidance_weight")), threshold=st.setting("threshold"),
-                         lowres=prev, aug_level=float(st.setting("aug_level")), generator=gen,
-                         diffusion=st.cfg.diffusion)
+            out = sample_stage(st, chunk, st.cfg.data.resolution, lowres=prev, generator=gen, device=device)
             outputs[i].append(out.cpu())
             prev = out
     return [torch.cat(o) for o in outputs]
+
+
+def sample_stage(st: Stage, arrays: Sequence[np.ndarray], size: int, *, lowres: torch.Tensor | None = None,
+                 generator: torch.Generator | None = None, device: str | torch.device = "cpu",
+                 aug_level: float | None = None) -> torch.Tensor:
+    """One stage's images in [-1, 1], [N, 3, size, size], for N prompts' T5 arrays (one batch),
+    with the stage's settings (`Stage.setting`); SR stages take `lowres` (any size: upsampled),
+    noise-augmented at `aug_level` [the stage's]."""
+    text, mask = collate_text(list(arrays), st.cfg.data.text_max_len)
+    if text.shape[-1] != st.cfg.unet.text_dim:
+        raise ConfigError(f"stage {st.cfg.name} wants text_dim {st.cfg.unet.text_dim}, prompts have "
+                         f"d_model {text.shape[-1]}: embed them with the T5 the shards used")
+    aug = float(st.setting("aug_level") if aug_level is None else aug_level)
+    return sample(st.model, (len(arrays), st.cfg.unet.channels, size, size), text.to(device), mask.to(device),
+                  steps=int(st.setting("steps")), sampler=st.setting("sampler"),
+                  guidance_weight=float(st.setting("guidance_weight")), threshold=st.setting("threshold"),
+                  lowres=lowres, aug_level=aug, generator=generator, diffusion=st.cfg.diffusion)
+
+
+@torch.no_grad()
+def upscale(st: Stage, lowres: torch.Tensor, arrays: Sequence[np.ndarray], *, seed: int = 0,
+            device: str | torch.device = "cpu", batch_size: int = 16, aug_level: float | None = None) -> torch.Tensor:
+    """An SR stage run on given low-res images ([N, 3, L, L] in [-1, 1], e.g. held-out shard
+    images downsampled as training does) with their T5 arrays: [N, 3, S, S] on the CPU, S = L x
+    the stage's resolution / lowres_resolution (so a crop's twin gives the crop). The noise of
+    the chunk starting at prompt k comes from a generator seeded by (seed, k) (`kiln eval`'s SR
+    scores)."""
+    if st.cfg.stage != "sr":
+        raise ConfigError(f"stage {st.cfg.name} is a {st.cfg.stage} stage: only an SR stage upscales")
+    if len(lowres) != len(arrays):
+        raise ValueError(f"{len(lowres)} low-res images for {len(arrays)} T5 arrays")
+    d = st.cfg.data
+    size = lowres.shape[-1] * d.resolution // d.lowres_resolution
+    out = []
+    for start in range(0, len(arrays), batch_size):
+        gen = torch.Generator(device=device).manual_seed(int(seed) * 1000 + start)
+        out.append(sample_stage(st, arrays[start : start + batch_size], size, generator=gen, device=device,
+                                lowres=lowres[start : start + batch_size].to(device), aug_level=aug_level).cpu())
+    return torch.cat(out)
 
 
 def load_cascade(checkpoints: Sequence[str | Path], device: str | torch.device = "cpu", weights: str = "ema",
