@@ -3,7 +3,8 @@
 A Beam job (Beam's FnApiRunner in-process unless --runner names another: `_local_runner`; any
 runner `kiln prepare` runs on) that reads a finished dataset (PARENT/_SUCCESS present) and writes a
 child in the same shard contract (SHARDS.md), without any network access: nothing here opens a
-socket, and no model is loaded (--dedup-semantic compares the stored CLIP image embeddings).
+socket, and no model is loaded (--dedup-semantic compares the stored CLIP image embeddings) except
+the parent's CLIP model for --decontaminate-cosine, which embeds the evaluation images only.
 
 This module is the command, the rules and the driver, and imports no Beam at module level (so
 `kiln --help` stays instant); the Beam transforms are pipeline.subset_job.
@@ -260,6 +261,8 @@ class Rules:
     thresholds: tuple = ()  # ((flag, column, op, value), ...)
     where: str | None = None
     dedup: object = None  # pipeline.dedup.DedupRules or None
+    eval_clip: dict | None = None  # --decontaminate-cosine: the CLIP model the eval images go through (spec, sha256)
+    clip_loader: object = None  # its pipeline.dedup.ClipEmbedder (not part of describe(): eval_clip names it)
 
     def conditions(self) -> list[tuple[str, str]]:
         """(label, expression) of the threshold flags and --where, in order."""
@@ -289,7 +292,8 @@ class Rules:
         for label, expr in self.conditions():
             out.append({"rule": label.split()[0].lstrip("-").replace("-", "_"), "reasons": "where", "expression": expr})
         if self.dedup is not None:
-            out.append({"rule": "dedup", "reasons": "duplicate_* / eval_overlap", **self.dedup.describe()})
+            out.append({"rule": "dedup", "reasons": "duplicate_* / eval_overlap", **self.dedup.describe(),
+                        **({"eval_clip_model": self.eval_clip} if self.eval_clip else {})})
         return out
 
 
@@ -453,11 +457,14 @@ def rules_from_args(args, parent: Parent) -> tuple[Rules, list[str]]:
     for _, expr in rules.conditions():
         compile_where(expr, kinds)  # a mistake is one line here, before any work
     rules.dedup = _dedup_rules(args)
+    if rules.dedup is not None and rules.dedup.eval_cosine is not None:
+        rules.clip_loader, rules.eval_clip = _eval_clip(args, parent)
     return rules, warnings
 
 
 def _dedup_rules(args):
-    if not (args.dedup_exact or args.dedup_pdq is not None or args.dedup_semantic is not None or args.decontaminate):
+    if not (args.dedup_exact or args.dedup_pdq is not None or args.dedup_semantic is not None or args.decontaminate
+            or args.decontaminate_cosine is not None):
         return None
     if args.dedup_pdq is not None and not 0 <= args.dedup_pdq <= 256:
         raise SubsetError(f"--dedup-pdq {args.dedup_pdq}: a Hamming radius in bits, 0 to 256")
@@ -467,8 +474,49 @@ def _dedup_rules(args):
         from pipeline.dedup import DedupRules
     except ImportError:
         raise SubsetError("--dedup-*/--decontaminate need pipeline.dedup, which this kiln does not have yet") from None
+    if args.decontaminate_cosine is not None:
+        if not args.decontaminate:
+            raise SubsetError(f"--decontaminate-cosine {args.decontaminate_cosine} needs --decontaminate PATH (the evaluation set)")
+        if not -1.0 <= args.decontaminate_cosine <= 1.0:
+            raise SubsetError(f"--decontaminate-cosine {args.decontaminate_cosine}: a cosine similarity, -1 to 1")
     return DedupRules(exact=args.dedup_exact, pdq_radius=args.dedup_pdq, semantic_cosine=args.dedup_semantic,
-                      eval_set=args.decontaminate)
+                      eval_set=args.decontaminate, eval_cosine=args.decontaminate_cosine)
+
+
+def _eval_clip(args, parent: Parent):
+    """--decontaminate-cosine: (a pipeline.dedup.ClipEmbedder, {spec, sha256}) for the parent's CLIP
+    model, so the evaluation images are embedded as the stored samples were (as `kiln prepare` does).
+    The model is what the parent's stats.json records under models.clip, unless --clip-model /
+    --models name where it is now; it is loaded once here, and must be the parent's (same sha256)."""
+    from pipeline.config import ClipConfig, ModelsConfig
+    from pipeline.dedup import ClipEmbedder
+
+    recorded = (parent.stats.get("models") or {}).get("clip")
+    modes = parent.stats.get("stage_modes") or {}
+    if not isinstance(recorded, dict) or modes.get("clip") == "off" or "clip_image_embedding" not in parent.meta_schema.names:
+        raise SubsetError(f"--decontaminate-cosine: parent {parent.path} has no CLIP image embeddings (it was made with "
+                          f"--clip off); decontaminate by PDQ only (leave out --decontaminate-cosine)")
+    if args.clip_model or args.models:
+        from pipeline.models.resolve import resolve
+
+        given = args.clip_model or (recorded.get("provenance") or {}).get("spec") or recorded.get("spec")
+        spec = resolve("clip", given, args.models).loader_spec  # a model that is not there: one line (UserError)
+    else:
+        spec = recorded.get("spec")
+    if not spec:
+        raise SubsetError(f"--decontaminate-cosine: parent {parent.path}'s stats.json names no CLIP model; pass --clip-model SPEC")
+    loader = ClipEmbedder(ClipConfig(clip_mode="score", clip_model=spec, nsfw_mode="off"),
+                          ModelsConfig(models=args.models, device=args.device))
+    try:
+        clip = loader()
+    except UserError as err:
+        raise SubsetError(f"--decontaminate-cosine: the parent's CLIP model cannot be loaded here ({err}); pass "
+                          f"--clip-model SPEC or --models DIR where it is now") from None
+    want = recorded.get("sha256")
+    if want and clip.sha256 and clip.sha256 != want:
+        raise SubsetError(f"--decontaminate-cosine: CLIP model {spec} (sha256 {clip.sha256[:12]}) is not the parent's "
+                          f"(sha256 {want[:12]}): its embeddings are not comparable with the stored ones; pass the parent's model")
+    return loader, {"spec": spec, "sha256": clip.sha256 or want}
 
 
 def command_argv(args, beam_argv=()) -> list[str]:
@@ -479,7 +527,8 @@ def command_argv(args, beam_argv=()) -> list[str]:
             argv += [flag, v]
     defaults = {"uid_col": "uid", "license_col": "LICENSE"}
     for dest in ("uid_col", "licenses", "license_col", "min_stored_size", "min_clip_similarity", "max_punsafe", "max_toxicity",
-                 "where", "dedup_pdq", "dedup_semantic", "decontaminate"):
+                 "where", "dedup_pdq", "dedup_semantic", "decontaminate", "decontaminate_cosine", "clip_model", "models",
+                 "device"):
         v = getattr(args, dest)
         if v is not None and v != defaults.get(dest):
             argv += ["--" + dest.replace("_", "-"), str(v)]
@@ -679,6 +728,15 @@ def add_subset_args(p: argparse.ArgumentParser) -> None:
                    help="drop semantic duplicates: CLIP image-embedding cosine >= COSINE")
     d.add_argument("--decontaminate", default=None, metavar="PATH",
                    help="drop samples near an image of this evaluation set (a folder of images or webdataset tars)")
+    d.add_argument("--decontaminate-cosine", type=float, default=None, metavar="COSINE",
+                   help="also drop samples whose stored CLIP image embedding has cosine >= COSINE with an evaluation "
+                        "image's (embedded with the parent's CLIP model, as stats.json records it; needs a parent made "
+                        "with --clip score or filter)")
+    d.add_argument("--clip-model", default=None, metavar="SPEC",
+                   help="where the parent's CLIP model is now, for --decontaminate-cosine (as kiln prepare's flag; it "
+                        "must be the same weights) [the spec the parent's stats.json records]")
+    d.add_argument("--models", default=None, metavar="DIR", help="a `kiln models fetch` folder holding the parent's CLIP model")
+    d.add_argument("--device", default=None, help="torch device for the CLIP model [cuda if available, else cpu]")
     p.add_argument("--overwrite", action="store_true", help="redo the child (kiln deletes only its own files there)")
     p.add_argument("--no-card", action="store_true", help="skip README.md, croissant.json and the training summary")
     p.add_argument("--quiet", action="store_true", help="print nothing but errors")

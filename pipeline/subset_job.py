@@ -204,7 +204,7 @@ def build_pipeline(p, plan, todo: list[int]):
         keys = (p | "AllParentShards" >> beam.Create(list(range(n)))
                 | "SpreadShards" >> beam.Reshuffle()
                 | "ReadDedupKeys" >> beam.ParDo(_DedupKeysFn(plan)))
-        removals = keys | "Dedup" >> Dedup(plan.rules.dedup)
+        removals = keys | "Dedup" >> Dedup(plan.rules.dedup, plan.rules.clip_loader)
         keyed_removals = removals | "KeyRemovals" >> beam.Map(lambda r: (shard_of(r["uid"], n), r))
         jobs = ({"todo": todo_keyed, "removed": keyed_removals}
                 | "JoinRemovals" >> beam.CoGroupByKey()

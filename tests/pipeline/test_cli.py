@@ -15,7 +15,7 @@ def kiln(*argv):
     return subprocess.run([sys.executable, "-m", "pipeline.cli", *argv], capture_output=True, text=True, timeout=120)
 
 
-@pytest.mark.parametrize("cmd", [[], ["prepare"], ["synth"], ["serve"], ["demo"], ["make-test-models"], ["embed-prompts"], ["card"], ["train"], ["sample"], ["eval"], ["rate"]])
+@pytest.mark.parametrize("cmd", [[], ["prepare"], ["synth"], ["serve"], ["demo"], ["make-test-models"], ["embed-prompts"], ["card"], ["train"], ["sample"], ["eval"], ["rate"], ["subset"], ["recheck"], ["models"]])
 def test_help_for_every_command(cmd):
     r = kiln(*cmd, "--help")
     assert r.returncode == 0, r.stderr
@@ -24,7 +24,7 @@ def test_help_for_every_command(cmd):
 
 def test_every_subcommand_is_listed():
     sub = next(a for a in build_parser()._actions if a.dest == "command")
-    assert set(sub.choices) >= {"prepare", "synth", "serve", "demo", "make-test-models", "embed-prompts", "card", "train", "sample", "eval", "rate"}
+    assert set(sub.choices) >= {"prepare", "synth", "serve", "demo", "make-test-models", "embed-prompts", "card", "train", "sample", "eval", "rate", "subset", "recheck", "models"}
 
 
 def test_prepare_flags_and_beam_passthrough():

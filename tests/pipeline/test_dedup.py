@@ -417,3 +417,94 @@ def test_eval_images_are_embedded_with_the_datasets_clip_model(web, tmp_path):
             key = {**dedup_key(meta[uid]), "pdq_hash": None}  # cosine only
             got = index.match(key)
             assert got is not None and got[0] == name and got[1].startswith("cosine"), (name, got)
+
+
+# -- `kiln subset` dedup == `kiln prepare --dedup` on the same samples -----------------------------
+
+
+@pytest.fixture(scope="module")
+def scored_parent(web, tmp_path_factory):
+    """A `kiln prepare` of the planted-duplicate web with the tiny CLIP scoring (nothing filtered,
+    nothing deduplicated): the parent the subset tests derive children from."""
+    from pipeline.testbed.models import cached_test_models
+
+    out = tmp_path_factory.mktemp("dsub") / "parent"
+    _prepare(web, out, "--clip", "score", models=cached_test_models())
+    return out
+
+
+def _subset(parent, out, *flags) -> None:
+    from pipeline.cli import main as kiln
+
+    assert kiln(["subset", str(parent), "--out", str(out), "--quiet", *map(str, flags)]) == 0
+
+
+def _removed(out: Path, stage: str) -> dict:
+    return {r["uid"]: (r["reason"], r["duplicate_of"]) for r in _rows(out, "rejects") if r["stage"] == stage}
+
+
+SAME_RULES = {  # name: (kiln prepare flags, kiln subset flags)
+    "exact": (("--dedup", "exact"), ("--dedup-exact",)),
+    "pdq": (("--dedup", "pdq", "--dedup-pdq-radius", "15"), ("--dedup-pdq", "15")),
+    "semantic": (("--dedup", "semantic", "--dedup-cosine", "0.95"), ("--dedup-semantic", "0.95")),
+    "all+decontaminate": (("--dedup", "exact,pdq,semantic", "--dedup-pdq-radius", "31", "--dedup-cosine", "0.95", "--decontaminate", "EVAL"),
+                          ("--dedup-exact", "--dedup-pdq", "31", "--dedup-semantic", "0.95", "--decontaminate", "EVAL")),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(SAME_RULES))
+def test_subset_dedup_removes_what_prepare_dedup_removes(web, scored_parent, tmp_path, name):
+    """The same rules on the same samples: `kiln subset PARENT --dedup-*` (stage subset) removes the
+    same uids, for the same reasons, in favour of the same kept samples, as `kiln prepare --dedup`
+    (stage dedup) of the web the parent was made from."""
+    from pipeline.testbed.models import cached_test_models
+
+    prep_flags, sub_flags = ([str(web[2]) if f == "EVAL" else f for f in flags] for flags in SAME_RULES[name])
+    prepared = tmp_path / "prepared"
+    _prepare(web, prepared, "--clip", "score", *prep_flags, models=cached_test_models())
+    child = tmp_path / "child"
+    _subset(scored_parent, child, *sub_flags)
+    want, got = _removed(prepared, "dedup"), _removed(child, "subset")
+    assert want, f"{name}: prepare removed nothing on the planted web; the comparison would test nothing"
+    assert got == want
+    parent_kept = {r["uid"] for r in _rows(scored_parent, "meta")}
+    assert {r["uid"] for r in _rows(child, "meta")} == parent_kept - set(got) == {r["uid"] for r in _rows(prepared, "meta")}
+
+
+@pytest.mark.slow
+def test_subset_decontaminate_cosine_embeds_eval_images_with_the_parents_clip(web, scored_parent, tmp_path):
+    """`kiln subset --decontaminate-cosine`: the evaluation images go through the parent's CLIP model
+    (stats.json models.clip), and the child removes exactly what the in-memory reference removes with
+    that model -- including samples that only the cosine (not PDQ) ties to an evaluation image."""
+    import json
+
+    from pipeline.config import ClipConfig, ModelsConfig
+    from pipeline.dedup import ClipEmbedder, build_eval_index, embedding_of
+
+    eval_dir = str(web[2])
+    stats = json.loads((scored_parent / "stats.json").read_text())
+    loader = ClipEmbedder(ClipConfig(clip_mode="score", clip_model=stats["models"]["clip"]["spec"], nsfw_mode="off"), ModelsConfig())
+    keys = [dedup_key(r) for r in _rows(scored_parent, "meta")]
+    by_pdq = build_eval_index(DedupRules(eval_set=eval_dir))
+    by_emb = build_eval_index(DedupRules(eval_set=eval_dir, eval_cosine=-1.0), loader)
+    # A cosine just below the best match of a sample PDQ does not tie to the set: the cosine must catch it.
+    sims = {k["uid"]: float(np.max(by_emb.emb @ embedding_of(k))) for k in keys if by_pdq.match(k) is None}
+    cosine = float(np.floor((max(sims.values()) - 0.002) * 1000) / 1000)
+    cosine_only = {u for u, s in sims.items() if s >= cosine}
+    assert cosine_only
+    rules = DedupRules(eval_set=eval_dir, eval_cosine=cosine)
+    want = {d["uid"]: (d["reason"], d["duplicate_of"]) for d in dedup_in_memory(keys, rules, clip_loader=loader)}
+    assert cosine_only <= set(want) and {v[0] for v in want.values()} == {"eval_overlap"}
+
+    child = tmp_path / "child"
+    _subset(scored_parent, child, "--decontaminate", eval_dir, "--decontaminate-cosine", cosine)
+    assert _removed(child, "subset") == want
+    details = {r["uid"]: r["detail"] for r in _rows(child, "rejects")}
+    assert all(details[u].startswith("cosine") for u in cosine_only)
+    [rule] = json.loads((child / "stats.json").read_text())["subset"]["rules"]
+    assert rule["eval_cosine"] == cosine and rule["eval_clip_model"]["sha256"] == stats["models"]["clip"]["sha256"]
+    # Without the cosine, only PDQ ties samples to the set: the cosine-only samples stay.
+    pdq_child = tmp_path / "pdq"
+    _subset(scored_parent, pdq_child, "--decontaminate", eval_dir)
+    assert set(_removed(pdq_child, "subset")) == set(want) - cosine_only

@@ -200,6 +200,9 @@ def test_mistakes_are_one_line(parent, tmp_path, capsys):
         ((parent, tmp_path / "c4"), ["--licenses", "cc0", "--license-col", "LICENCE"], "no column 'LICENCE'"),
         ((parent, parent / "inside"), [], "inside it"),
         ((parent, tmp_path / "c5"), ["--keep-uids", tmp_path / "missing.npy"], "--keep-uids"),
+        ((parent, tmp_path / "c7"), ["--decontaminate-cosine", "0.9"], "needs --decontaminate"),
+        # The parent was made with --clip off: no stored embeddings to compare evaluation images with.
+        ((parent, tmp_path / "c8"), ["--decontaminate", tmp_path, "--decontaminate-cosine", "0.9"], "no CLIP image embeddings"),
     ]
     for (par, out), flags, words in cases:
         capsys.readouterr()
