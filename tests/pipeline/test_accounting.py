@@ -110,7 +110,7 @@ def test_ledger_and_funnel_from_hand_made_footers():
     # Without modes every stage counts as a filter and is listed, empty or not.
     assert [(f["stage"], f["in"], f["out"]) for f in ledger.funnel()] == [
         ("prefilter", 18, 15), ("blocklist", 15, 15), ("optout", 15, 15), ("toxicity", 15, 15), ("download", 15, 11), ("decode", 11, 11), ("resize", 11, 11),
-        ("clip", 11, 9), ("nsfw", 9, 9), ("t5", 9, 9)]
+        ("clip", 11, 9), ("nsfw", 9, 9), ("t5", 9, 9), ("dedup", 9, 9), ("subset", 9, 9)]
     # An "off" stage that still rejected rows stays in the funnel (so the numbers add up).
     assert [f["stage"] for f in ledger.funnel({**MODES, "clip": "off"})] == ["prefilter", "download", "decode", "resize", "clip"]
 
