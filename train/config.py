@@ -66,6 +66,11 @@ class UNetConfig:
     lowres_upsample: str = "bilinear"
     dropout: float = 0.0
     grad_checkpoint: bool = False  # recompute block activations in backward (sr1024 memory)
+    # Learned position embeddings added to the projected text tokens (0 = none, Imagen's choice:
+    # T5's relative attention puts word order into its outputs). A random-init encoder carries little
+    # order (docs/eval.md): this hands the attention layers the token positions themselves. Measured
+    # on the composition suite in docs/eval.md; no preset turns it on.
+    text_pos_emb: int = 0
 
     def __post_init__(self):
         n = len(self.dim_mults)
@@ -80,6 +85,8 @@ class UNetConfig:
             raise ValueError("unet.dim, dim_mults and num_res_blocks must be positive and non-empty")
         if self.heads < 1 or self.head_dim < 1 or self.text_dim < 1 or self.cond_dim < 1:
             raise ValueError("unet.heads, head_dim, text_dim and cond_dim must be >= 1")
+        if self.text_pos_emb < 0:
+            raise ValueError("unet.text_pos_emb must be >= 0 (0: no token position embeddings)")
 
 
 @dataclass

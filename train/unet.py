@@ -160,6 +160,8 @@ class EfficientUNet(nn.Module):
         self.text_norm = nn.LayerNorm(cfg.text_dim)  # Imagen App. B: LayerNorm on the text embeddings
         self.text_proj = nn.Linear(cfg.text_dim, cd)  # tokens for the attention layers
         self.pooled_proj = nn.Sequential(nn.Linear(cfg.text_dim, cd), nn.SiLU(), nn.Linear(cd, cd))
+        # Optional learned token positions (config.UNetConfig.text_pos_emb); tokens past the table reuse its last row.
+        self.text_pos = nn.Parameter(torch.randn(cfg.text_pos_emb, cd) * 0.02) if cfg.text_pos_emb else None
 
         self.init_conv = nn.Conv2d(in_ch, d, 3, padding=1)
         self.downsamples = nn.ModuleList()
@@ -210,6 +212,9 @@ class EfficientUNet(nn.Module):
         text = text.masked_fill(~text_mask[..., None], 0.0)  # padded values never reach the output
         pooled = text.sum(1) / text_mask.sum(1, keepdim=True).clamp(min=1).to(text.dtype)
         tokens = self.text_proj(text)
+        if self.text_pos is not None:
+            idx = torch.arange(tokens.shape[1], device=tokens.device).clamp(max=self.text_pos.shape[0] - 1)
+            tokens = tokens + self.text_pos[idx].to(tokens.dtype)
 
         cond = self.time_mlp(logsnr_embedding(logsnr, self.cfg.dim).to(text.dtype)) + self.pooled_proj(pooled)
         if self.cfg.lowres_cond:

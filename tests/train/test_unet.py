@@ -212,3 +212,27 @@ def test_deterministic_init_and_bf16_autocast():
         out = a(x, logsnr, text, mask)
     assert out.shape == x.shape and torch.isfinite(out).all()
     assert a.num_params() == sum(p.numel() for p in a.parameters())
+
+
+def test_text_position_embeddings_make_the_unet_see_word_order():
+    """Attention over the text tokens is blind to their order (a set of keys, a mean-pooled vector):
+    permuting the tokens leaves the output unchanged. With unet.text_pos_emb it does not."""
+    from dataclasses import replace
+
+    base = load_config("tiny-base").unet
+    x, logsnr, text, mask = inputs(res=16, d=base.text_dim)
+    mask[:] = True  # no padding, so a permutation keeps the same set of real tokens
+    perm = torch.randperm(text.shape[1], generator=torch.Generator().manual_seed(0))
+    outs = {}
+    for n in (0, text.shape[1]):
+        torch.manual_seed(0)
+        model = EfficientUNet(replace(base, text_pos_emb=n))
+        torch.nn.init.normal_(model.out_conv.weight, std=0.02)  # a fresh model outputs exactly 0
+        with torch.no_grad():
+            outs[n] = (model(x, logsnr, text, mask), model(x, logsnr, text[:, perm], mask))
+    a, b = outs[0]
+    assert torch.allclose(a, b, atol=1e-5)
+    a, b = outs[text.shape[1]]
+    assert (a - b).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="text_pos_emb"):
+        replace(base, text_pos_emb=-1)
