@@ -20,6 +20,8 @@ from __future__ import annotations
 import argparse
 import json
 
+THRESHOLDS = ("dynamic", "static", "none")  # train.diffusion.sample's `threshold`
+
 
 def parse_overrides(items: list[str] | None) -> dict:
     """["train.lr=3e-4", "unet.dim_mults=[1,2]", "name=x"] -> {"train.lr": 0.0003, ...}."""
@@ -80,6 +82,9 @@ def add_sample_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--aug-level", type=float, nargs="+", default=None, metavar="A",
                    help="noise augmentation of the low-res input per SR stage [each config's, Imagen: 0.25]")
     p.add_argument("--sampler", choices=("ddim", "ddpm"), default=None, help="[each config's]")
+    p.add_argument("--threshold", choices=THRESHOLDS, default=None,
+                   help="x0 thresholding at every stage: Imagen's dynamic, static clipping to [-1, 1], or none "
+                   "[each config's]")
     p.add_argument("--weights", choices=("ema", "model"), default="ema", help="EMA or raw weights [ema]")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="[cuda if available, else cpu]")
@@ -161,6 +166,8 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     gen.add_argument("--steps", type=int, nargs="+", default=None, metavar="N", help="sampling steps per stage")
     gen.add_argument("--aug-level", type=float, nargs="+", default=None, metavar="A", help="per SR stage")
     gen.add_argument("--sampler", choices=("ddim", "ddpm"), default=None)
+    gen.add_argument("--threshold", choices=THRESHOLDS, default=None,
+                     help="x0 thresholding at every stage: dynamic, static or none [each config's]")
     gen.add_argument("--weights", choices=("ema", "model"), default="ema")
     gen.add_argument("--seed", type=int, default=0, help="sampling seed; the suite's draw too [0]")
     gen.add_argument("--device", default=None, help="[cuda if available, else cpu]")

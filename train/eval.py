@@ -632,7 +632,9 @@ def _score_run(run: _Run, out: Path, args, suite: bool, clip, features, referenc
     prompts = [r["prompt"] for r in run.rows]
     where = run.directory.relative_to(out) if out in run.directory.parents else run.directory
     result: dict = {"guidance": run.guidance, "samples": str(where), "stage": run.stage, "images": len(images),
-                    "prompts": len({r["prompt_index"] for r in run.rows})}
+                    "prompts": len({r["prompt_index"] for r in run.rows}),
+                    "threshold": _stage_setting(run.info, run.stage, "threshold"),
+                    "saturation": saturation(images)}
     if suite:
         scenes = [parse_caption(p) for p in prompts]
         result["synthetic"] = score_synthetic(images, scenes, [r["prompt_index"] for r in run.rows], seed=args.seed)
@@ -661,12 +663,30 @@ def _score_run(run: _Run, out: Path, args, suite: bool, clip, features, referenc
     run.result = result
 
 
+def saturation(images) -> dict:
+    """How much of the images is clipped: the share of channel values at 0 or 255 (the 8-bit PNG's
+    limits), over all images and per image (mean with a 95% t interval). Imagen's static thresholding
+    at high guidance saturates; dynamic thresholding should keep this near the data's own share."""
+    per = np.array([float(np.mean((a == 0) | (a == 255))) for a in (np.asarray(i) for i in images)], dtype=np.float64)
+    m = _mean_ci(per)
+    return {"fraction": m["mean"], "ci95": m["ci95"], "images": m["n"]}
+
+
+def _stage_setting(info: dict, stage: str, key: str):
+    for st in info.get("stages", []):
+        if st.get("stage") == stage:
+            return st.get(key)
+    return None
+
+
 def _summary_line(result: dict) -> str:
     parts = [f"w={_w(result['guidance'])}: {result['images']} images"]
     syn = result.get("synthetic")
     if syn:
         parts += [f"{c} {v['accuracy']:.0%} [{v['ci95'][0]:.0%}, {v['ci95'][1]:.0%}] (chance {v['chance']:.0%})"
                   for c, v in syn["categories"].items()]
+    if "saturation" in result:
+        parts.append(f"saturated {result['saturation']['fraction']:.2%} ({result.get('threshold') or '?'} threshold)")
     if "clip_score" in result:
         parts.append(f"CLIP score {result['clip_score']['mean']:.4g}")
     if "fid" in result:
@@ -737,7 +757,7 @@ def main_eval(args: argparse.Namespace, metrics: MetricHooks | None = None) -> i
         sr_jobs = _sr_jobs(args, list(zip(("sr256", "sr1024"), paths[1:], stages[1:])))
 
     settings = {k: getattr(args, k) for k in ("samples", "base", "sr256", "sr1024", "prompts", "guidance", "per_prompt",
-                                              "steps", "aug_level", "sampler", "weights", "seed", "suite", "suite_n",
+                                              "steps", "aug_level", "sampler", "threshold", "weights", "seed", "suite", "suite_n",
                                               "prompt_file", "data", "clip", "features", "reference_n",
                                               "kid_subset_size", "kid_subsets", "stage", "sr_n")}
     # Until the last write, eval.json lists every file this run may write (so an interrupted run is
@@ -825,7 +845,8 @@ def _load_cascade(args) -> tuple[list, list, str]:
         raise ConfigError(str(err)) from err
     check_device(args.device)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    stages = load_cascade(paths, device=device, weights=args.weights, steps=steps, aug_level=aug, sampler=args.sampler)
+    stages = load_cascade(paths, device=device, weights=args.weights, steps=steps, aug_level=aug, sampler=args.sampler,
+                          threshold=args.threshold)
     return stages, paths, device
 
 

@@ -214,10 +214,11 @@ def upscale(st: Stage, lowres: torch.Tensor, arrays: Sequence[np.ndarray], *, se
 
 def load_cascade(checkpoints: Sequence[str | Path], device: str | torch.device = "cpu", weights: str = "ema",
                  *, guidance: Sequence | None = None, steps: Sequence | None = None,
-                 aug_level: Sequence | None = None, sampler: str | None = None) -> list[Stage]:
+                 aug_level: Sequence | None = None, sampler: str | None = None,
+                 threshold: str | None = None) -> list[Stage]:
     """The stages of `checkpoints` (base, then up to two SR stages: STAGE_NAMES), each checked to be
     of its kind. guidance / steps: one value or None (its config's) per stage; aug_level: one per
-    SR stage."""
+    SR stage; sampler / threshold: every stage's (None: its config's)."""
     paths = list(checkpoints)
     if not 1 <= len(paths) <= len(STAGE_NAMES):
         raise ConfigError(f"a cascade has 1 to {len(STAGE_NAMES)} stages ({', '.join(STAGE_NAMES)}), got {len(paths)}")
@@ -229,7 +230,8 @@ def load_cascade(checkpoints: Sequence[str | Path], device: str | torch.device =
                          f"aug levels, got {len(guidance)}, {len(steps)}, {len(aug) - 1}")
     stages = []
     for name, path, g, n, a in zip(STAGE_NAMES, paths, guidance, steps, aug):
-        stage = Stage.load(path, device=device, weights=weights, guidance_weight=g, steps=n, aug_level=a, sampler=sampler)
+        stage = Stage.load(path, device=device, weights=weights, guidance_weight=g, steps=n, aug_level=a, sampler=sampler,
+                           threshold=threshold)
         want = "base" if name == "base" else "sr"
         if stage.cfg.stage != want:
             raise ConfigError(f"the {name} checkpoint {path} holds a {stage.cfg.stage} stage ({stage.cfg.name}); "
@@ -242,7 +244,7 @@ def sample_to_grid(checkpoints: Sequence[str | Path], captions: Sequence[str], a
                    out: str | Path, *, seed: int = 0, device: str | torch.device | None = None,
                    batch_size: int = 16, weights: str = "ema", **settings) -> Path:
     """Sample the cascade of `checkpoints` (`load_cascade`; settings: guidance, steps, aug_level,
-    sampler) for prompts' T5 arrays and write one PNG: a row per stage, a column per prompt, its
+    sampler, threshold) for prompts' T5 arrays and write one PNG: a row per stage, a column per prompt, its
     caption below. What `kiln sample` does once it has the prompts."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     stages = load_cascade(checkpoints, device=device, weights=weights, **settings)
@@ -481,7 +483,7 @@ def main_sample(args: argparse.Namespace) -> int:
         settings = {"guidance": per_stage(args.guidance, len(paths), "guidance"),
                     "steps": per_stage(args.steps, len(paths), "steps"),
                     "aug_level": per_stage(args.aug_level, len(paths) - 1, "aug-level") if len(paths) > 1 else [],
-                    "sampler": args.sampler}
+                    "sampler": args.sampler, "threshold": args.threshold}
     except ValueError as err:
         raise ConfigError(str(err)) from err
     if args.prompts:

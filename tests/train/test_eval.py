@@ -207,6 +207,18 @@ def test_shuffled_captions_score_about_chance(web_drawings):
     assert chance["relation"] < 0.05  # both named colours, in the named order
 
 
+def test_saturation_counts_clipped_channel_values():
+    from train.eval import saturation
+
+    a = np.full((4, 4, 3), 128, np.uint8)
+    b = a.copy()
+    b[:2] = 255  # half the values at the top
+    b[2, :, 0] = 0  # and 4 more of 48 at the bottom
+    s = saturation([a, Image.fromarray(b)])
+    assert s["images"] == 2 and s["fraction"] == pytest.approx((0 + 28 / 48) / 2)
+    assert s["ci95"][0] <= s["fraction"] <= s["ci95"][1]
+
+
 def test_wilson_interval():
     assert wilson_interval(0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)
     assert wilson_interval(5, 10) == pytest.approx((0.2366, 0.7634), abs=1e-4)
@@ -317,6 +329,8 @@ def test_kiln_eval_sweeps_guidance_on_the_synthetic_suite(trained_base, suite_pr
     assert report["reference"]["split"] == "holdout" and report["reference"]["holdout_fraction"] == 0.3
     for run, w in zip(report["runs"], ("1", "4")):
         assert run["samples"] == f"samples/w{w}" and run["images"] == 9 and run["stage"] == "base"
+        assert run["threshold"] == "dynamic" and 0 <= run["saturation"]["fraction"] <= 1  # the config's
+        assert run["saturation"]["images"] == 9
         cats = run["synthetic"]["categories"]
         assert set(cats) == set(CATEGORIES)
         assert cats["count"]["n"] == 9 and cats["colour"]["n"] == 3 and cats["relation"]["n"] == 3
@@ -346,9 +360,13 @@ def test_kiln_eval_sweeps_guidance_on_the_synthetic_suite(trained_base, suite_pr
         run_eval("--base", trained_base, "--prompts", prompts, "--suite", "synthetic", "--out-dir", out)
     (out / "notes.txt").write_text("mine")
     assert run_eval("--base", trained_base, "--prompts", prompts, "--suite", "synthetic", "--steps", "2", "--device",
-                    "cpu", "--out-dir", out, "--overwrite") == 0
+                    "cpu", "--out-dir", out, "--overwrite", "--threshold", "static") == 0
     again = json.loads((out / "eval.json").read_text())
     assert [r["guidance"] for r in again["runs"]] == [3.0]  # the config's weight: one run
+    assert again["runs"][0]["threshold"] == "static" and again["settings"]["threshold"] == "static"
+    from train.sample import read_sample_dir
+
+    assert read_sample_dir(out / again["runs"][0]["samples"]).info["stages"][0]["threshold"] == "static"
     assert (out / "notes.txt").read_text() == "mine" and not (out / "samples" / "w1").exists()
     assert not (out / "plots" / "fid_vs_clip.png").exists()  # no CLIP / FID this time
     assert "held-out NOT checked (no --data)" in capsys.readouterr().out

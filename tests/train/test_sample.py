@@ -352,3 +352,25 @@ def test_a_sample_dir_is_read_only_by_the_names_kiln_writes(checkpoints, tmp_pat
     pq.write_table(bad.replace_schema_metadata(table.schema.metadata), out / SAMPLES_FILE)
     with pytest.raises(UserError, match="lists '../p.parquet', not a STAGE/PPPPPP-SSS.png that kiln writes"):
         read_sample_dir(out)
+
+
+def test_threshold_flag_reaches_every_stage(checkpoints, tmp_path):
+    """`kiln sample --threshold static|none|dynamic`: every stage samples with it and the index says so."""
+    from train.sample import read_sample_dir
+
+    arrays = prompt_arrays((3, 4))
+    prompts = write_prompts(tmp_path / "p.parquet", ["a", "b"], arrays)
+    outs = {}
+    for mode in ("static", "none"):
+        out = tmp_path / mode
+        assert main_sample(sample_args("--base", checkpoints["base"], "--sr256", checkpoints["sr"], "--prompts", prompts,
+                                       "--out-dir", out, "--steps", "2", "--guidance", "8", "--threshold", mode,
+                                       "--device", "cpu")) == 0
+        assert [s["threshold"] for s in read_sample_dir(out).info["stages"]] == [mode, mode]
+        stages = load_cascade([checkpoints["base"], checkpoints["sr"]], steps=[2, 2], guidance=[8, 8], threshold=mode)
+        base, _ = run_cascade(stages, arrays, seed=0)
+        with Image.open(out / "base/000000-000.png") as im:
+            np.testing.assert_array_equal(np.asarray(im), _u8(base[0]))
+        outs[mode] = base
+    # Untrained weights at w=8 overshoot [-1, 1]: clipping x0 each step changes the trajectory.
+    assert not torch.equal(outs["static"], outs["none"])
