@@ -1,12 +1,14 @@
 """Does the tiny cascade follow composition? The default path, measured end to end (issue 16, item 4).
 
-    python bench/learning.py [--rows 4000] [--train-s 900] [--workdir build/learning] [--config tiny-base]
+    python bench/learning.py [--t5 pretrained|random] [--rows 4000] [--train-s 900] [--workdir build/learning] [--config tiny-base]
 
 What a new user does, as the user's own commands (subprocesses of the `kiln` CLI):
 
   1. `kiln synth` a whole synthetic web (one to three shapes per caption, planted failures, mismatched
      and toxic captions, as the demo's web), served on 127.0.0.1, and `kiln prepare` it with the tiny
-     local models (the demo's flags);
+     local models (the demo's flags), the captions embedded by the pretrained tiny T5
+     (pipeline/testbed/models/t5_pretrain.py, built once into WORKDIR; `--t5 random`: the test
+     models' random-init encoder -- the comparison in docs/eval.md);
   2. `kiln train --config CONFIG --time-budget-s TRAIN_S` on every shard (2 CPU cores: the budget is
      wall time, so a busy machine trains fewer steps; the step count is printed);
   3. `kiln eval --suite synthetic --data DATASET --write-prompts`, `kiln embed-prompts` with the
@@ -42,18 +44,31 @@ def kiln(*args: str, capture: bool = False) -> str:
     return out.stdout if capture else ""
 
 
-def build_dataset(work: Path, rows: int, seed: int) -> Path:
+def pretrained_t5(work: Path, seed: int) -> Path:
+    """The pretrained tiny T5 (pipeline/testbed/models/t5_pretrain.py), built once per builder version."""
+    from pipeline.testbed.models.t5_pretrain import TINY_T5_PRETRAINED_VERSION, build_tiny_t5_pretrained
+
+    out = work / f"t5-pretrained-v{TINY_T5_PRETRAINED_VERSION}-seed{seed}"
+    if not (out / "model_card.json").exists():
+        build_tiny_t5_pretrained(out, seed=seed)
+    return out
+
+
+def build_dataset(work: Path, rows: int, seed: int, t5: str = "random", resize_mode: str | None = None) -> Path:
     from pipeline.testbed.models import cached_test_models, prepare_flags
     from pipeline.testbed.server import SynthServer
     from pipeline.testbed.synth import synthesize
 
-    models = cached_test_models()
+    models = dict(cached_test_models())
+    if t5 == "pretrained":
+        models["t5"] = pretrained_t5(work, seed)
+    extra = ["--resize-mode", resize_mode] if resize_mode else []
     web_dir, out = work / "web", work / "dataset"
     web = synthesize(web_dir, rows=rows, seed=seed, failure_rate=0.2, mismatch_rate=0.1, toxic_rate=0.04)
     with SynthServer(web) as server:
         kiln("prepare", "--input", str(web_dir / "metadata.parquet"), "--output", str(out), "--allow-hosts",
              server.allow_hosts, "--overwrite", "--download-timeout", "4", "--samples-per-shard", "500",
-             *prepare_flags(models))
+             *prepare_flags(models), *extra)
     return out
 
 
@@ -70,6 +85,10 @@ def main() -> int:
     ap.add_argument("--workdir", default="build/learning")
     ap.add_argument("--run-name", default=None, help="the training run's folder under WORKDIR/runs [the config]")
     ap.add_argument("--reuse", action="store_true", help="keep WORKDIR/dataset if it is complete")
+    ap.add_argument("--t5", choices=("random", "pretrained"), default="pretrained",
+                    help="the tiny T5 `kiln prepare` embeds captions with: the test models' random-init one, or the "
+                         "one pretrained on text only by pipeline/testbed/models/t5_pretrain.py [pretrained]")
+    ap.add_argument("--resize-mode", default=None, help="`kiln prepare --resize-mode` [prepare's default]")
     args = ap.parse_args()
 
     work = (ROOT / args.workdir).resolve()
@@ -77,7 +96,9 @@ def main() -> int:
     data = work / "dataset"
     t0 = time.monotonic()
     if not (args.reuse and (data / "_SUCCESS").exists()):
-        data = build_dataset(work, args.rows, args.seed)
+        data = build_dataset(work, args.rows, args.seed, args.t5, args.resize_mode)
+        for stale in (work / "suite.txt", work / "suite.parquet"):  # embedded with the old dataset's T5
+            stale.unlink(missing_ok=True)
     prep_s = time.monotonic() - t0
     stats = json.loads((data / "stats.json").read_text())
     kept = stats.get("kept", stats.get("accounting", {}).get("kept"))

@@ -70,6 +70,22 @@ def test_tiny_presets_match_the_tiny_t5():
     assert tiny.unet.attn_levels[-2:] == (True, True)
 
 
+def test_tiny_base_reads_every_word_of_the_webs_captions():
+    """The synthetic web's longest captions (three shapes, a template, "on a ... background") fit
+    tiny-base's text window whole with the tiny T5's tokenizer: cutting them drops the background
+    word (issue 16: a 16-token window cut it from most multi-shape captions)."""
+    from transformers import AutoTokenizer
+
+    from embed.text import clean_caption
+    from pipeline.testbed.models import cached_test_models
+    from pipeline.testbed.models.t5_pretrain import grammar_pairs
+
+    tok = AutoTokenizer.from_pretrained(str(cached_test_models()["t5"]))
+    captions = [clean_caption(c) for c, _ in grammar_pairs(7, 3000)]
+    longest = max(len(ids) for ids in tok(captions).input_ids)  # EOS included, as embed.t5 counts
+    assert 20 < longest <= load_config("tiny-base").data.text_max_len
+
+
 def test_defaults_fill_unspecified_keys():
     d = {"name": "x", "stage": "base", "data": {"resolution": 32},
          "unet": {"dim": 8, "dim_mults": [1, 2], "num_res_blocks": [1, 1], "attn_levels": [False, True],

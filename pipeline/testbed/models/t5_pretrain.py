@@ -48,7 +48,7 @@ from pipeline.compat import ensure_torch_compat
 from pipeline.testbed.models.determinism import SYNTH_BASE_URL, reproducible
 
 # Bump when the builder's output would change (corpus, objective, schedule, decoder).
-TINY_T5_PRETRAINED_VERSION = 1
+TINY_T5_PRETRAINED_VERSION = 2
 
 NOISE_DENSITY = 0.15
 MEAN_NOISE_SPAN = 3.0
@@ -60,6 +60,10 @@ LR = 3e-3
 WARMUP = 100
 DECODER_LAYERS = 1
 MAX_TOKENS = 64
+# The share of each batch given to the scene-parsing task (the rest: span corruption). 0 = span corruption only.
+PARSE_SHARE = 0.5
+OBJECTIVES = ("span", "span+parse")
+_ORDER = {"left": 0, "top": 0, "center": 1, "right": 2, "bottom": 2}
 _TOKENIZER_FILES = ("spiece.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 CHROMATIC = ("red", "green", "blue", "yellow", "orange", "purple")
 
@@ -78,6 +82,29 @@ def grammar_captions(seed: int, n: int) -> list[str]:
         w, h = planner.size()
         _, _, desc = planner.scene(w, h)
         out.append(planner.caption(desc))
+    return out
+
+
+def scene_target(bg: str, shapes: list[dict]) -> str:
+    """The canonical, order-fixed statement of a scene, the scene-parsing task's target:
+    "background green. red star left. blue circle right." -- shapes in reading order (left/top
+    first), whatever order or relation word the caption used."""
+    parts = [f"background {bg}."]
+    for s in sorted(shapes, key=lambda s: _ORDER[s["position"]]):
+        parts.append(f"{s['colour']} {s['shape']} {s['position']}.")
+    return " ".join(parts)
+
+
+def grammar_pairs(seed: int, n: int) -> list[tuple[str, str]]:
+    """`n` (caption, scene_target) pairs from the synthetic web's grammar, seeded, text only."""
+    from pipeline.testbed.synth import _Planner
+
+    planner = _Planner(random.Random(f"kiln-t5-parse-{seed}"), SYNTH_BASE_URL, (0, 0, 0), 8, (16, 64), ("png",))
+    out = []
+    for _ in range(n):
+        w, h = planner.size()
+        bg, shapes, desc = planner.scene(w, h)
+        out.append((planner.caption(desc), scene_target(bg, shapes)))
     return out
 
 
@@ -148,8 +175,12 @@ def _corpus(seed: int, captions: int) -> tuple[list[str], dict]:
 
 @reproducible
 def build_tiny_t5_pretrained(out_dir: str | Path, seed: int = 0, steps: int = STEPS, captions: int = CAPTIONS,
-                             batch: int = BATCH, lr: float = LR) -> Path:
-    """Build the pretrained tiny T5 encoder folder into `out_dir` (replaced if it exists); returns its path."""
+                             batch: int = BATCH, lr: float = LR, objective: str = "span+parse") -> Path:
+    """Build the pretrained tiny T5 encoder folder into `out_dir` (replaced if it exists); returns its path.
+    `objective`: "span" (span corruption only) or "span+parse" (PARSE_SHARE of each batch rewrites a
+    caption to its scene_target, the rest is span corruption)."""
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {OBJECTIVES}, not {objective!r}")
     ensure_torch_compat()
     import torch
     from transformers import AutoTokenizer, T5Config, T5EncoderModel, T5ForConditionalGeneration
@@ -173,6 +204,18 @@ def build_tiny_t5_pretrained(out_dir: str | Path, seed: int = 0, steps: int = ST
     texts, corpus_info = _corpus(seed, captions)
     encoded = [ids[: MAX_TOKENS - 1] for ids in tokenizer(texts, add_special_tokens=False).input_ids if len(ids) >= 2]
     rng = np.random.default_rng(seed)
+    parse_share = PARSE_SHARE if objective == "span+parse" else 0.0
+    parsed: list[tuple[list[int], list[int]]] = []
+    if parse_share:
+        from embed.text import clean_caption
+
+        pairs_text = [(clean_caption(c), t) for c, t in grammar_pairs(seed, captions)]
+        pairs_text = [(c, t) for c, t in pairs_text if c]
+        src = tokenizer([c for c, _ in pairs_text], add_special_tokens=False).input_ids
+        tgt = tokenizer([t for _, t in pairs_text], add_special_tokens=False).input_ids
+        parsed = [(a[: MAX_TOKENS - 1] + [EOS_ID], b[: MAX_TOKENS - 1] + [EOS_ID]) for a, b in zip(src, tgt)]
+        corpus_info = {**corpus_info, "parse_pairs": len(parsed), "parse_share": parse_share}
+    n_parse = int(round(batch * parse_share))
 
     common = {"pad_token_id": PAD_ID, "eos_token_id": EOS_ID, "decoder_start_token_id": PAD_ID, **TINY_T5_CONFIG}
     train_config = T5Config(vocab_size=vocab + SENTINELS, num_decoder_layers=DECODER_LAYERS, tie_word_embeddings=False,
@@ -191,8 +234,10 @@ def build_tiny_t5_pretrained(out_dir: str | Path, seed: int = 0, steps: int = ST
     for step in range(steps):
         if cursor + batch > len(order):
             order, cursor = rng.permutation(len(encoded)), 0
-        pairs = [span_corrupt(encoded[i], rng, vocab, EOS_ID) for i in order[cursor:cursor + batch]]
-        cursor += batch
+        pairs = [span_corrupt(encoded[i], rng, vocab, EOS_ID) for i in order[cursor:cursor + batch - n_parse]]
+        cursor += batch - n_parse
+        if n_parse:
+            pairs += [parsed[i] for i in rng.integers(0, len(parsed), n_parse)]
         inputs = _pad([p[0] for p in pairs], PAD_ID)
         labels = _pad([p[1] for p in pairs], -100)
         loss = model(input_ids=inputs, attention_mask=(inputs != PAD_ID).long(), labels=labels).loss
@@ -234,7 +279,10 @@ def build_tiny_t5_pretrained(out_dir: str | Path, seed: int = 0, steps: int = ST
         "special_ids": {"pad": PAD_ID, "eos": EOS_ID, "unk": UNK_ID},
         "config": TINY_T5_CONFIG,
         "pretraining": {
-            "objective": "span corruption (T5 random_spans_noise_mask)",
+            "objective": "span corruption (T5 random_spans_noise_mask)" + (
+                f" + scene parsing ({parse_share:.0%} of each batch: caption -> its canonical scene statement, "
+                "t5_pretrain.scene_target)" if parse_share else ""),
+            "objective_name": objective,
             "noise_density": NOISE_DENSITY,
             "mean_noise_span_length": MEAN_NOISE_SPAN,
             "sentinels": f"{SENTINELS} ids appended after the tokenizer's {vocab} (the vocab has no extra_ids); "
@@ -385,6 +433,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=STEPS)
     parser.add_argument("--lr", type=float, default=LR)
+    parser.add_argument("--objective", choices=OBJECTIVES, default="span+parse",
+                        help="span corruption only, or with the scene-parsing task [span+parse]")
     parser.add_argument("--compare", metavar="RANDOM_DIR", help="then measure it against this random tiny T5 folder")
     args = parser.parse_args(argv)
     try:  # once, before any inter-op work (as build.py's main): a fresh interpreter allows it
@@ -394,7 +444,7 @@ def main(argv: list[str] | None = None) -> int:
     except RuntimeError:
         pass
     t0 = time.monotonic()
-    out = build_tiny_t5_pretrained(args.dir, seed=args.seed, steps=args.steps, lr=args.lr)
+    out = build_tiny_t5_pretrained(args.dir, seed=args.seed, steps=args.steps, lr=args.lr, objective=args.objective)
     _log(f"built in {time.monotonic() - t0:.1f} s: use --t5-model local:{out}")
     if args.compare:
         print(json.dumps(compare(args.compare, out), indent=2))
