@@ -71,6 +71,10 @@ class UNetConfig:
     # order (docs/eval.md): this hands the attention layers the token positions themselves. Measured
     # on the composition suite in docs/eval.md; no preset turns it on.
     text_pos_emb: int = 0
+    # CoordConv (Liu et al. 2018): the pixel's x and y in [-1, 1] as two more input channels, so every
+    # layer knows where it is (a conv stack with zero padding knows it only near the border). For
+    # prompts that name a position ("on the left", "above"): docs/eval.md measures it.
+    coord_channels: bool = False
 
     def __post_init__(self):
         n = len(self.dim_mults)

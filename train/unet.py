@@ -59,6 +59,16 @@ def logsnr_embedding(logsnr: torch.Tensor, dim: int) -> torch.Tensor:
     return emb
 
 
+def coord_grid(x: torch.Tensor) -> torch.Tensor:
+    """[B, 2, H, W]: each pixel's x (channel 0, -1 at the left edge) and y (channel 1, -1 at the top)
+    in [-1, 1], pixel centres, in x's dtype (UNetConfig.coord_channels)."""
+    b, _, h, w = x.shape
+    ys = (torch.arange(h, device=x.device, dtype=x.dtype) + 0.5) / h * 2 - 1
+    xs = (torch.arange(w, device=x.device, dtype=x.dtype) + 0.5) / w * 2 - 1
+    grid = torch.stack([xs[None, :].expand(h, w), ys[:, None].expand(h, w)])
+    return grid[None].expand(b, -1, -1, -1)
+
+
 class ResBlock(nn.Module):
     """GroupNorm-SiLU-conv, FiLM by the conditioning vector, GroupNorm-SiLU-dropout-conv, plus a
     (1x1 if the width changes) shortcut; the sum is scaled by 1/sqrt(2) (`combine`) so the variance
@@ -152,7 +162,7 @@ class EfficientUNet(nn.Module):
         self.cfg = cfg
         d, cd = cfg.dim, cfg.cond_dim
         chans = [d * m for m in cfg.dim_mults]
-        in_ch = cfg.channels * (2 if cfg.lowres_cond else 1)
+        in_ch = cfg.channels * (2 if cfg.lowres_cond else 1) + (2 if cfg.coord_channels else 0)
 
         # Conditioning vector: noise level + pooled text (+ SR aug level), all added (Imagen §2.4).
         self.time_mlp = nn.Sequential(nn.Linear(d, cd), nn.SiLU(), nn.Linear(cd, cd))
@@ -229,6 +239,8 @@ class EfficientUNet(nn.Module):
             cond = cond + self.aug_mlp(logsnr_embedding(aug_logsnr, self.cfg.dim).to(text.dtype))
             x = torch.cat([x, lowres.to(x.dtype)], dim=1)
 
+        if self.cfg.coord_channels:
+            x = torch.cat([x, coord_grid(x)], dim=1)
         h = self.init_conv(x)
         hiddens = []
         for i, level in enumerate(self.down):

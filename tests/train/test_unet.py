@@ -236,3 +236,31 @@ def test_text_position_embeddings_make_the_unet_see_word_order():
     assert (a - b).abs().max() > 1e-3
     with pytest.raises(ValueError, match="text_pos_emb"):
         replace(base, text_pos_emb=-1)
+
+
+def test_coord_channels_tell_the_unet_where_each_pixel_is():
+    """Without coordinates a fully convolutional U-Net maps a shifted input to a shifted output away from
+    the border (translation equivariance); unet.coord_channels breaks that, and its grid is x, y in [-1, 1]."""
+    from dataclasses import replace
+
+    from train.unet import coord_grid
+
+    g = coord_grid(torch.zeros(2, 3, 4, 8))
+    assert g.shape == (2, 2, 4, 8)
+    assert torch.allclose(g[0, 0, 0], torch.tensor([-0.875, -0.625, -0.375, -0.125, 0.125, 0.375, 0.625, 0.875]))
+    assert torch.allclose(g[0, 1, :, 0], torch.tensor([-0.75, -0.25, 0.25, 0.75])) and (g[1] == g[0]).all()
+    # One level, convs only: a receptive field of a few pixels, so away from the border a shifted input
+    # gives exactly the shifted output -- unless the U-Net is told the coordinates.
+    base = replace(load_config("tiny-base").unet, dim_mults=(1,), num_res_blocks=(1,), attn_levels=(False,),
+                   cross_attn_levels=(False,))
+    x, logsnr, text, mask = inputs(res=48, d=base.text_dim)
+    shifted = torch.roll(x, 4, dims=3)
+    gaps = {}
+    for coords in (False, True):
+        torch.manual_seed(0)
+        model = EfficientUNet(replace(base, coord_channels=coords))
+        torch.nn.init.normal_(model.out_conv.weight, std=0.02)
+        with torch.no_grad():
+            a, b = model(x, logsnr, text, mask), model(shifted, logsnr, text, mask)
+        gaps[coords] = (torch.roll(a, 4, dims=3) - b)[..., 12:36, 12:36].abs().max().item()  # away from the border
+    assert EfficientUNet(replace(base, coord_channels=True)).init_conv.in_channels == 5
