@@ -154,6 +154,10 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     data.add_argument("--sr-n", type=int, default=64, metavar="N",
                       help="SR stages (--sr256 / --sr1024 with --data, with or without --base): held-out shard images "
                       "each is scored on, against the true image and bicubic; 0 skips this with --base [64]")
+    data.add_argument("--lowres-noise", type=float, default=0.0, metavar="SIGMA",
+                      help="SR scoring: add Gaussian noise of this std ([-1, 1] pixel units, clipped) to each "
+                      "low-res input before the stage and bicubic see it, a stand-in for a base stage's errors "
+                      "(what noise conditioning augmentation is for); the truth stays clean [0]")
     gen = p.add_argument_group("sampling first (instead of SAMPLE_DIRs)")
     gen.add_argument("--base", default=None, metavar="CKPT", help="base stage checkpoint")
     gen.add_argument("--sr256", default=None, metavar="CKPT", help="first super-resolution stage (optional)")

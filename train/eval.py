@@ -10,6 +10,7 @@ and KID -- over a guidance sweep, into eval.json, two trade-off plots and an HTM
     kiln eval samples/w1 samples/w3 --out-dir eval/ [--suite synthetic | --prompt-file drawbench.csv] ...
     # SR stages alone, against the true image of held-out shard samples (also done with --base and --data)
     kiln eval --sr256 CKPT [--sr1024 CKPT] --data DATASET --out-dir eval-sr/ [--sr-n 64] [--aug-level 0]
+              [--lowres-noise 0]
 
 docs/eval.md says what each number means. The pieces:
 
@@ -467,6 +468,9 @@ def _check_flags(args: argparse.Namespace, metrics: MetricHooks | None) -> None:
                           "stage on held-out images")
     if not args.out_dir:
         raise ConfigError("--out-dir DIR is required: where eval.json, report.html and plots/ go")
+    if args.lowres_noise and not ((args.sr256 or args.sr1024) and args.data and args.sr_n > 0):
+        raise ConfigError("--lowres-noise perturbs the held-out low-res inputs SR stages are scored on: it goes with "
+                          "--sr256 and/or --sr1024, --data DATASET and --sr-n >= 1")
     if _sr_only(args) or (generating and (args.sr256 or args.sr1024)):
         _check_sr_flags(args)
     if not generating and not _sr_only(args):
@@ -524,6 +528,8 @@ def _check_sr_flags(args) -> None:
         raise ConfigError(f"--sr-n must be >= {low}, got {args.sr_n}")
     if any(not (math.isfinite(v) and 0 <= v <= 1) for v in args.aug_level or []):
         raise ConfigError(f"--aug-level takes levels in [0, 1], got {' '.join(map(str, args.aug_level))}")
+    if not (math.isfinite(args.lowres_noise) and 0 <= args.lowres_noise <= 2):
+        raise ConfigError(f"--lowres-noise is a noise std in [0, 2] ([-1, 1] pixel units), got {args.lowres_noise}")
     if not _sr_only(args):
         return
     if not args.data:
@@ -759,7 +765,7 @@ def main_eval(args: argparse.Namespace, metrics: MetricHooks | None = None) -> i
     settings = {k: getattr(args, k) for k in ("samples", "base", "sr256", "sr1024", "prompts", "guidance", "per_prompt",
                                               "steps", "aug_level", "sampler", "threshold", "weights", "seed", "suite", "suite_n",
                                               "prompt_file", "data", "clip", "features", "reference_n",
-                                              "kid_subset_size", "kid_subsets", "stage", "sr_n")}
+                                              "kid_subset_size", "kid_subsets", "stage", "sr_n", "lowres_noise")}
     # Until the last write, eval.json lists every file this run may write (so an interrupted run is
     # cleaned up by the next) and marks the directory as kiln's.
     info: dict = {"format": EVAL_FORMAT, "complete": False, "settings": settings,
@@ -944,6 +950,20 @@ def t_interval(values) -> dict:
 SR_SCORES = ("psnr_sr", "psnr_bicubic", "psnr_gain", "consistency", "consistency_bicubic")
 
 
+def perturb_lowres(lowres: torch.Tensor, sigma: float, seed: int) -> torch.Tensor:
+    """`kiln eval --lowres-noise SIGMA`: the low-res inputs plus Gaussian noise of std `sigma` in
+    [-1, 1] pixel units, clipped to [-1, 1] (a stand-in for the errors of the stage below, which an
+    SR stage sees in a cascade and never in the shards), drawn from `seed` so every stage and run
+    scored with the same seed sees the same noise. sigma 0 returns the inputs unchanged."""
+    import torch
+
+    if not sigma:
+        return lowres
+    g = torch.Generator().manual_seed(int(seed))
+    noise = torch.randn(lowres.shape, generator=g, dtype=torch.float32)
+    return (lowres.float() + float(sigma) * noise).clamp(-1, 1).to(lowres.dtype)
+
+
 def sr_scores(sr: torch.Tensor, truth: torch.Tensor, lowres: torch.Tensor) -> tuple[dict, torch.Tensor]:
     """Per-image scores in dB (train.evaluate.psnr, [-1, 1] pixels, data range 2) of SR outputs
     against the true images, and the bicubic baseline (low-res upsampled bicubically, clipped to
@@ -1013,15 +1033,17 @@ def _score_sr(out: Path, job: _SRJob, args, device) -> dict:
     from train.sample import upscale
 
     st, pairs = job.stage, job.pairs
-    sr = upscale(st, pairs.lowres, pairs.arrays, seed=args.seed, device=device, batch_size=args.batch_size,
+    lowres = perturb_lowres(pairs.lowres, args.lowres_noise, args.seed)
+    sr = upscale(st, lowres, pairs.arrays, seed=args.seed, device=device, batch_size=args.batch_size,
                  aug_level=job.aug_level)
-    per, bicubic = sr_scores(sr, pairs.truth, pairs.lowres)
+    per, bicubic = sr_scores(sr, pairs.truth, lowres)
     k = min(SR_GRID_SAMPLES, len(sr))
     captions = [f"SR {per['psnr_sr'][i]:.1f} dB, bicubic {per['psnr_bicubic'][i]:.1f} dB; {pairs.captions[i]}"
                 for i in range(k)]
     size, low = pairs.info["scored_size"], pairs.info["lowres_size"]
-    save_grid(None, captions, out / job.grid, rows=[pairs.lowres[:k], bicubic[:k], sr[:k], pairs.truth[:k]],
-              row_labels=[f"low-res {low}px", f"bicubic {size}px", f"SR {size}px", f"truth {size}px"])
+    noisy = f" + noise {args.lowres_noise:g}" if args.lowres_noise else ""
+    save_grid(None, captions, out / job.grid, rows=[lowres[:k], bicubic[:k], sr[:k], pairs.truth[:k]],
+              row_labels=[f"low-res {low}px{noisy}", f"bicubic {size}px", f"SR {size}px", f"truth {size}px"])
     d = st.cfg.data
     return {
         "stage": job.name, "checkpoint": job.checkpoint, "checkpoint_step": st.step, "config": st.cfg.name,
@@ -1029,7 +1051,8 @@ def _score_sr(out: Path, job: _SRJob, args, device) -> dict:
         **pairs.info,
         "settings": {"steps": int(st.setting("steps")), "sampler": st.setting("sampler"),
                      "guidance_weight": float(st.setting("guidance_weight")), "threshold": st.setting("threshold"),
-                     "aug_level": job.aug_level, "seed": args.seed, "batch_size": args.batch_size,
+                     "aug_level": job.aug_level, "lowres_noise": args.lowres_noise, "seed": args.seed,
+                     "batch_size": args.batch_size,
                      "weights": args.weights},
         **{name: t_interval(per[name]) for name in SR_SCORES},
         "per_sample": [{"key": key, "caption": cap, **{name: float(per[name][i]) for name in SR_SCORES}}
@@ -1044,6 +1067,9 @@ def _sr_summary(r: dict) -> str:
         return f"{v['mean']:{sign}.2f} dB [{v['ci95'][0]:{sign}.2f}, {v['ci95'][1]:{sign}.2f}]"
 
     where = f", centre {r['crop']['size']} px crops" if r["crop"] else ""
+    sigma = r["settings"].get("lowres_noise")
+    where += f", low-res + noise std {sigma:g}" if sigma else ""
+    where += f", aug level {r['settings']['aug_level']:g}" if r["settings"].get("aug_level") else ""
     return (f"{r['stage']} ({r['config']}, {r['lowres_size']} -> {r['scored_size']} px{where}, {r['n']} "
             f"{'held-out ' if r['split'] == 'holdout' else ''}images): SR {f('psnr_sr')}, bicubic {f('psnr_bicubic')}, "
             f"SR - bicubic {f('psnr_gain', '+')}; consistency {f('consistency')} (bicubic "
@@ -1073,8 +1099,8 @@ def _main_sr(args, out: Path, replace: list[Path]) -> int:
                               f"{name} needs a super-resolution stage")
         named.append((name, path, stage))
     jobs = _sr_jobs(args, named)
-    settings = {k: getattr(args, k) for k in ("sr256", "sr1024", "data", "sr_n", "holdout_fraction", "steps",
-                                              "aug_level", "sampler", "weights", "seed", "batch_size")}
+    settings = {k: getattr(args, k) for k in ("sr256", "sr1024", "data", "sr_n", "lowres_noise", "holdout_fraction",
+                                              "steps", "aug_level", "sampler", "weights", "seed", "batch_size")}
     info: dict = {"format": EVAL_FORMAT, "complete": False, "settings": settings,
                   "files": [REPORT_FILE, *(j.grid for j in jobs)], "sample_dirs": []}
     _clear(out, replace)

@@ -158,6 +158,36 @@ def test_kiln_eval_scores_sr_stages_on_held_out_images(stages, small_shards, tmp
         assert im.size == GridLayout(rows=4, cols=r["n"], cell=128, labelled=True, caption_lines=4).size
 
 
+def test_lowres_noise_perturbs_what_the_stage_and_bicubic_see(stages, small_shards, tmp_path, capsys):
+    """--lowres-noise SIGMA (issue 16's noise-augmentation ablation): each low-res input plus
+    N(0, SIGMA^2) from --seed, clipped to [-1, 1], goes to the stage and to bicubic; the truth stays
+    clean. Checked by hand against the clean run's inputs."""
+    root, _ = small_shards
+    clean, noisy = tmp_path / "clean", tmp_path / "noisy"
+    common = ["--sr256", stages["sr"], "--data", root, "--sr-n", "3", "--steps", "2", "--device", "cpu", "--seed", "5"]
+    assert run_eval(*common, "--out-dir", clean) == 0
+    assert run_eval(*common, "--lowres-noise", "0.2", "--aug-level", "0.1", "--out-dir", noisy) == 0
+    assert "low-res + noise std 0.2, aug level 0.1" in capsys.readouterr().out
+    a, b = (json.loads((d / "eval.json").read_text())["sr"]["sr256"] for d in (clean, noisy))
+    assert b["settings"]["lowres_noise"] == 0.2 and a["settings"]["lowres_noise"] == 0.0
+    assert json.loads((noisy / "eval.json").read_text())["settings"]["lowres_noise"] == 0.2
+    keys = [s["key"] for s in b["per_sample"]]
+    assert keys == [s["key"] for s in a["per_sample"]]
+    truth = torch.stack([_truth_by_hand(root, k, 32) for k in keys])
+    low = truth.reshape(-1, 3, 16, 2, 16, 2).mean((3, 5)).float()
+    g = torch.Generator().manual_seed(5)
+    given = (low + 0.2 * torch.randn(low.shape, generator=g)).clamp(-1, 1)
+    assert given.abs().max() <= 1 and (given - low).abs().max() > 0.2  # perturbed, still in range
+    bicubic = F.interpolate(given, size=32, mode="bicubic", align_corners=False).clamp(-1, 1)
+    sr = upscale(Stage.load(stages["sr"], steps=2), given, [st_text(root, k) for k in keys], seed=5, aug_level=0.1)
+    down = sr.double().reshape(-1, 3, 16, 2, 16, 2).mean((3, 5))
+    for i, got in enumerate(b["per_sample"]):
+        assert got["psnr_bicubic"] == pytest.approx(_psnr(bicubic[i], truth[i]), abs=1e-3)
+        assert got["psnr_sr"] == pytest.approx(_psnr(sr[i], truth[i]), abs=1e-3)
+        assert got["consistency"] == pytest.approx(_psnr(down[i], given[i]), abs=1e-3)  # against what it was given
+        assert got["psnr_bicubic"] < a["per_sample"][i]["psnr_bicubic"] - 3  # noise costs bicubic dB
+
+
 def st_text(root, key: str) -> np.ndarray:
     for tar_path in sorted((root / "shards").glob("*.tar")):
         with tarfile.open(tar_path) as tar:
@@ -200,6 +230,8 @@ def test_sr_mistakes_are_one_line(stages, small_shards, tmp_path, capsys):
         (["--sr256", stages["sr"], "--data", root, "--suite", "synthetic"], "score samples drawn from prompts"),
         (["--sr256", stages["sr"], "--data", root, "--aug-level", "2"], "levels in [0, 1]"),
         (["--sr256", stages["sr"], "--data", root, "--sr-n", "0"], "--sr-n must be >= 1"),
+        (["--sr256", stages["sr"], "--data", root, "--lowres-noise", "-0.1"], "--lowres-noise is a noise std"),
+        (["--sr256", stages["sr"], "--lowres-noise", "0.1"], "--lowres-noise perturbs the held-out low-res"),
     ]
     for argv, fragment in cases:
         code = kiln(["eval", *map(str, argv), "--device", "cpu", "--out-dir", str(o)])
