@@ -1,6 +1,6 @@
 """Does the tiny cascade follow composition? The default path, measured end to end (issue 16, item 4).
 
-    python bench/learning.py [--t5 pretrained|random] [--rows 4000] [--train-s 900] [--workdir build/learning] [--config tiny-base]
+    python bench/learning.py [--t5 pretrained|random|pretrained-wide] [--rows 4000] [--train-s 900] [--workdir build/learning] [--config tiny-base]
 
 What a new user does, as the user's own commands (subprocesses of the `kiln` CLI):
 
@@ -8,7 +8,8 @@ What a new user does, as the user's own commands (subprocesses of the `kiln` CLI
      and toxic captions, as the demo's web), served on 127.0.0.1, and `kiln prepare` it with the tiny
      local models (the demo's flags), the captions embedded by the pretrained tiny T5
      (pipeline/testbed/models/t5_pretrain.py, built once into WORKDIR; `--t5 random`: the test
-     models' random-init encoder -- the comparison in docs/eval.md);
+     models' random-init encoder -- the comparison in docs/eval.md; `--t5 pretrained-wide`: the same
+     pretraining at d_model 128, for the encoder-vs-U-Net scaling ablation);
   2. `kiln train --config CONFIG --time-budget-s TRAIN_S` on every shard (2 CPU cores: the budget is
      wall time, so a busy machine trains fewer steps; the step count is printed);
   3. `kiln eval --suite synthetic --data DATASET --write-prompts`, `kiln embed-prompts` with the
@@ -44,13 +45,14 @@ def kiln(*args: str, capture: bool = False) -> str:
     return out.stdout if capture else ""
 
 
-def pretrained_t5(work: Path, seed: int) -> Path:
+def pretrained_t5(work: Path, seed: int, size: str = "tiny") -> Path:
     """The pretrained tiny T5 (pipeline/testbed/models/t5_pretrain.py), built once per builder version."""
     from pipeline.testbed.models.t5_pretrain import TINY_T5_PRETRAINED_VERSION, build_tiny_t5_pretrained
 
-    out = work / f"t5-pretrained-v{TINY_T5_PRETRAINED_VERSION}-seed{seed}"
+    wide = "" if size == "tiny" else f"-{size}"
+    out = work / f"t5-pretrained-v{TINY_T5_PRETRAINED_VERSION}{wide}-seed{seed}"
     if not (out / "model_card.json").exists():
-        build_tiny_t5_pretrained(out, seed=seed)
+        build_tiny_t5_pretrained(out, seed=seed, size=size)
     return out
 
 
@@ -60,8 +62,8 @@ def build_dataset(work: Path, rows: int, seed: int, t5: str = "random", resize_m
     from pipeline.testbed.synth import synthesize
 
     models = dict(cached_test_models())
-    if t5 == "pretrained":
-        models["t5"] = pretrained_t5(work, seed)
+    if t5 in ("pretrained", "pretrained-wide"):
+        models["t5"] = pretrained_t5(work, seed, "wide" if t5 == "pretrained-wide" else "tiny")
     extra = ["--resize-mode", resize_mode] if resize_mode else []
     web_dir, out = work / "web", work / "dataset"
     web = synthesize(web_dir, rows=rows, seed=seed, failure_rate=0.2, mismatch_rate=0.1, toxic_rate=0.04)
@@ -85,9 +87,10 @@ def main() -> int:
     ap.add_argument("--workdir", default="build/learning")
     ap.add_argument("--run-name", default=None, help="the training run's folder under WORKDIR/runs [the config]")
     ap.add_argument("--reuse", action="store_true", help="keep WORKDIR/dataset if it is complete")
-    ap.add_argument("--t5", choices=("random", "pretrained"), default="pretrained",
-                    help="the tiny T5 `kiln prepare` embeds captions with: the test models' random-init one, or the "
-                         "one pretrained on text only by pipeline/testbed/models/t5_pretrain.py [pretrained]")
+    ap.add_argument("--t5", choices=("random", "pretrained", "pretrained-wide"), default="pretrained",
+                    help="the tiny T5 `kiln prepare` embeds captions with: the test models' random-init one, the "
+                         "one pretrained on text only by pipeline/testbed/models/t5_pretrain.py, or its wide form "
+                         "(d_model 128: give --override unet.text_dim=128) [pretrained]")
     ap.add_argument("--resize-mode", default=None, help="`kiln prepare --resize-mode` [prepare's default]")
     args = ap.parse_args()
 

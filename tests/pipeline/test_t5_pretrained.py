@@ -138,3 +138,23 @@ def test_build_is_deterministic(tmp_path):
     a = tree_digest(build_tiny_t5_pretrained(tmp_path / "a", seed=0, steps=20, captions=2000))
     b = tree_digest(build_tiny_t5_pretrained(tmp_path / "b", seed=0, steps=20, captions=2000))
     assert a == b and "model.safetensors" in a
+
+
+def test_wide_size_is_the_same_encoder_at_d_model_128(tmp_path):
+    """size="wide" (the encoder-vs-U-Net scaling ablation's larger encoder): the same vocabulary and
+    loading path, d_model 128 arrays (a short build: 20 steps over 2000 grammar captions)."""
+    from embed.t5 import T5Embedder
+
+    wide = build_tiny_t5_pretrained(tmp_path / "wide", seed=0, steps=20, captions=2000, size="wide")
+    tiny = build_tiny_t5_pretrained(tmp_path / "tiny", seed=0, steps=20, captions=2000)
+    cw, ct = (json.loads((d / "config.json").read_text()) for d in (wide, tiny))
+    assert (cw["d_model"], cw["d_kv"], cw["d_ff"], cw["num_heads"], cw["num_layers"]) == (128, 32, 256, 4, 2)
+    assert {k: v for k, v in cw.items() if k not in ("d_model", "d_kv", "d_ff")} == \
+        {k: v for k, v in ct.items() if k not in ("d_model", "d_kv", "d_ff")}
+    assert (wide / "tokenizer.json").read_bytes() == (tiny / "tokenizer.json").read_bytes()
+    card = json.loads((wide / "model_card.json").read_text())
+    assert card["size"] == "wide" and card["config"]["d_model"] == 128
+    out = T5Embedder(f"local:{wide}", device="cpu").embed(["a red circle on a green background"])[0]
+    assert out.array.shape == (out.n_tokens, 128) and np.isfinite(out.array.astype(np.float32)).all()
+    with pytest.raises(ValueError, match="size must be one of"):
+        build_tiny_t5_pretrained(tmp_path / "x", size="huge")

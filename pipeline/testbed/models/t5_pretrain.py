@@ -49,6 +49,10 @@ from pipeline.testbed.models.determinism import SYNTH_BASE_URL, reproducible
 
 # Bump when the builder's output would change (corpus, objective, schedule, decoder).
 TINY_T5_PRETRAINED_VERSION = 2
+# Encoder shapes over TINY_T5_CONFIG. "wide": 4x the non-embedding parameters (d_model 128, heads of
+# 32, d_ff 256), for the encoder-vs-U-Net scaling ablation (docs/eval.md); a U-Net reading it needs
+# unet.text_dim 128.
+SIZES = {"tiny": {}, "wide": {"d_model": 128, "d_kv": 32, "d_ff": 256}}
 
 NOISE_DENSITY = 0.15
 MEAN_NOISE_SPAN = 3.0
@@ -175,12 +179,17 @@ def _corpus(seed: int, captions: int) -> tuple[list[str], dict]:
 
 @reproducible
 def build_tiny_t5_pretrained(out_dir: str | Path, seed: int = 0, steps: int = STEPS, captions: int = CAPTIONS,
-                             batch: int = BATCH, lr: float = LR, objective: str = "span+parse") -> Path:
+                             batch: int = BATCH, lr: float = LR, objective: str = "span+parse",
+                             size: str = "tiny") -> Path:
     """Build the pretrained tiny T5 encoder folder into `out_dir` (replaced if it exists); returns its path.
     `objective`: "span" (span corruption only) or "span+parse" (PARSE_SHARE of each batch rewrites a
-    caption to its scene_target, the rest is span corruption)."""
+    caption to its scene_target, the rest is span corruption). `size`: "tiny" (the random tiny T5's
+    config) or "wide" (SIZES["wide"]: d_model 128, the encoder of issue 16's encoder-vs-U-Net scaling
+    ablation; same vocabulary, same pretraining)."""
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {OBJECTIVES}, not {objective!r}")
+    if size not in SIZES:
+        raise ValueError(f"size must be one of {tuple(SIZES)}, not {size!r}")
     ensure_torch_compat()
     import torch
     from transformers import AutoTokenizer, T5Config, T5EncoderModel, T5ForConditionalGeneration
@@ -217,7 +226,8 @@ def build_tiny_t5_pretrained(out_dir: str | Path, seed: int = 0, steps: int = ST
         corpus_info = {**corpus_info, "parse_pairs": len(parsed), "parse_share": parse_share}
     n_parse = int(round(batch * parse_share))
 
-    common = {"pad_token_id": PAD_ID, "eos_token_id": EOS_ID, "decoder_start_token_id": PAD_ID, **TINY_T5_CONFIG}
+    shape = {**TINY_T5_CONFIG, **SIZES[size]}
+    common = {"pad_token_id": PAD_ID, "eos_token_id": EOS_ID, "decoder_start_token_id": PAD_ID, **shape}
     train_config = T5Config(vocab_size=vocab + SENTINELS, num_decoder_layers=DECODER_LAYERS, tie_word_embeddings=False,
                             is_encoder_decoder=True, use_cache=False, **common)
     torch.manual_seed(seed)
@@ -266,8 +276,9 @@ def build_tiny_t5_pretrained(out_dir: str | Path, seed: int = 0, steps: int = ST
     with quiet_hf_progress():
         encoder.save_pretrained(str(out), safe_serialization=True)
     saved = json.loads((out / "config.json").read_text())
-    if {k: v for k, v in saved.items() if k != "_name_or_path"} != {k: v for k, v in random_config.items() if k != "_name_or_path"}:
-        raise RuntimeError("the pretrained encoder's config.json differs from the random tiny T5's")
+    want = {**random_config, **SIZES[size]}
+    if {k: v for k, v in saved.items() if k != "_name_or_path"} != {k: v for k, v in want.items() if k != "_name_or_path"}:
+        raise RuntimeError("the pretrained encoder's config.json differs from the random tiny T5's (and its size's)")
 
     card = {
         "what": "tiny T5 v1.1-shaped encoder PRETRAINED with T5 span corruption on text-only synthetic captions "
@@ -277,7 +288,8 @@ def build_tiny_t5_pretrained(out_dir: str | Path, seed: int = 0, steps: int = ST
         "seed": seed,
         "vocab_size": vocab,
         "special_ids": {"pad": PAD_ID, "eos": EOS_ID, "unk": UNK_ID},
-        "config": TINY_T5_CONFIG,
+        "config": shape,
+        "size": size,
         "pretraining": {
             "objective": "span corruption (T5 random_spans_noise_mask)" + (
                 f" + scene parsing ({parse_share:.0%} of each batch: caption -> its canonical scene statement, "
@@ -435,6 +447,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lr", type=float, default=LR)
     parser.add_argument("--objective", choices=OBJECTIVES, default="span+parse",
                         help="span corruption only, or with the scene-parsing task [span+parse]")
+    parser.add_argument("--size", choices=tuple(SIZES), default="tiny",
+                        help="tiny: the random tiny T5's shape; wide: d_model 128 [tiny]")
     parser.add_argument("--compare", metavar="RANDOM_DIR", help="then measure it against this random tiny T5 folder")
     args = parser.parse_args(argv)
     try:  # once, before any inter-op work (as build.py's main): a fresh interpreter allows it
@@ -444,7 +458,8 @@ def main(argv: list[str] | None = None) -> int:
     except RuntimeError:
         pass
     t0 = time.monotonic()
-    out = build_tiny_t5_pretrained(args.dir, seed=args.seed, steps=args.steps, lr=args.lr, objective=args.objective)
+    out = build_tiny_t5_pretrained(args.dir, seed=args.seed, steps=args.steps, lr=args.lr, objective=args.objective,
+                                   size=args.size)
     _log(f"built in {time.monotonic() - t0:.1f} s: use --t5-model local:{out}")
     if args.compare:
         print(json.dumps(compare(args.compare, out), indent=2))
