@@ -17,6 +17,7 @@ target and renamed into place, so a reader never sees half a checkpoint.
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -138,15 +139,37 @@ def save_step(workdir: str | Path, cfg: Config, step: int, model_state: dict, em
         atomic_write(ckdir / "latest.json", lambda tmp: tmp.write_text(
             json.dumps({"step": int(step), "weights": weights.name, "state": state.name})))
     except BaseException:
-        if previous is None or previous.get("weights") != weights.name:
+        # The signal may land after latest.json was replaced but before the try block ends (inside
+        # atomic_write's return): then latest.json names the new pair and it must stay.
+        now = _read_latest(ckdir)
+        if (now or {}).get("weights") != weights.name and (previous or {}).get("weights") != weights.name:
             weights.unlink(missing_ok=True)
             state.unlink(missing_ok=True)
         raise
     steps = sorted({p.name.split(".")[0] for p in ckdir.glob("step_*.safetensors")})
-    for old in steps[:-keep]:
-        for suffix in (".safetensors", ".state.pt"):
-            (ckdir / f"{old}{suffix}").unlink(missing_ok=True)
+    with _signals_deferred():  # a pair is removed whole: never a weights file without its state, or back
+        for old in steps[:-keep]:
+            for suffix in (".safetensors", ".state.pt"):
+                (ckdir / f"{old}{suffix}").unlink(missing_ok=True)
     return weights
+
+
+@contextmanager
+def _signals_deferred():
+    """SIGINT and SIGTERM held back (delivered on exit) around a few unlinks, in the main thread
+    where the platform allows it; elsewhere a no-op."""
+    import signal
+    import threading
+
+    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held = {signal.SIGINT, signal.SIGTERM}
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def _read_latest(ckdir: Path) -> dict | None:
