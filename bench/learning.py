@@ -7,7 +7,8 @@ What a new user does, as the user's own commands (subprocesses of the `kiln` CLI
   1. `kiln synth` a whole synthetic web (one to three shapes per caption, planted failures, mismatched
      and toxic captions, as the demo's web), served on 127.0.0.1, and `kiln prepare` it with the tiny
      local models (the demo's flags), the captions embedded by the pretrained tiny T5
-     (pipeline/testbed/models/t5_pretrain.py, built once into WORKDIR; `--t5 random`: the test
+     (pipeline/testbed/models/t5_pretrain.py, built once into kiln's model cache like the other tiny
+     models: pipeline.testbed.models.cached_pretrained_t5; `--t5 random`: the test
      models' random-init encoder -- the comparison in docs/eval.md; `--t5 pretrained-wide`: the same
      pretraining at d_model 128, for the encoder-vs-U-Net scaling ablation);
   2. `kiln train --config CONFIG --time-budget-s TRAIN_S` on every shard (2 CPU cores: the budget is
@@ -17,7 +18,7 @@ What a new user does, as the user's own commands (subprocesses of the `kiln` CLI
 
 Prints per-category accuracy (95% Wilson interval, chance) at each guidance weight against the issue's
 floors (colour 90%, background 80%, position 70%, relation 60%, count 60%) and writes
-WORKDIR/learning.json. `--reuse` keeps an existing dataset (steps 2-3 only).
+WORKDIR/learning-RUN_NAME.json. `--reuse` keeps an existing dataset (steps 2-3 only).
 """
 
 from __future__ import annotations
@@ -45,25 +46,14 @@ def kiln(*args: str, capture: bool = False) -> str:
     return out.stdout if capture else ""
 
 
-def pretrained_t5(work: Path, seed: int, size: str = "tiny") -> Path:
-    """The pretrained tiny T5 (pipeline/testbed/models/t5_pretrain.py), built once per builder version."""
-    from pipeline.testbed.models.t5_pretrain import TINY_T5_PRETRAINED_VERSION, build_tiny_t5_pretrained
-
-    wide = "" if size == "tiny" else f"-{size}"
-    out = work / f"t5-pretrained-v{TINY_T5_PRETRAINED_VERSION}{wide}-seed{seed}"
-    if not (out / "model_card.json").exists():
-        build_tiny_t5_pretrained(out, seed=seed, size=size)
-    return out
-
-
 def build_dataset(work: Path, rows: int, seed: int, t5: str = "random", resize_mode: str | None = None) -> Path:
-    from pipeline.testbed.models import cached_test_models, prepare_flags
+    from pipeline.testbed.models import cached_pretrained_t5, cached_test_models, prepare_flags
     from pipeline.testbed.server import SynthServer
     from pipeline.testbed.synth import synthesize
 
     models = dict(cached_test_models())
     if t5 in ("pretrained", "pretrained-wide"):
-        models["t5"] = pretrained_t5(work, seed, "wide" if t5 == "pretrained-wide" else "tiny")
+        models["t5"] = cached_pretrained_t5("wide" if t5 == "pretrained-wide" else "tiny", seed=seed)
     extra = ["--resize-mode", resize_mode] if resize_mode else []
     web_dir, out = work / "web", work / "dataset"
     web = synthesize(web_dir, rows=rows, seed=seed, failure_rate=0.2, mismatch_rate=0.1, toxic_rate=0.04)

@@ -19,10 +19,13 @@ def main(args: argparse.Namespace, beam_argv: list[str]) -> int:
     from pipeline.prepare import run
     from pipeline.testbed.server import SynthServer
     from pipeline.testbed.synth import synthesize
-    from pipeline.testbed.models import cached_test_models, prepare_flags
+    from pipeline.testbed.models import cached_pretrained_t5, cached_test_models, prepare_flags, tiny_models_dir
 
-    print("kiln demo: tiny local models (built once into .kiln-cache/, a few minutes the first time)")
-    models = cached_test_models()
+    print(f"kiln demo: tiny local models (built once into {tiny_models_dir()}, a few minutes the first time)")
+    models = dict(cached_test_models())
+    if getattr(args, "t5", "random") == "pretrained":
+        print("kiln demo: captions embedded by the pretrained tiny T5 (built once, about 3 CPU minutes the first time)")
+        models["t5"] = str(cached_pretrained_t5())
 
     work = Path(args.workdir)
     web_dir, out_dir = work / "web", work / "dataset"

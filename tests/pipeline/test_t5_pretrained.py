@@ -6,6 +6,7 @@ the random-init one does not (docs/eval.md, "Pretrained vs random-init tiny T5")
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -80,6 +81,33 @@ def built(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("t5-pre")
     return build_tiny_t5(root / "random", seed=0), build_tiny_t5_pretrained(root / "pretrained", seed=0, steps=STEPS)
+
+
+def test_cached_pretrained_t5_builds_once_per_builder_version_and_size(tmp_path, monkeypatch):
+    import pipeline.testbed.models as models
+    import pipeline.testbed.models.build as build
+
+    calls = []
+
+    def fake_build(kind, out_dir, seed=0, **options):
+        calls.append((kind, seed, options))
+        Path(out_dir).mkdir(parents=True)
+        (Path(out_dir) / "model_card.json").write_text("{}")
+        return 0.0
+
+    monkeypatch.setattr(build, "run_isolated", fake_build)
+    tiny = models.cached_pretrained_t5("tiny", cache_dir=tmp_path)
+    assert models.cached_pretrained_t5("tiny", cache_dir=tmp_path) == tiny  # second call: no build
+    wide = models.cached_pretrained_t5("wide", cache_dir=tmp_path)
+    assert calls == [("t5_pretrained", 0, {}), ("t5_pretrained", 0, {"size": "wide"})]
+    assert tiny != wide and tiny.parent == wide.parent == tmp_path
+    assert tiny.name.startswith(models._builders_fingerprint())  # a builder edit or library upgrade rebuilds
+    assert not list(tmp_path.glob(".building-*"))
+    # A folder without its card (a build killed mid-rename) is rebuilt, not used.
+    (tiny / "model_card.json").unlink()
+    assert models.cached_pretrained_t5("tiny", cache_dir=tmp_path) == tiny and len(calls) == 3
+    with pytest.raises(ValueError, match="size must be one of"):
+        models.cached_pretrained_t5("huge", cache_dir=tmp_path)
 
 
 @pytest.mark.slow

@@ -12,6 +12,11 @@ heads) is exercised with models we train or initialise ourselves:
   t5/         a tiny T5 v1.1-shaped encoder (random init) with a SentencePiece tokenizer trained on
               synthetic captions, saved with save_pretrained so the real from_pretrained path loads it
 
+`cached_pretrained_t5(size)` builds, on first use only, the tiny T5 that is actually pretrained
+(t5_pretrain.py: span corruption + scene parsing on text only, about 3 CPU minutes; "wide" is its
+d_model-128 form) into the same cache, keyed the same way; `bench/learning.py` and `kiln demo --t5
+pretrained` use it. It is not part of `cached_test_models()`, so a fresh clone's tests do not pay for it.
+
 `cached_test_models()` builds them once into the cache (`tiny_models_dir()`: $KILN_TEST_MODELS, else
 `test-models/` under $KILN_CACHE_DIR, $XDG_CACHE_HOME/kiln or ~/.cache/kiln), keyed by the builders'
 source and the versions of the libraries that shape the bytes, so editing a builder or upgrading
@@ -164,6 +169,33 @@ def cached_test_models(cache_dir: str | Path | None = None, seed: int = 0) -> di
             shutil.rmtree(target)
         tmp.rename(target)
     return json.loads(manifest.read_text())
+
+
+def cached_pretrained_t5(size: str = "tiny", cache_dir: str | Path | None = None, seed: int = 0) -> Path:
+    """The pretrained tiny T5 folder (`kiln prepare --t5-model local:PATH`), built once per builder
+    version like the other tiny models: in a fresh interpreter (build.py), under the cache's lock,
+    into a scratch folder renamed into place, so a killed build leaves nothing that looks finished."""
+    from pipeline.testbed.models.t5_pretrain import SIZES
+
+    if size not in SIZES:
+        raise ValueError(f"size must be one of {tuple(SIZES)}, not {size!r}")
+    from pipeline.testbed.models.build import run_isolated
+
+    root = Path(cache_dir) if cache_dir else tiny_models_dir()
+    target = root / f"{_builders_fingerprint()}-seed{seed}-t5-pretrained{'' if size == 'tiny' else '-' + size}"
+    card = target / "model_card.json"
+    if card.exists():
+        return target
+    with _locked(root):
+        if card.exists():
+            return target
+        tmp = root / f".building-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        run_isolated("t5_pretrained", tmp, seed=seed, **({} if size == "tiny" else {"size": size}))
+        if target.exists():  # a partial folder (no card) from an interrupted rename
+            shutil.rmtree(target)
+        tmp.rename(target)
+    return target
 
 
 def main(args) -> int:

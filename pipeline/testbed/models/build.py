@@ -17,7 +17,7 @@ decisions then differ between two machines, or between a fresh clone and a warm 
 
 `tree_digest(dir)` is the sha256 of every file under a folder; tests compare two builds with it.
 
-    python -m pipeline.testbed.models.build {clip,nsfw,toxicity,t5} OUT_DIR [--seed 0] [--options JSON]
+    python -m pipeline.testbed.models.build {clip,nsfw,toxicity,t5,t5_pretrained} OUT_DIR [--seed 0] [--options JSON]
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import sys
 import time
 from pathlib import Path
 
-KINDS = ("clip", "nsfw", "toxicity", "t5")
+KINDS = ("clip", "nsfw", "toxicity", "t5", "t5_pretrained")
 
 from pipeline.testbed.models.determinism import BUILD_ENV
 
@@ -68,6 +68,10 @@ def build(kind: str, out_dir: str | os.PathLike, seed: int = 0, **options) -> Pa
         from pipeline.testbed.models.t5 import build_tiny_t5
 
         return build_tiny_t5(out, seed=seed, **options)
+    if kind == "t5_pretrained":
+        from pipeline.testbed.models.t5_pretrain import build_tiny_t5_pretrained
+
+        return build_tiny_t5_pretrained(out, seed=seed, **options)
     raise ValueError(f"unknown model kind {kind!r}; one of {KINDS}")
 
 
