@@ -137,10 +137,11 @@ def prepare_flags(models: dict) -> list[str]:
 
 
 @contextmanager
-def _locked(root: Path):
-    """An exclusive lock on `root`: concurrent test runs wait for one build instead of each building."""
+def _locked(root: Path, name: str = ".lock"):
+    """An exclusive lock on `root` (or on one of its builds, by `name`): concurrent test runs wait for
+    one build instead of each building."""
     root.mkdir(parents=True, exist_ok=True)
-    with open(root / ".lock", "w") as lock:
+    with open(root / name, "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             yield
@@ -186,11 +187,14 @@ def cached_pretrained_t5(size: str = "tiny", cache_dir: str | Path | None = None
     card = target / "model_card.json"
     if card.exists():
         return target
-    with _locked(root):
+    # Its own lock and scratch names: it builds while the test models build, and neither clears the
+    # other's scratch folder.
+    with _locked(root, f".lock-t5-pretrained-{size}"):
         if card.exists():
             return target
-        tmp = root / f".building-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
+        for stale in root.glob(f".pretraining-{size}-*"):  # left by a killed build (builds hold the lock)
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = root / f".pretraining-{size}-{os.getpid()}"
         run_isolated("t5_pretrained", tmp, seed=seed, **({} if size == "tiny" else {"size": size}))
         if target.exists():  # a partial folder (no card) from an interrupted rename
             shutil.rmtree(target)
