@@ -205,9 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--rows", type=int, default=500, help="rows of the synthetic web [500]")
     d.add_argument("--seed", type=int, default=0, help="seed of the synthetic web [0]")
     d.add_argument("--train-s", type=float, default=240.0, help="seconds of tiny-cascade training after prepare; 0 skips [240]")
-    d.add_argument("--t5", choices=("random", "pretrained"), default="random",
+    d.add_argument("--t5-encoder", choices=("random", "pretrained"), default="random",
                    help="the tiny T5 that embeds captions: the random-init test model, or the one pretrained on text "
-                   "only (span corruption + scene parsing; built once into the cache, ~3 CPU minutes; the cascade "
+                   "only (span corruption + scene parsing; built once into the cache, ~5 CPU minutes; the cascade "
                    "then follows background colours: docs/eval.md) [random]")
     d.set_defaults(func=_demo, beam_args=True)
     return parser

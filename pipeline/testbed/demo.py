@@ -23,8 +23,8 @@ def main(args: argparse.Namespace, beam_argv: list[str]) -> int:
 
     print(f"kiln demo: tiny local models (built once into {tiny_models_dir()}, a few minutes the first time)")
     models = dict(cached_test_models())
-    if getattr(args, "t5", "random") == "pretrained":
-        print("kiln demo: captions embedded by the pretrained tiny T5 (built once, about 3 CPU minutes the first time)")
+    if getattr(args, "t5_encoder", "random") == "pretrained":
+        print("kiln demo: captions embedded by the pretrained tiny T5 (built once, about 5 CPU minutes the first time)")
         models["t5"] = str(cached_pretrained_t5())
 
     work = Path(args.workdir)

@@ -1,4 +1,4 @@
-"""`kiln demo --t5 pretrained`: the demo's `kiln prepare` embeds captions with the pretrained tiny T5
+"""`kiln demo --t5-encoder pretrained`: the demo's `kiln prepare` embeds captions with the pretrained tiny T5
 from kiln's model cache (pipeline.testbed.models.cached_pretrained_t5), everything else unchanged.
 The models and the Beam job are replaced here (the real ones are what `make demo` runs); the flag's
 wiring is what is checked."""
@@ -23,7 +23,7 @@ def test_demo_embeds_with_the_chosen_tiny_t5(tmp_path, monkeypatch, t5, expect):
     monkeypatch.setattr(models, "cached_test_models", lambda: dict(FAKE))
     monkeypatch.setattr(models, "cached_pretrained_t5", lambda size="tiny": built.append(size) or "/cache/t5-pretrained")
     monkeypatch.setattr(pipeline.prepare, "run", lambda cfg, beam_argv: seen.setdefault("cfg", cfg))
-    args = argparse.Namespace(workdir=str(tmp_path / "demo"), rows=120, seed=0, train_s=0, t5=t5)
+    args = argparse.Namespace(workdir=str(tmp_path / "demo"), rows=120, seed=0, train_s=0, t5_encoder=t5)
     assert demo.main(args, []) == 0
     assert seen["cfg"].t5.model == expect
     assert seen["cfg"].clip.clip_model == "local-dir:/m/clip"  # the other models are the test models still
@@ -33,6 +33,6 @@ def test_demo_embeds_with_the_chosen_tiny_t5(tmp_path, monkeypatch, t5, expect):
 def test_demo_t5_flag_is_parsed():
     from pipeline.cli import build_parser
 
-    args = build_parser().parse_args(["demo", "--t5", "pretrained", "--train-s", "0"])
-    assert args.t5 == "pretrained"
-    assert build_parser().parse_args(["demo"]).t5 == "random"
+    args = build_parser().parse_args(["demo", "--t5-encoder", "pretrained", "--train-s", "0"])
+    assert args.t5_encoder == "pretrained"
+    assert build_parser().parse_args(["demo"]).t5_encoder == "random"

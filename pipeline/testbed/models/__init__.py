@@ -13,8 +13,8 @@ heads) is exercised with models we train or initialise ourselves:
               synthetic captions, saved with save_pretrained so the real from_pretrained path loads it
 
 `cached_pretrained_t5(size)` builds, on first use only, the tiny T5 that is actually pretrained
-(t5_pretrain.py: span corruption + scene parsing on text only, about 3 CPU minutes; "wide" is its
-d_model-128 form) into the same cache, keyed the same way; `bench/learning.py` and `kiln demo --t5
+(t5_pretrain.py: span corruption + scene parsing on text only, about 5 CPU minutes; "wide" is its
+d_model-128 form) into the same cache, keyed the same way; `bench/learning.py` and `kiln demo --t5-encoder
 pretrained` use it. It is not part of `cached_test_models()`, so a fresh clone's tests do not pay for it.
 
 `cached_test_models()` builds them once into the cache (`tiny_models_dir()`: $KILN_TEST_MODELS, else
