@@ -73,6 +73,10 @@ def _train_and_sample(work: Path, data: Path, models: dict, budget_s: float) -> 
     stages = (("tiny-base", budget_s / 2), ("tiny-sr", budget_s / 4), ("tiny-sr2", budget_s / 4))
     print("\nkiln demo: training " + ", ".join(f"{p} for {s:.0f}s" for p, s in stages) + f" on {data} (CPU)")
     for preset, seconds in stages:
+        # The demo's own run folders, trained from scratch each time: a fresh run beside an earlier
+        # demo's checkpoints with higher step numbers would have its new checkpoints pruned as "old".
+        if (runs / preset).exists():
+            shutil.rmtree(runs / preset)
         train(load_config(preset, {"train.sample_every": 0}), data, runs / preset, time_budget_s=seconds)
     prompts = work / "prompts.txt"
     prompts.write_text("\n".join(DEMO_PROMPTS) + "\n")
