@@ -2,7 +2,7 @@
 
 Light on purpose: argparse and json only, no torch, because `kiln --help` builds these parsers.
 
-    kiln train --config PRESET --data DATASET_DIR --workdir DIR [--max-steps N] [--time-budget-s S]
+    kiln train --config PRESET --data DATASET_DIR --workdir DIR [--max-steps N] [--time-budget-s S [--fit-schedule]]
                [--resume] [--holdout-fraction F] [--override key=value ...]
     kiln sample --base CKPT [--sr256 CKPT] [--sr1024 CKPT] (--prompts prompts.parquet | --from-shards DIR [--n 8])
                 [--out grid.png] [--out-dir DIR [--per-prompt N] [--overwrite]]
@@ -43,6 +43,9 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workdir", required=True, metavar="DIR", help="checkpoints, metrics, samples go here")
     p.add_argument("--max-steps", type=int, default=None, metavar="N", help="total steps to reach [train.max_steps]")
     p.add_argument("--time-budget-s", type=float, default=None, metavar="S", help="stop (and checkpoint) after S seconds of training")
+    p.add_argument("--fit-schedule", action="store_true",
+                   help="with --time-budget-s: time the first steps and set train.max_steps to what fits the budget, "
+                        "so the learning-rate schedule ends when the budget does")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --workdir")
     p.add_argument("--holdout-fraction", type=float, default=0.0, metavar="F",
                    help="share of samples (by uid hash) never trained on, for evaluation [0]")

@@ -22,6 +22,14 @@ The workdir:
     tb/                                the same scalars as TensorBoard events, if tensorboard is installed
     samples/step_NNNNNNNN.png          periodic sample grids from the EMA weights
 
+A wall-clock budget (`--time-budget-s S`) stops the run after S seconds, wherever its learning-rate
+schedule is. `--fit-schedule` instead fits the schedule to the budget: a fresh run times its steps
+FIT_FROM..FIT_AT (inside the warm-up, whose learning rate does not depend on train.max_steps), sets
+train.max_steps to the steps that fit in the rest of the budget (FIT_MARGIN of it, for checkpoints and
+sample grids), writes that into config.json and the train state, and decays the cosine schedule to 0
+there. With train.warmup_steps >= FIT_AT the run is the one `--override train.max_steps=N` gives, bit
+for bit on CPU; a resumed run keeps the fitted schedule.
+
 Resume is exact: randomness per step is drawn from generators re-seeded from (seed, rank, step)
 and the data source's position is a step count (train.data), so N steps, stop, resume to 2N gives
 the same parameters, bit for bit on CPU, as 2N steps in one go (tests/train/test_learning.py).
@@ -71,6 +79,18 @@ __all__ = ["Trainer", "ema_update", "lr_factor", "main_train", "train"]
 
 # --------------------------------------------------------------------------------------------
 # Pieces with their own tests
+
+
+FIT_FROM, FIT_AT = 5, 40  # --fit-schedule times steps FIT_FROM..FIT_AT (the first ones pay one-off costs)
+FIT_MARGIN = 0.95  # the share of the remaining budget the fitted steps may take (checkpoints, sample grids)
+
+
+def fitted_steps(step: int, elapsed_s: float, per_step_s: float, budget_s: float, margin: float = FIT_MARGIN) -> int:
+    """train.max_steps for --fit-schedule: `step` steps done after `elapsed_s` of the budget, at
+    `per_step_s` seconds a step -- the steps that fit in `margin` of what is left, at least one more."""
+    if per_step_s <= 0 or not math.isfinite(per_step_s):
+        raise ValueError(f"per_step_s must be a positive number of seconds, got {per_step_s}")
+    return step + max(1, int(max(0.0, budget_s - elapsed_s) * margin / per_step_s))
 
 
 def lr_factor(step: int, warmup_steps: int, max_steps: int | None = None, schedule: str = "constant",
@@ -220,6 +240,7 @@ class Trainer:
                                   split="train", holdout_fraction=self.holdout_fraction, keep=keep, cache=cache,
                                   num_workers=self.num_workers)
         self.step = 0
+        self.fitted = False  # train.max_steps set by --fit-schedule (Trainer.train)
         self.last_logs: dict = {}
         self.history: list[dict] = []  # every logged scalars dict, also in metrics.jsonl
         self.sample_captions = sample_captions
@@ -299,10 +320,20 @@ class Trainer:
 
     # -- the loop -------------------------------------------------------------------------------
 
-    def train(self, max_steps: int | None = None, time_budget_s: float | None = None) -> dict:
+    def train(self, max_steps: int | None = None, time_budget_s: float | None = None, fit_schedule: bool = False) -> dict:
         """Train until `max_steps` (total, default train.max_steps) or `time_budget_s` of wall time
-        in this call; save a checkpoint at the end. Returns a summary."""
+        in this call; save a checkpoint at the end. Returns a summary. `fit_schedule`: fit
+        train.max_steps to the time budget (the module's docstring)."""
         t = self.cfg.train
+        if fit_schedule:
+            if time_budget_s is None:
+                raise ConfigError("--fit-schedule fits the learning-rate schedule to --time-budget-s: give both")
+            if max_steps is not None:
+                raise ConfigError("--fit-schedule chooses the step count itself: drop --max-steps (or --fit-schedule)")
+            if self.step != 0:
+                raise ConfigError(f"--fit-schedule fits a fresh run's schedule; this run resumed at step {self.step} "
+                                  f"keeps the schedule it was started with (train.max_steps={t.max_steps}): "
+                                  "drop --fit-schedule")
         max_steps = t.max_steps if max_steps is None else max_steps
         if t.lr_schedule == "cosine" and max_steps > t.max_steps:
             # The schedule is fixed by the config (so a resumed run follows the same curve), and
@@ -311,10 +342,17 @@ class Trainer:
                              f"to train to step {max_steps}, set train.max_steps={max_steps} instead")
         start_step, t0 = self.step, time.monotonic()
         window_t, window_images, window_steps = time.monotonic(), 0, 0
+        fit_t0 = None
         while self.step < max_steps:
             if time_budget_s is not None and self._agree(time.monotonic() - t0 >= time_budget_s):
                 break
+            if fit_schedule and self.step == FIT_FROM:
+                fit_t0 = time.monotonic()
             logs = self.train_step()
+            if fit_schedule and self.step == FIT_AT and fit_t0 is not None:
+                now = time.monotonic()
+                max_steps = self._fit(fitted_steps(self.step, now - t0, (now - fit_t0) / (FIT_AT - FIT_FROM),
+                                                   time_budget_s))
             self.last_logs = logs
             window_images += logs["images"]
             window_steps += 1
@@ -346,6 +384,22 @@ class Trainer:
                   + (f"; skipped {sum(skipped.values())} corrupt samples: {skipped}" if skipped else ""))
         return summary
 
+    def _fit(self, steps: int) -> int:
+        """Set train.max_steps to rank 0's fitted `steps` (every rank), record it in config.json."""
+        if self.world_size > 1:
+            v = torch.tensor([float(steps)], device=self.device)
+            dist.broadcast(v, 0)
+            steps = int(v.item())
+        t = self.cfg.train
+        self.info(f"kiln train: --fit-schedule: {steps} steps fit the time budget at this speed "
+                  f"(train.max_steps {t.max_steps} -> {steps}; the {t.lr_schedule} schedule ends there)")
+        t.max_steps = steps  # the scheduler's lambda reads it at every step
+        self.fitted = True
+        if self.is_main:
+            text = json.dumps(config_to_dict(self.cfg), indent=2, sort_keys=True)
+            atomic_write(self.workdir / "config.json", lambda tmp: tmp.write_text(text))
+        return steps
+
     def _agree(self, flag: bool) -> bool:
         """Rank 0's decision, on every rank (a time budget must stop all ranks at the same step)."""
         if self.world_size == 1:
@@ -373,6 +427,8 @@ class Trainer:
             "data": self.source.state_dict(),
             "holdout_fraction": self.holdout_fraction,
             "world_size": self.world_size,
+            # --fit-schedule's train.max_steps, which the preset does not know: a resumed run keeps it
+            "fitted_max_steps": self.cfg.train.max_steps if self.fitted else None,
         }
 
     def save(self) -> Path | None:
@@ -413,6 +469,10 @@ class Trainer:
             self.generator.set_state(rng["generator"])
             self.source.load_state_dict(s["data"])
             self.step = int(s["step"])
+            if s.get("fitted_max_steps"):
+                self.cfg.train.max_steps, self.fitted = int(s["fitted_max_steps"]), True
+                self.info(f"kiln train: the run's schedule was fitted to its time budget: train.max_steps "
+                          f"{self.cfg.train.max_steps}")
         except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as err:
             raise CheckpointError(f"cannot resume from {weights} + {Path(state).name}: "
                                   f"{one_line(err) or type(err).__name__}; {FRESH}") from err
@@ -465,8 +525,9 @@ def train(cfg: Config, data_dir: str | Path, workdir: str | Path, max_steps: int
     """Build a Trainer (kwargs: device, resume, holdout_fraction, keep, cache, ...), train it, return it
     (its `.summary` holds what `Trainer.train` returned)."""
     device = kwargs.pop("device", None)
+    fit = kwargs.pop("fit_schedule", False)
     trainer = Trainer(cfg, data_dir, workdir, device, **kwargs)
-    trainer.summary = trainer.train(max_steps=max_steps, time_budget_s=time_budget_s)
+    trainer.summary = trainer.train(max_steps=max_steps, time_budget_s=time_budget_s, fit_schedule=fit)
     return trainer
 
 
@@ -536,8 +597,15 @@ def main_train(args: argparse.Namespace) -> int:
     if not args.resume and work.is_dir() and ((work / "config.json").exists() or any((work / "checkpoints").glob("*"))):
         raise ConfigError(f"--workdir {work} already holds a training run: pass --resume to continue it, or choose "
                           f"another --workdir (kiln never starts over a run's checkpoints)")
+    if args.fit_schedule and args.time_budget_s is None:
+        raise ConfigError("--fit-schedule fits the learning-rate schedule to --time-budget-s: give both")
+    if args.fit_schedule and args.max_steps is not None:
+        raise ConfigError("--fit-schedule chooses the step count itself: drop --max-steps (or --fit-schedule)")
+    if args.fit_schedule and args.resume:
+        raise ConfigError("--fit-schedule fits a fresh run's schedule; a resumed run keeps the one it started with: "
+                          "drop --fit-schedule")
     trainer = train(cfg, args.data, args.workdir, max_steps=args.max_steps, time_budget_s=args.time_budget_s,
-                    device=args.device, resume=args.resume, holdout_fraction=args.holdout_fraction, cache=args.cache)
+                    fit_schedule=args.fit_schedule, device=args.device, resume=args.resume, holdout_fraction=args.holdout_fraction, cache=args.cache)
     print(json.dumps(trainer.summary))
     return 0
 

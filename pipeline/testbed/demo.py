@@ -77,7 +77,10 @@ def _train_and_sample(work: Path, data: Path, models: dict, budget_s: float) -> 
         # demo's checkpoints with higher step numbers would have its new checkpoints pruned as "old".
         if (runs / preset).exists():
             shutil.rmtree(runs / preset)
-        train(load_config(preset, {"train.sample_every": 0}), data, runs / preset, time_budget_s=seconds)
+        # --fit-schedule: each stage's cosine schedule ends when its share of the budget does, so the
+        # grid shows finished (lr 0) models, not ones stopped at full learning rate.
+        train(load_config(preset, {"train.sample_every": 0}), data, runs / preset, time_budget_s=seconds,
+              fit_schedule=True)
     prompts = work / "prompts.txt"
     prompts.write_text("\n".join(DEMO_PROMPTS) + "\n")
     embed_prompts(prompts, work / "prompts.parquet", f"local:{models['t5']}")

@@ -290,7 +290,9 @@ def test_a_run_in_the_workdir_is_never_started_over(small_shards, trained, tmp_p
 
 
 @pytest.mark.parametrize("extra, fragment", [(["--device", "potato"], "--device"), (["--device", "cuda:7"], "CUDA"),
-                                             (["--time-budget-s", "-5"], "--time-budget-s")])
+                                             (["--time-budget-s", "-5"], "--time-budget-s"),
+                                             (["--fit-schedule"], "--time-budget-s"),
+                                             (["--fit-schedule", "--time-budget-s", "9", "--max-steps", "5"], "--max-steps")])
 def test_train_bad_values_are_one_line(small_shards, tmp_path, extra, fragment):
     root, _ = small_shards
     if fragment == "CUDA":

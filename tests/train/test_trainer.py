@@ -15,7 +15,7 @@ from tests.train.conftest import MICRO, micro_cfg, micro_sr_cfg
 from train.checkpoint import latest_checkpoint, load_stage
 from train.config import config_to_dict
 from train.errors import UserError
-from train.trainer import Trainer, ema_update, lr_factor
+from train.trainer import FIT_AT, Trainer, ema_update, fitted_steps, lr_factor
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -246,3 +246,41 @@ def test_resume_continues_exactly(small_shards, tmp_path):
     assert a and all(torch.equal(a[i]["exp_avg_sq"], b[i]["exp_avg_sq"]) for i in a)
     fresh = Trainer(cfg, root, tmp_path / "fresh", log=None)
     assert not all(torch.equal(v, fresh.model.state_dict()[k]) for k, v in straight.model.state_dict().items())
+
+
+def test_fitted_steps_fill_the_rest_of_the_budget():
+    # 40 steps done after 12 s of a 900 s budget at 0.5 s a step: 95% of the 888 s left is 1687 more
+    assert fitted_steps(40, 12.0, 0.5, 900.0) == 40 + 1687
+    assert fitted_steps(40, 12.0, 0.5, 900.0, margin=1.0) == 40 + 1776
+    assert fitted_steps(40, 950.0, 0.5, 900.0) == 41  # past the budget: one more step, never fewer
+    with pytest.raises(ValueError):
+        fitted_steps(40, 1.0, 0.0, 900.0)
+
+
+def test_fit_schedule_ends_the_cosine_in_the_budget_and_equals_the_plain_run(small_shards, tmp_path):
+    """--fit-schedule sets train.max_steps from the timed first steps (inside the warm-up), records it
+    in config.json and the train state, and the run is the one train.max_steps=N gives, bit for bit;
+    a resumed run keeps N. Nothing here is timed: N is whatever this machine's speed gave."""
+    root, _ = small_shards
+    cfg = micro_cfg(**{"train.warmup_steps": FIT_AT, "train.lr_schedule": "cosine", "train.max_steps": 100_000,
+                       "train.log_every": 0})
+    fitted = Trainer(cfg, root, tmp_path / "fitted", log=None)
+    summary = fitted.train(time_budget_s=2.0, fit_schedule=True)
+    n = fitted.cfg.train.max_steps
+    assert FIT_AT < n < 100_000 and fitted.fitted
+    assert json.loads((tmp_path / "fitted" / "config.json").read_text())["train"]["max_steps"] == n
+    stopped = summary["step"]  # n, or fewer if this machine slowed down after the fit
+    assert FIT_AT < stopped <= n
+    plain = Trainer(micro_cfg(**{"train.warmup_steps": FIT_AT, "train.lr_schedule": "cosine", "train.max_steps": n,
+                                 "train.log_every": 0}), root, tmp_path / "plain", log=None)
+    plain.train(max_steps=stopped)
+    for k, v in plain.model.state_dict().items():
+        assert torch.equal(v, fitted.model.state_dict()[k]), k
+    assert plain.optimizer.param_groups[0]["lr"] == fitted.optimizer.param_groups[0]["lr"]
+    if stopped == n:
+        assert fitted.optimizer.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)  # the cosine ended
+    resumed = Trainer(micro_cfg(**{"train.warmup_steps": FIT_AT, "train.lr_schedule": "cosine",
+                                   "train.max_steps": 100_000}), root, tmp_path / "fitted", resume=True, log=None)
+    assert resumed.cfg.train.max_steps == n and resumed.step == stopped
+    with pytest.raises(UserError, match="fresh run"):
+        resumed.train(time_budget_s=1.0, fit_schedule=True)
