@@ -75,6 +75,11 @@ class UNetConfig:
     # layer knows where it is (a conv stack with zero padding knows it only near the border). For
     # prompts that name a position ("on the left", "above"): docs/eval.md measures it.
     coord_channels: bool = False
+    # Each attention layer's image queries and keys get their pixel's 2D position (sin/cos of x and y
+    # at ATTN_POS_FREQS frequencies, through a learned projection per layer), as a ViT's tokens do:
+    # a query can then match a text token ("left", "top") by where it is, not only by what is there.
+    # Imagen has none (convs with zero padding learn position at scale). docs/eval.md measures it.
+    attn_pos: bool = False
 
     def __post_init__(self):
         n = len(self.dim_mults)

@@ -69,6 +69,20 @@ def coord_grid(x: torch.Tensor) -> torch.Tensor:
     return grid[None].expand(b, -1, -1, -1)
 
 
+ATTN_POS_FREQS = 4  # unet.attn_pos: sin/cos of pi * 2^k * x and y, k < 4 -> 16 features a pixel
+
+
+def position_features(h: int, w: int, device=None, dtype=None) -> torch.Tensor:
+    """[h*w, 4 * ATTN_POS_FREQS]: sin and cos of pi * 2^k * (x, y) for each pixel (row-major, as an
+    attention layer flattens its image), x and y its centre in [-1, 1] (coord_grid)."""
+    ys = (torch.arange(h, device=device, dtype=torch.float32) + 0.5) / h * 2 - 1
+    xs = (torch.arange(w, device=device, dtype=torch.float32) + 0.5) / w * 2 - 1
+    yy, xx = torch.meshgrid(ys, xs, indexing="ij")
+    freqs = math.pi * 2.0 ** torch.arange(ATTN_POS_FREQS, device=device, dtype=torch.float32)
+    ang = torch.cat([xx.reshape(-1, 1) * freqs, yy.reshape(-1, 1) * freqs], dim=1)
+    return torch.cat([ang.sin(), ang.cos()], dim=1).to(dtype or torch.float32)
+
+
 class ResBlock(nn.Module):
     """GroupNorm-SiLU-conv, FiLM by the conditioning vector, GroupNorm-SiLU-dropout-conv, plus a
     (1x1 if the width changes) shortcut; the sum is scaled by 1/sqrt(2) (`combine`) so the variance
@@ -101,9 +115,12 @@ class TextAttention(nn.Module):
     text tokens, a learned null token]. `self_attn=True` is Imagen's text-concat self-attention
     (base/256); `self_attn=False` is cross-attention only (1024). Padded tokens are masked out."""
 
-    def __init__(self, channels: int, cond_dim: int, heads: int, head_dim: int, self_attn: bool):
+    def __init__(self, channels: int, cond_dim: int, heads: int, head_dim: int, self_attn: bool, pos: bool = False):
         super().__init__()
         inner = heads * head_dim
+        # unet.attn_pos: the pixels' positions into the image queries (and keys, with self-attention)
+        self.pos_q = nn.Linear(4 * ATTN_POS_FREQS, inner, bias=False) if pos else None
+        self.pos_k = nn.Linear(4 * ATTN_POS_FREQS, inner, bias=False) if pos and self_attn else None
         self.heads, self.head_dim, self.self_attn = heads, head_dim, self_attn
         self.norm = nn.GroupNorm(_groups(channels), channels)
         self.to_q = nn.Linear(channels, inner, bias=False)
@@ -116,12 +133,17 @@ class TextAttention(nn.Module):
         b, c, hgt, wid = x.shape
         h = self.norm(x).flatten(2).transpose(1, 2)  # [B, HW, C]
         q = self.to_q(h)
+        pe = position_features(hgt, wid, x.device, q.dtype) if self.pos_q is not None else None
+        if pe is not None:
+            q = q + self.pos_q(pe)
         text_k, text_v = self.text_to_kv(tokens).chunk(2, dim=-1)  # [B, L, inner]
         null_k, null_v = (t.expand(b, 1, -1).to(q.dtype) for t in self.null_kv[:, None, :])
         ks, vs = [null_k, text_k], [null_v, text_v]
         mask = [token_mask.new_ones(b, 1), token_mask]
         if self.self_attn:
             img_k, img_v = self.to_kv(h).chunk(2, dim=-1)
+            if self.pos_k is not None:
+                img_k = img_k + self.pos_k(pe)
             ks.append(img_k), vs.append(img_v), mask.append(token_mask.new_ones(b, h.shape[1]))
         k, v, mask = torch.cat(ks, 1), torch.cat(vs, 1), torch.cat(mask, 1)
 
@@ -142,7 +164,8 @@ class Level(nn.Module):
         n = len(channels_in)
 
         def attn(kind):
-            return nn.ModuleList(TextAttention(channels, cfg.cond_dim, cfg.heads, cfg.head_dim, kind) for _ in range(n))
+            return nn.ModuleList(TextAttention(channels, cfg.cond_dim, cfg.heads, cfg.head_dim, kind, cfg.attn_pos)
+                                 for _ in range(n))
 
         self.self_attn = attn(True) if self_attn else None
         self.cross_attn = attn(False) if cross_attn else None

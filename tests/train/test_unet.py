@@ -264,3 +264,33 @@ def test_coord_channels_tell_the_unet_where_each_pixel_is():
             a, b = model(x, logsnr, text, mask), model(shifted, logsnr, text, mask)
         gaps[coords] = (torch.roll(a, 4, dims=3) - b)[..., 12:36, 12:36].abs().max().item()  # away from the border
     assert EfficientUNet(replace(base, coord_channels=True)).init_conv.in_channels == 5
+
+
+def test_attn_pos_tells_each_attention_query_where_it_is():
+    """A spatially uniform input gives the same features at every interior pixel (convs see only their
+    neighbourhood), so attention queries there are equal and so are their outputs; unet.attn_pos adds the
+    pixel's position to queries and keys, and the interior output then varies with position."""
+    from dataclasses import replace
+
+    from train.unet import ATTN_POS_FREQS, position_features
+
+    pe = position_features(2, 4)
+    assert pe.shape == (8, 4 * ATTN_POS_FREQS)
+    # row-major like an attention layer's flatten: index 1 is row 0, column 1: x = -0.25, sin(pi x) first
+    assert torch.isclose(pe[1, 0], torch.sin(torch.tensor(-0.25 * torch.pi)))
+    assert torch.isclose(pe[4, ATTN_POS_FREQS], torch.sin(torch.tensor(0.5 * torch.pi)))  # (1, 0): y = +0.5
+    base = replace(load_config("tiny-base").unet, dim_mults=(1,), num_res_blocks=(1,), attn_levels=(True,),
+                   cross_attn_levels=(False,))
+    _, logsnr, text, mask = inputs(res=48, d=base.text_dim)
+    x = torch.full((2, 3, 48, 48), 0.3)
+    spread = {}
+    for pos in (False, True):
+        torch.manual_seed(0)
+        model = EfficientUNet(replace(base, attn_pos=pos))
+        torch.nn.init.normal_(model.out_conv.weight, std=0.02)
+        with torch.no_grad():
+            out = model(x, logsnr, text, mask)[..., 12:36, 12:36]
+        spread[pos] = (out - out[..., :1, :1]).abs().max().item()
+    assert spread[False] < 1e-5 and spread[True] > 1e-3, spread
+    n_pos = sum(p.numel() for n, p in EfficientUNet(replace(base, attn_pos=True)).named_parameters() if ".pos_" in n)
+    assert n_pos > 0
