@@ -11,8 +11,9 @@ What a new user does, as the user's own commands (subprocesses of the `kiln` CLI
      models: pipeline.testbed.models.cached_pretrained_t5; `--t5 random`: the test
      models' random-init encoder -- the comparison in docs/eval.md; `--t5 pretrained-wide`: the same
      pretraining at d_model 128, for the encoder-vs-U-Net scaling ablation);
-  2. `kiln train --config CONFIG --time-budget-s TRAIN_S` on every shard (2 CPU cores: the budget is
-     wall time, so a busy machine trains fewer steps; the step count is printed);
+  2. `kiln train --config CONFIG --time-budget-s TRAIN_S --fit-schedule` on every shard (2 CPU cores:
+     the budget is wall time and the cosine schedule is fitted to it from the first steps' speed, so a
+     faster machine trains more steps, a busy one fewer; the step count is printed);
   3. `kiln eval --suite synthetic --data DATASET --write-prompts`, `kiln embed-prompts` with the
      dataset's T5, and `kiln eval --base CKPT --suite synthetic --guidance ...` on the held-out prompts.
 
@@ -37,6 +38,37 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 FLOORS = {"colour": 0.90, "background": 0.80, "position": 0.70, "relation": 0.60, "count": 0.60}
+
+
+def spec_res(config: str, overrides: list[str]) -> int:
+    from train.args import parse_overrides
+    from train.config import load_config
+
+    return load_config(config, parse_overrides(overrides)).data.resolution
+
+
+def data_ceiling(data: Path, config: str, overrides: list[str]) -> dict:
+    """The training data's own score: every kept sample's image, decoded and cropped at the stage's
+    resolution exactly as the trainer reads it (train.data.load_records), read by the suite's scorer
+    against its own caption. What a model that reproduced its training images would reach -- the
+    ceiling the data sets, per category ({category: {"n", "accuracy"}})."""
+    from train.args import parse_overrides
+    from train.config import load_config
+    from train.data import ImageSpec, load_records
+    from train.evaluate import categories_of, judge, parse_caption, read_image
+
+    spec = ImageSpec.from_config(load_config(config, parse_overrides(overrides)))
+    hits: dict[str, list[int]] = {}
+    for rec in load_records(data, spec):
+        scene = parse_caption(rec.caption)
+        if scene is None:
+            continue
+        reading = read_image(rec.image.permute(1, 2, 0).numpy())
+        for c in categories_of(scene):
+            h = hits.setdefault(c, [0, 0])
+            h[0] += judge(c, scene, reading)
+            h[1] += 1
+    return {c: {"n": n, "accuracy": k / n} for c, (k, n) in hits.items()}
 
 
 def kiln(*args: str, capture: bool = False) -> str:
@@ -73,6 +105,9 @@ def main() -> int:
     ap.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
                     help="extra `kiln train --override KEY=VALUE` (ablations)")
     ap.add_argument("--guidance", default="1,3,5", help="guidance weights of the sweep [1,3,5]")
+    ap.add_argument("--no-fit", action="store_true",
+                    help="train the preset's train.max_steps (cut by --train-s) instead of `kiln train --fit-schedule`, "
+                         "which fits the schedule's length to --train-s")
     ap.add_argument("--suite-n", type=int, default=64, help="suite scenes per size [64]")
     ap.add_argument("--workdir", default="build/learning")
     ap.add_argument("--run-name", default=None, help="the training run's folder under WORKDIR/runs [the config]")
@@ -103,7 +138,7 @@ def main() -> int:
         shutil.rmtree(run)  # the bench's own folder: each measurement trains from scratch
     t1 = time.monotonic()
     kiln("train", "--config", args.config, "--data", str(data), "--workdir", str(run), "--time-budget-s",
-         str(args.train_s), *sets)
+         str(args.train_s), *([] if args.no_fit else ["--fit-schedule"]), *sets)
     train_s = time.monotonic() - t1
     from train.checkpoint import latest_checkpoint
 
@@ -125,6 +160,9 @@ def main() -> int:
 
     print(f"\n{args.config} {' '.join(args.override)}: {step} steps in {train_s:.0f} s of `kiln train` "
           f"(budget {args.train_s:.0f} s; dataset {prep_s:.0f} s{'' if kept is None else f', {kept} samples'})")
+    ceiling = data_ceiling(data, args.config, args.override)
+    print(f"  the data itself (each training image at the stage's {spec_res(args.config, args.override)} px, read by the same scorer "
+          "against its own caption): " + "; ".join(f"{c} {v['accuracy']:.0%}" for c, v in ceiling.items()))
     rows = []
     for r in info["runs"]:
         w = r.get("guidance")
@@ -141,6 +179,7 @@ def main() -> int:
         rows.append({"guidance": w, "categories": {c: {k: v[k] for k in ("n", "accuracy", "ci95", "chance")} for c, v in cats.items()}})
     result = {"config": args.config, "set": args.override, "steps": step, "train_s": train_s, "train_budget_s": args.train_s,
               "rows": args.rows, "seed": args.seed, "cpu_count": os.cpu_count(), "floors": FLOORS, "runs": rows,
+              "data_ceiling": ceiling,
               "eval_dir": str(out), "checkpoint": str(ckpt)}
     (work / f"learning-{name}.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
     print(f"  -> {work / f'learning-{name}.json'}, report {out / 'report.html'}")

@@ -205,3 +205,21 @@ def test_resume_is_exact(synth_dataset, tmp_path):
     fresh = Trainer(cfg, data, tmp_path / "fresh", log=None, holdout_fraction=0.1)
     assert not all(torch.equal(v, fresh.model.state_dict()[k]) for k, v in straight.model.state_dict().items())
     assert np.isfinite(straight.last_logs["loss"])
+
+
+def test_the_data_itself_reads_as_its_captions_at_the_base_resolution(synth_dataset):
+    """bench/learning.py's ceiling: every training image, decoded at tiny-base's 32 px as the trainer
+    decodes it, read by the suite's scorer against its own caption. Near 100% in each category, so
+    a model's shortfall on the suite is the model's, not the data's or the scorer's."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    from bench.learning import data_ceiling
+
+    data, _ = synth_dataset
+    ceiling = data_ceiling(data, "tiny-base", [])
+    assert set(ceiling) >= {"colour", "background", "position", "count", "shape"}, ceiling
+    assert all(v["n"] >= 100 for v in ceiling.values()), ceiling
+    for category, v in ceiling.items():
+        assert v["accuracy"] >= 0.9, (category, ceiling)
