@@ -176,8 +176,11 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(body)))
         for k, v in (headers or {}).items():
             self.send_header(k, v)
+        if not with_body or not body:
+            self._left()  # end_headers sends the whole answer
         self.end_headers()
-        if with_body:
+        if with_body and body:
+            self._left()
             self.wfile.write(body)
 
     def _error(self, status: int, headers: dict | None = None, with_body: bool = True):
@@ -195,10 +198,19 @@ class _Handler(BaseHTTPRequestHandler):
         state = self.server.state
         site = self.server.site or ""
         state.enter(site)
+        self._in_flight_site = site  # _send ends the count when the answer goes out
         try:
             self._answer(state, with_body)
         finally:
-            state.leave(site)
+            self._left()
+
+    def _left(self) -> None:
+        """A request stops being in flight when its answer is sent (once): a client that has read a
+        HEAD's answer may send its next request before this thread's `finally` runs, and counting
+        both would report one more concurrent request than the client ever had."""
+        site, self._in_flight_site = getattr(self, "_in_flight_site", None), None
+        if site is not None:
+            self.server.state.leave(site)
 
     def _answer(self, state: _State, with_body: bool) -> None:
         prefix = f"@{self.server.site}" if self.server.site else ""
