@@ -3,15 +3,15 @@
     .venv/bin/python bench/sr_noise_aug.py [--data DATASET] [--workdir build/sr-noise-aug] [--steps 600]
                                            [--noise 0,0.1] [--aug-levels 0,0.1,0.25] [--sr-n 64]
 
-Trains the `tiny-sr` preset (32 -> 64 px) twice on the same dataset, seed, steps and 10% held-out
-split: once as shipped (noise conditioning augmentation: half of each batch sees its low-res image
-at aug_level ~ U(0, 1), the level given to the U-Net) and once without
-(`--override diffusion.noise_aug_train_max=0`: every low-res image clean). Then scores both with
-`kiln eval --sr256 CKPT --data DATASET` on the held-out images: with the true low-res inputs, and
-with inputs perturbed by Gaussian noise (`--lowres-noise SIGMA`, a stand-in for the errors of a base
-stage's samples, which an SR stage meets in a cascade and never in the shards), sampled at each aug
-level. Prints PSNR against the truth, the bicubic baseline and the paired gain with 95% t intervals,
-and writes WORKDIR/sr-noise-aug.json.
+Trains the `tiny-sr` preset (16 -> 64 px; 32 -> 64 in docs/eval.md's table) twice on the same
+dataset, seed, steps and 10% held-out split: once as shipped (noise conditioning augmentation: half
+of each batch sees its low-res image at aug_level ~ U(0, 1), the level given to the U-Net) and once
+without (`--override diffusion.noise_aug_train_max=0`: every low-res image clean). Then scores both
+with `kiln eval --sr256 CKPT --data DATASET` on the held-out images: with the true low-res inputs,
+and with inputs perturbed by Gaussian noise (`--lowres-noise SIGMA`, a stand-in for the errors of a
+base stage's samples, which an SR stage meets in a cascade and never in the shards), sampled at each
+aug level. Prints PSNR against the truth, the bicubic baseline and the paired gain with 95% t
+intervals, and writes WORKDIR/sr-noise-aug.json.
 
 Without --data it builds the synthetic web dataset bench/learning.py uses (4,000 rows, the
 pretrained tiny T5) into WORKDIR/dataset, or reuses one that is complete. Both trainings run to a

@@ -56,7 +56,7 @@ DEMO_PROMPTS = (
 
 
 def _train_and_sample(work: Path, data: Path, models: dict, budget_s: float) -> None:
-    """The tiny three-stage cascade (tiny-base 32 px -> tiny-sr 64 px -> tiny-sr2 128 px) on the
+    """The tiny three-stage cascade (tiny-base 16 px -> tiny-sr 64 px -> tiny-sr2 128 px) on the
     demo shards for a bounded time, then a sample grid for a few prompts: what `kiln train`,
     `kiln embed-prompts` and `kiln sample` run, called directly. tiny-sr2 trains on random 64 px
     crops of samples stored at >= 128 px (the demo prepares at the default --image-size, 1024, and
@@ -88,4 +88,4 @@ def _train_and_sample(work: Path, data: Path, models: dict, budget_s: float) -> 
     checkpoints = [latest_checkpoint(runs / preset)[0] for preset, _ in stages]
     grid = sample_to_grid(checkpoints, captions, arrays, work / "samples.png")
     print(f"kiln demo: sample grid for {len(DEMO_PROMPTS)} prompts at {grid}, base -> tiny-sr -> tiny-sr2 "
-          f"(32, 64, 128 px; a few CPU minutes of training: expect colours and blobs, not pictures)")
+          f"(16, 64, 128 px; a few CPU minutes of training: expect colours and blobs, not pictures)")

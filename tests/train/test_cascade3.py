@@ -1,4 +1,4 @@
-"""The full cascade end to end: tiny-base (32 px) -> tiny-sr (64 px) -> tiny-sr2 (128 px).
+"""The full cascade end to end: tiny-base (16 px) -> tiny-sr (64 px) -> tiny-sr2 (128 px).
 
 tiny-sr2 is the sr1024 stage's form in miniature: trained on random 64x64 crops of >= 128 px
 images (the matching 32x32 low-res crop upsampled), no self-attention, text cross-attention only
@@ -39,7 +39,7 @@ PROMPTS = 3
 
 # Output of tiny-sr2, area-downsampled to 64 px, against the 64 px image it was given. Measured
 # (4 training steps, 1 thread): 41.9-42.4 dB per image in the cascade (the base's noisy 32 px
-# samples through tiny-sr; bicubic upsampling round-trips to the same 42 dB), 49.4 dB on held-out
+# samples through tiny-sr, when tiny-base drew 32 px; bicubic upsampling round-trips to the same 42 dB), 49.4 dB on held-out
 # real images; uniform noise gives 13.3-13.6 dB, another prompt's output 13.4-13.7 dB.
 CONSISTENCY_MIN_DB = 32.0
 OVER_NOISE_DB = 15.0
@@ -160,7 +160,7 @@ def test_three_stage_cascade_end_to_end(web128, tmp_path):
     captions, arrays, _ = shard_prompts(data, PROMPTS, split="holdout", holdout_fraction=HOLDOUT)
     stages = load_cascade(checkpoints)
     outs = run_cascade(stages, arrays, seed=0)
-    assert [tuple(o.shape) for o in outs] == [(PROMPTS, 3, r, r) for r in (32, 64, 128)]
+    assert [tuple(o.shape) for o in outs] == [(PROMPTS, 3, r, r) for r in (16, 64, 128)]
     for o in outs:
         assert torch.isfinite(o).all() and o.abs().max() <= 1.0
 

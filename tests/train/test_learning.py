@@ -6,8 +6,8 @@
   high-res image, and stay faithful to their low-res input;
 - N steps, stop, resume to 2N equals 2N steps in one go, bit for bit (CPU, fixed seeds).
 
-Bounded: about 9 minutes on 2 idle CPU cores (the base stage's 1,000 steps are ~5 of them; measured 539 s
-for the module with its dataset build).
+Bounded: the base stage's 2,500 steps at 16 px took 629 s at 1 thread (beside another 1-thread
+job) on 2026-12-03; its 1,000 steps at 32 px took ~5 of the module's ~9 minutes before.
 """
 
 from __future__ import annotations
@@ -30,10 +30,10 @@ from train.trainer import Trainer
 pytestmark = pytest.mark.slow
 
 HELDOUT_COMBOS = 0.2  # share of (colour, shape, background) combinations no training caption has
-# The fixed CPU budget: the tiny-base preset's 1,000 optimizer steps (batch 16, 16,000 images, lr
-# cosine to 0), about 5 minutes on 2 cores. A step count, not a wall-clock budget, so that a busy CI
+# The fixed CPU budget: the tiny-base preset's own optimizer steps (2,500 at 16 px since 2026-12-03,
+# about the CPU time its 1,000 steps at 32 px took: batch 16, lr cosine to 0). A step count, not a wall-clock budget, so that a busy CI
 # machine gets the same model, only later.
-BASE_STEPS = 1000
+BASE_STEPS = load_config("tiny-base").train.max_steps
 BASE_OVERRIDES: dict = {"train.max_steps": BASE_STEPS, "train.log_every": 100, "train.sample_every": 0,
                         "train.ckpt_every": 0}
 # 192 held-out prompts: the rate's binomial standard error at ~90% is ~2 points (96 gave ~3).
@@ -78,7 +78,8 @@ def test_base_stage_follows_colour_words_of_heldout_prompts(synth_dataset, tmp_p
     rates = {}
     for w in (1.0, 3.0):
         g = torch.Generator().manual_seed(0)
-        images = sample(model, (len(records), 3, 32, 32), text, mask, steps=cfg.sample["steps"], guidance_weight=w,
+        r = cfg.data.resolution
+        images = sample(model, (len(records), 3, r, r), text, mask, steps=cfg.sample["steps"], guidance_weight=w,
                         generator=g, diffusion=cfg.diffusion)
         rates[w] = colour_accuracy(list(images), [r.caption for r in records])["accuracy"]
     chance = 1 / len(CHROMATIC)
@@ -94,7 +95,7 @@ def _kiln_eval_scores_the_trained_checkpoint(synth_dataset, tmp_path):
     `kiln embed-prompts` with the dataset's T5, `kiln eval --base CKPT --suite synthetic`. The suite's
     prompts are cut to what this model can be asked (one chromatic shape on a white/black/grey
     background, a (colour, shape, background) combination the training kept out), and the command's
-    own per-category accuracy must clear floors the 1,000-step model reaches with margin."""
+    own per-category accuracy must clear floors the preset's model reaches with margin."""
     import json
 
     import pyarrow.parquet as pq
@@ -128,28 +129,31 @@ def _kiln_eval_scores_the_trained_checkpoint(synth_dataset, tmp_path):
     print("kiln eval on the trained checkpoint, w=3: " + "; ".join(
         f"{c} {v['accuracy']:.0%} (chance {v['chance']:.0%}, n={v['n']})" for c, v in cats.items()))
     assert cats["colour"]["n"] == len(chosen)
-    # Measured (OMP_NUM_THREADS=1, 2 cores): colour 96% (chance 20%, n=71), background 51% (chance 30%).
+    # Measured (OMP_NUM_THREADS=1, 2 cores): colour 96% (chance 20%, n=71), background 89% (chance 32%)
+    # at 16 px, 2,500 steps; at 32 px, 1,000 steps: colour 96%, background 51% (chance 30%).
     assert cats["colour"]["accuracy"] >= 0.7, cats["colour"]
     assert cats["background"]["accuracy"] > cats["background"]["chance"] + 0.05, cats["background"]
 
 
 SR_STEPS = 150  # about 2 minutes of tiny-sr on 2 cores
-# Sample downsampled vs its low-res input: ~48 dB with the tiny-sr skip; an SR U-Net without the
-# skip drifts off the input (~19-21 dB against the true image after as many steps).
+# Sample downsampled vs its low-res input: ~42 dB with the tiny-sr skip at 16 -> 64 (~48 at
+# 32 -> 64); an SR U-Net without the skip drifts off the input (~19-21 dB against the true image
+# after as many steps).
 CONSISTENCY_MIN_DB = 30.0
-SR_MARGIN_DB = 0.3  # dB over bicubic: measured +1.2 at 120 steps
+SR_MARGIN_DB = 0.3  # dB over bicubic: measured +1.0 at 150 steps (16 -> 64), +1.2 at 120 (32 -> 64)
 
 
 def test_sr_stage_beats_bicubic_on_heldout_images(synth_dataset, tmp_path):
-    """The tiny SR stage (32 -> 64 px), trained SR_STEPS steps, sampled at aug_level 0 for held-out
+    """The tiny SR stage (16 -> 64 px), trained SR_STEPS steps, sampled at aug_level 0 for held-out
     low-res images: higher PSNR against the true 64 px image than bicubic upsampling, and its
     samples, downsampled back, reproduce the low-res input.
 
-    Bicubic is a high bar here: on these flat synthetic images it is already ~36.6 dB (RMS error
-    1.5%); what is left is the edges. Measured (scratch harness, 1 thread): 37.2 dB after 60 steps,
-    37.9 after 120. Without the preset's EDM-style skip (loss_weighting "min_snr") or with every
-    training sample augmented (noise_aug_clean_prob 0) the samples stay at or fall below bicubic
-    on this budget (32-36.6 dB)."""
+    Bicubic is a high bar here: on these flat synthetic images it is already ~30.5 dB at 16 -> 64 px
+    (~36.6 dB when the stage was 32 -> 64); what is left is the edges. Measured (1 thread, the test
+    alone with one other 1-thread job): 31.5 dB after 150 steps at 16 -> 64; at 32 -> 64, 37.2 dB
+    after 60 steps and 37.9 after 120. Without the preset's EDM-style skip (loss_weighting "min_snr")
+    or with every training sample augmented (noise_aug_clean_prob 0) the samples stayed at or fell
+    below bicubic on this budget (32-36.6 dB, measured at 32 -> 64)."""
     data, _ = synth_dataset
     cfg = load_config("tiny-sr", {"train.log_every": 50, "train.sample_every": 0, "train.ckpt_every": 0})
     trainer = Trainer(cfg, data, tmp_path, holdout_fraction=0.1, cache="always")
@@ -168,7 +172,7 @@ def test_sr_stage_beats_bicubic_on_heldout_images(synth_dataset, tmp_path):
     p_sr, p_bic, p_near = (psnr(x, batch["image"]).mean().item() for x in (sr, bicubic, nearest))
     consistency = psnr(F.interpolate(sr, size=low.shape[-2:], mode="area"), low).mean().item()
     print(f"\nsr: {summary['step']} steps; held-out PSNR vs the true 64 px image: sample {p_sr:.2f} dB, "
-          f"bicubic {p_bic:.2f} dB, nearest {p_near:.2f} dB; sample downsampled vs its 32 px input {consistency:.2f} dB")
+          f"bicubic {p_bic:.2f} dB, nearest {p_near:.2f} dB; sample downsampled vs its 16 px input {consistency:.2f} dB")
     assert consistency >= CONSISTENCY_MIN_DB, consistency
     assert p_sr >= p_bic + SR_MARGIN_DB, (p_sr, p_bic)
 
@@ -208,7 +212,7 @@ def test_resume_is_exact(synth_dataset, tmp_path):
 
 
 def test_the_data_itself_reads_as_its_captions_at_the_base_resolution(synth_dataset):
-    """bench/learning.py's ceiling: every training image, decoded at tiny-base's 32 px as the trainer
+    """bench/learning.py's ceiling: every training image, decoded at tiny-base's 16 px as the trainer
     decodes it, read by the suite's scorer against its own caption. Near 100% in each category, so
     a model's shortfall on the suite is the model's, not the data's or the scorer's."""
     import sys
@@ -222,4 +226,6 @@ def test_the_data_itself_reads_as_its_captions_at_the_base_resolution(synth_data
     assert set(ceiling) >= {"colour", "background", "position", "count", "shape"}, ceiling
     assert all(v["n"] >= 100 for v in ceiling.values()), ceiling
     for category, v in ceiling.items():
-        assert v["accuracy"] >= 0.9, (category, ceiling)
+        # The shape kind has no floor in the issue and is the one category 16 px blurs: the smallest
+        # stars there are ~5 px wide (measured 78% on bench/learning.py's web, the rest 97-100%).
+        assert v["accuracy"] >= (0.65 if category == "shape" else 0.9), (category, ceiling)
